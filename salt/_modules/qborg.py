@@ -1,0 +1,214 @@
+"""
+qborg execution module: the Salt adapter over qborg's core.
+
+Every function takes the merged qborg settings (``map.jinja``: defaults.yaml
+merged with pillar) and returns plain JSON-able data without secrets.
+
+CLI examples (inside a qube):
+
+.. code-block:: bash
+
+    salt-call qborg.validate "$(salt-call --out=json pillar.get qborg)"
+    salt-call qborg.borgmatic_version
+"""
+
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+
+from salt.exceptions import CommandExecutionError
+
+try:
+    import qborg_admin
+    import qborg_core as core
+except ImportError:  # salt-call before a sync: load from the formula tree
+    _here = os.path.dirname(os.path.abspath(__file__))
+    for _d in (os.path.join(_here, os.pardir, "utils"), os.path.join(_here, os.pardir, "_utils")):
+        if os.path.isfile(os.path.join(_d, "qborg_core.py")):
+            sys.path.insert(0, os.path.abspath(_d))
+            break
+    import qborg_admin
+    import qborg_core as core
+
+__virtualname__ = "qborg"
+
+
+def __virtual__():
+    return __virtualname__
+
+
+def _settings(config):
+    if isinstance(config, str):
+        config = json.loads(config)
+    try:
+        return core.validate_settings(config)
+    except core.QborgError as exc:
+        raise CommandExecutionError(str(exc)) from None
+
+
+def _account(user):
+    try:
+        entry = pwd.getpwnam(user)
+    except KeyError:
+        raise CommandExecutionError(
+            f"qborg:user: the unix user {user!r} does not exist in this qube") from None
+    return (entry.pw_uid, entry.pw_gid), entry.pw_dir
+
+
+def validate(config):
+    """
+    Validate the merged qborg settings; return the normalised form or raise
+    an error naming the pillar field.
+    """
+    return _settings(config)
+
+
+def minion_role(config, minion_id=None, template=False):
+    """
+    The part of the formula this minion gets: dom0, admin, client, template or none.
+    Tolerates invalid pillar (the validation state reports it).
+    """
+    minion_id = minion_id or __grains__["id"]
+    config = config or {}
+    if minion_id == "dom0":
+        return "dom0"
+    if minion_id == config.get("admin_vm"):
+        return "admin"
+    if minion_id in (config.get("vms") or {}):
+        return "client"
+    if template or minion_id in (config.get("templates") or []):
+        return "template"
+    return "none"
+
+
+def admin_paths(config):
+    """Paths the admin part uses (keystore, installed service, settings file)."""
+    settings = _settings(config)
+    _owner, home = _account(settings["user"])
+    return qborg_admin.admin_paths(settings, home)
+
+
+def admin_provision(config, test=False):
+    """
+    Generate missing VM keys, upload authorized_keys (lock-out safe), create
+    missing repositories. Returns ``{"changes": ..., "comments": [...]}``.
+    """
+    settings = _settings(config)
+    owner, home = _account(settings["user"])
+    try:
+        changes, comments = qborg_admin.provision(settings, home, owner, test=bool(test))
+    except core.QborgError as exc:
+        raise CommandExecutionError(str(exc)) from None
+    return {"changes": changes, "comments": comments}
+
+
+def client_paths(config):
+    settings = _settings(config)
+    _owner, home = _account(settings["user"])
+    conf = os.path.join(home, ".config", "qborg")
+    return {
+        "home": home,
+        "conf_dir": conf,
+        "ssh_key": os.path.join(conf, "ssh_key"),
+        "passphrase": os.path.join(conf, "passphrase"),
+        "known_hosts": os.path.join(conf, "known_hosts"),
+        "state_dir": os.path.join(home, ".local", "state", "qborg"),
+        "ssh_config": os.path.join(home, ".ssh", "config"),
+        "borgmatic_config": os.path.join(home, ".config", "borgmatic.d", "qborg.yaml"),
+        "bin_dir": os.path.join(settings["paths"]["prefix"], "bin"),
+    }
+
+
+def fetch_bundle_fields(config):
+    """
+    Fetch and validate this qube's bundle; return only its non-secret fields.
+    """
+    bundle = _fetch_bundle(_settings(config))
+    return {k: bundle[k] for k in ("format", "vm", "repository", "remote_path", "known_hosts")}
+
+
+def _fetch_bundle(settings):
+    owner, home = _account(settings["user"])
+    qrexec = shutil.which("qrexec-client-vm")
+    if not qrexec:
+        raise CommandExecutionError("qrexec-client-vm not found: qborg's client part runs in a Qubes AppVM")
+    proc = core.run_as([qrexec, settings["admin_vm"], "qborg.GetBundle"], owner, home,
+                       {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}, timeout=600)
+    if proc.returncode != 0:
+        raise CommandExecutionError(
+            f"qrexec-client-vm {settings['admin_vm']} qborg.GetBundle failed (exit {proc.returncode}): "
+            f"{proc.stderr.strip()[-300:]} -- is this qube allowed by dom0's policy "
+            f"(apply qborg to dom0) and is the admin qube provisioned?")
+    try:
+        return core.parse_bundle(proc.stdout, __grains__["id"])
+    except core.QborgError as exc:
+        raise CommandExecutionError(str(exc)) from None
+
+
+def client_install_bundle(config, test=False):
+    """
+    Fetch this qube's bundle over qrexec and write key, passphrase and pinned
+    host key (0600, atomically). Returns ``{"changes": {file: "updated"}}``.
+    """
+    settings = _settings(config)
+    owner, home = _account(settings["user"])
+    paths = client_paths(config)
+    bundle = _fetch_bundle(settings)
+    wanted = {
+        "ssh_key": (paths["ssh_key"], bundle["ssh_private_key"]),
+        "passphrase": (paths["passphrase"], bundle["passphrase"].strip() + "\n"),
+        "known_hosts": (paths["known_hosts"], bundle["known_hosts"].strip() + "\n"),
+    }
+    changes = {}
+    for name, (path, content) in wanted.items():
+        current = core.read_text(path)
+        mode_ok = current is not None and (os.stat(path).st_mode & 0o777) == 0o600
+        if current != content or not mode_ok:
+            changes[name] = "would update" if test else ("updated" if current is not None else "created")
+            if not test:
+                core.ensure_dir(paths["conf_dir"], 0o700, owner)
+                core.atomic_write(path, content, 0o600, owner)
+    if not test and not changes:
+        core.ensure_dir(paths["conf_dir"], 0o700, owner)
+    return {"changes": changes}
+
+
+def borgmatic_version():
+    """The installed borgmatic's version string (e.g. ``1.7.7``)."""
+    exe = shutil.which("borgmatic")
+    if not exe:
+        raise CommandExecutionError("borgmatic is not installed: apply qborg to the qube's template")
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
+    return out.stdout.strip() or out.stderr.strip()
+
+
+def borgmatic_config(config, version=None):
+    """The borgmatic configuration (YAML text) for this qube."""
+    import yaml
+
+    settings = _settings(config)
+    vm = __grains__["id"]
+    if vm not in settings["vms"]:
+        raise CommandExecutionError(f"{vm} is not configured under qborg:vms")
+    paths = client_paths(config)
+    data = core.borgmatic_config(vm, settings["vms"][vm], settings["server"], paths["home"],
+                                 paths["passphrase"], version or borgmatic_version())
+    return "# Managed by qborg (Salt). Local edits are overwritten.\n" + yaml.safe_dump(
+        data, default_flow_style=False, sort_keys=False)
+
+
+def borgmatic_validate_command():
+    """The command that validates a borgmatic config file with the installed borgmatic."""
+    if core.version_tuple(borgmatic_version()) < (1, 8):
+        return "validate-borgmatic-config -c"
+    return "borgmatic config validate -c"
+
+
+def ssh_config_block(config):
+    """The managed ``Host qborg`` block for ~/.ssh/config."""
+    settings = _settings(config)
+    paths = client_paths(config)
+    return core.ssh_config_block(settings["server"], paths["ssh_key"], paths["known_hosts"])

@@ -1,0 +1,82 @@
+"""
+qborg state module: thin, idempotent wrappers over the ``qborg`` execution
+module. No secret ever appears in ``changes`` or ``comment``.
+
+.. code-block:: yaml
+
+    qborg-admin-provisioned:
+      qborg.admin_provisioned:
+        - config: {{ qborg | json }}
+"""
+
+from salt.exceptions import CommandExecutionError
+
+__virtualname__ = "qborg"
+
+
+def __virtual__():
+    if "qborg.validate" not in __salt__:
+        return (False, "the qborg execution module did not load (sync _modules and _utils)")
+    return __virtualname__
+
+
+def _ret(name):
+    return {"name": name, "changes": {}, "result": True, "comment": ""}
+
+
+def settings_valid(name, config):
+    """Fail (and, with failhard, stop the run) if the qborg pillar is invalid."""
+    ret = _ret(name)
+    try:
+        settings = __salt__["qborg.validate"](config)
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["comment"] = f"Invalid qborg pillar, nothing was changed: {exc}"
+        return ret
+    ret["comment"] = f"qborg pillar is valid ({len(settings['vms'])} VMs configured)"
+    return ret
+
+
+def admin_provisioned(name, config):
+    """
+    Every configured VM has a key and passphrase in the keystore, a locked-down
+    line in the server's authorized_keys and an initialised repository.
+    """
+    ret = _ret(name)
+    test = bool(__opts__.get("test"))
+    try:
+        out = __salt__["qborg.admin_provision"](config, test=test)
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["comment"] = str(exc)
+        return ret
+    ret["changes"] = out["changes"]
+    if out["changes"]:
+        ret["result"] = None if test else True
+        ret["comment"] = "; ".join(out["comments"]) or (
+            "would provision" if test else "provisioned")
+    else:
+        ret["comment"] = "; ".join(out["comments"]) or "keystore, authorized_keys and repositories are in place"
+    return ret
+
+
+def client_bundle(name, config):
+    """
+    This qube's key, passphrase and pinned host key match its bundle from the
+    admin qube (fetched over qrexec).
+    """
+    ret = _ret(name)
+    test = bool(__opts__.get("test"))
+    try:
+        out = __salt__["qborg.client_install_bundle"](config, test=test)
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["comment"] = str(exc)
+        return ret
+    if out["changes"]:
+        ret["changes"] = out["changes"]
+        ret["result"] = None if test else True
+        ret["comment"] = ("would update " if test else "updated ") + ", ".join(sorted(out["changes"]))
+    else:
+        ret["comment"] = "key, passphrase and host key are up to date"
+    return ret

@@ -1,0 +1,594 @@
+"""qborg core: the Salt-free logic shared by the Salt modules and by the
+programs the states install into qubes (the qborg.GetBundle service, the
+scheduled backup, ``borgbak``).
+
+Only the standard library is imported at module level. paramiko, passlib and
+cryptography are imported where they are needed, so the pure functions (name
+validation, authorized_keys rendering, bundle parsing, borgmatic config
+rendering) work and are tested without them.
+"""
+
+import datetime
+import json
+import os
+import re
+import shlex
+import subprocess
+import tempfile
+
+BUNDLE_FORMAT = 1
+BEGIN_MARKER = "# BEGIN qborg"
+END_MARKER = "# END qborg"
+SSH_ALIAS = "qborg"
+
+# \Z, not $: $ also matches before a trailing newline, which would let
+# "vm\n" through into policy lines, authorized_keys and paths.
+# Qubes' own rule for qube names (qubes.vm.validate_name), minus dom0.
+QUBE_NAME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9_.-]{0,30}\Z")
+UNIX_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z")
+SERVER_USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
+HOSTNAME_RE = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?\Z")
+REMOTE_PATH_RE = re.compile(r"^[A-Za-z0-9_./+-]{1,200}\Z")
+REPOS_DIR_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]{0,200}\Z")
+HOST_KEY_RE = re.compile(
+    r"^(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|ssh-rsa)"
+    r" [A-Za-z0-9+/]+={0,3}\Z"
+)
+PUBKEY_RE = re.compile(r"^ssh-ed25519 [A-Za-z0-9+/]+={0,3}\Z")
+QUOTA_RE = re.compile(r"^[0-9]+(\.[0-9]+)?[KMGTP]?\Z")
+INTERVAL_RE = re.compile(r"^([0-9]+)([mhdw])\Z")
+COMPRESSION_RE = re.compile(r"^[a-z0-9,]{1,40}\Z")
+ENCRYPTIONS = ("repokey-blake2", "repokey", "keyfile-blake2", "keyfile")
+RETENTION_KEYS = (
+    "keep_within", "keep_secondly", "keep_minutely", "keep_hourly",
+    "keep_daily", "keep_weekly", "keep_monthly", "keep_yearly",
+)
+VM_KEYS = (
+    "encryption", "compression", "source_directories", "exclude_patterns",
+    "interval", "retention", "storage_quota",
+)
+INTERVAL_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+# Presets per provider. Values the user sets explicitly in pillar win.
+PROVIDERS = {
+    "generic": {"port": 22, "remote_path": "borg", "upload": True},
+    "rsync.net": {"port": 22, "remote_path": "borg14", "upload": True},
+    "hetzner": {"port": 23, "remote_path": "borg-1.4", "upload": True},
+    "borgbase": {"port": 22, "remote_path": "borg", "upload": False},
+}
+
+
+class QborgError(Exception):
+    """Base of every error qborg reports to the user."""
+
+
+class QborgConfigError(QborgError):
+    """A pillar value is invalid; the message names the pillar path."""
+
+
+class QborgServerError(QborgError):
+    """The backup server refused, answered unexpectedly or is unreachable."""
+
+
+class QborgBundleError(QborgError):
+    """A bundle from qborg.GetBundle is malformed or not for this qube."""
+
+
+# --------------------------------------------------------------------------
+# names and settings
+
+
+def valid_qube_name(name):
+    return isinstance(name, str) and name != "dom0" and bool(QUBE_NAME_RE.match(name))
+
+
+def check_qube_name(name, field):
+    if not valid_qube_name(name):
+        raise QborgConfigError(
+            f"{field}: {name!r} is not a valid qube name (letters, digits, '_', '.', '-', "
+            f"starting with a letter, at most 31 characters, not dom0); fix it in the qborg pillar"
+        )
+    return name
+
+
+def _require(cond, field, what):
+    if not cond:
+        raise QborgConfigError(f"{field}: {what}; fix it in the qborg pillar")
+
+
+def parse_interval(value, field="interval"):
+    m = INTERVAL_RE.match(str(value))
+    _require(m and int(m.group(1)) > 0, field,
+             f"{value!r} is not an interval like 30m, 1h, 1d or 1w")
+    return int(m.group(1)) * INTERVAL_SECONDS[m.group(2)]
+
+
+def _check_path_list(values, field):
+    _require(isinstance(values, list) and values, field, "must be a non-empty list of paths")
+    for i, path in enumerate(values):
+        _require(
+            isinstance(path, str) and path and "\n" not in path and "\0" not in path
+            and (path.startswith("/") or path.startswith("~")),
+            f"{field}[{i}]", f"{path!r} must be an absolute path or start with ~",
+        )
+
+
+def _check_pattern_list(values, field):
+    _require(isinstance(values, list), field, "must be a list of patterns")
+    for i, pat in enumerate(values):
+        _require(isinstance(pat, str) and pat and "\n" not in pat and "\0" not in pat,
+                 f"{field}[{i}]", f"{pat!r} is not a valid exclude pattern")
+
+
+def _vm_settings(name, defaults, overrides):
+    field = f"qborg:vms:{name}"
+    if overrides is None:
+        overrides = {}
+    _require(isinstance(overrides, dict), field, "must be a mapping of settings (or {})")
+    for key in overrides:
+        _require(key in VM_KEYS, f"{field}:{key}",
+                 f"unknown setting (known: {', '.join(VM_KEYS)})")
+    vm = dict(defaults)
+    vm.update(overrides)
+    _require(vm.get("encryption") in ENCRYPTIONS, f"{field}:encryption",
+             f"must be one of {', '.join(ENCRYPTIONS)}")
+    _require(isinstance(vm.get("compression"), str) and COMPRESSION_RE.match(vm["compression"]),
+             f"{field}:compression", f"{vm.get('compression')!r} is not a borg compression spec")
+    _check_path_list(vm.get("source_directories"), f"{field}:source_directories")
+    _check_pattern_list(vm.get("exclude_patterns") or [], f"{field}:exclude_patterns")
+    vm["exclude_patterns"] = list(vm.get("exclude_patterns") or [])
+    vm["interval_seconds"] = parse_interval(vm.get("interval"), f"{field}:interval")
+    retention = vm.get("retention") or {}
+    _require(isinstance(retention, dict), f"{field}:retention", "must be a mapping of keep_* counts")
+    for key, value in retention.items():
+        _require(key in RETENTION_KEYS, f"{field}:retention:{key}",
+                 f"unknown retention rule (known: {', '.join(RETENTION_KEYS)})")
+        if key != "keep_within":
+            _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
+                     f"{field}:retention:{key}", "must be a whole number >= 0")
+    quota = vm.get("storage_quota")
+    _require(quota is None or QUOTA_RE.match(str(quota)), f"{field}:storage_quota",
+             f"{quota!r} is not a size like 200G")
+    vm["storage_quota"] = None if quota is None else str(quota)
+    return vm
+
+
+def validate_settings(raw):
+    """Check the merged qborg pillar (defaults.yaml + pillar) and return the
+    normalised settings. Raises QborgConfigError naming the pillar path."""
+    _require(isinstance(raw, dict), "qborg", "missing or not a mapping")
+    admin_vm = check_qube_name(raw.get("admin_vm"), "qborg:admin_vm")
+    user = raw.get("user")
+    _require(isinstance(user, str) and UNIX_USER_RE.match(user), "qborg:user",
+             f"{user!r} is not a valid unix user name")
+
+    srv = raw.get("server")
+    _require(isinstance(srv, dict), "qborg:server", "missing or not a mapping")
+    provider = srv.get("provider") or "generic"
+    _require(isinstance(provider, str) and provider in PROVIDERS, "qborg:server:provider",
+             f"{provider!r} is unknown (known: {', '.join(PROVIDERS)})")
+    preset = PROVIDERS[provider]
+    host = srv.get("host")
+    _require(isinstance(host, str) and HOSTNAME_RE.match(host), "qborg:server:host",
+             f"{host!r} is not a host name or IPv4 address")
+    server_user = srv.get("user")
+    _require(isinstance(server_user, str) and SERVER_USER_RE.match(server_user),
+             "qborg:server:user", f"{server_user!r} is not a valid account name")
+    port = srv.get("port") if srv.get("port") is not None else preset["port"]
+    _require(isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536,
+             "qborg:server:port", f"{port!r} is not a TCP port number")
+    remote_path = srv.get("remote_path") or preset["remote_path"]
+    _require(isinstance(remote_path, str) and REMOTE_PATH_RE.match(remote_path),
+             "qborg:server:remote_path", f"{remote_path!r} is not a borg command path")
+    repos_dir = srv.get("repos_dir") or "qborg"
+    _require(isinstance(repos_dir, str) and REPOS_DIR_RE.match(repos_dir)
+             and ".." not in repos_dir.split("/"),
+             "qborg:server:repos_dir", f"{repos_dir!r} must be a relative path without '..'")
+    repos_dir = repos_dir.strip("/")
+    host_key = srv.get("host_key") or None
+    if host_key is not None:
+        host_key = " ".join(str(host_key).split()[:2])
+        _require(HOST_KEY_RE.match(host_key), "qborg:server:host_key",
+                 "must be 'TYPE BASE64' as in the server's ssh_host_*_key.pub")
+    admin_key = srv.get("admin_key") or "~/.ssh/qborg-admin"
+    _require(isinstance(admin_key, str) and "\n" not in admin_key
+             and (admin_key.startswith("/") or admin_key.startswith("~/")),
+             "qborg:server:admin_key", "must be an absolute path or start with ~/")
+
+    paths = raw.get("paths") or {}
+    _require(isinstance(paths, dict), "qborg:paths", "must be a mapping")
+    prefix = paths.get("prefix") or "/usr/local"
+    policy_dir = paths.get("policy_dir") or "/etc/qubes/policy.d"
+    for key, value in (("prefix", prefix), ("policy_dir", policy_dir)):
+        _require(isinstance(value, str) and value.startswith("/") and "\n" not in value,
+                 f"qborg:paths:{key}", "must be an absolute path")
+
+    defaults = raw.get("defaults") or {}
+    _require(isinstance(defaults, dict), "qborg:defaults", "must be a mapping")
+    for key in defaults:
+        _require(key in VM_KEYS, f"qborg:defaults:{key}",
+                 f"unknown setting (known: {', '.join(VM_KEYS)})")
+    vms_raw = raw.get("vms") or {}
+    _require(isinstance(vms_raw, dict), "qborg:vms", "must be a mapping of qube names")
+    vms = {}
+    for name in sorted(vms_raw, key=str):
+        check_qube_name(name, f"qborg:vms:{name}")
+        _require(name != admin_vm, f"qborg:vms:{name}",
+                 "the admin qube cannot be a backup client of itself")
+        vms[name] = _vm_settings(name, defaults, vms_raw[name])
+
+    return {
+        "admin_vm": admin_vm,
+        "user": user,
+        "server": {
+            "provider": provider, "host": host, "user": server_user, "port": port,
+            "remote_path": remote_path, "repos_dir": repos_dir, "host_key": host_key,
+            "admin_key": admin_key, "upload": preset["upload"],
+        },
+        "paths": {"prefix": prefix.rstrip("/") or "/", "policy_dir": policy_dir},
+        "vms": vms,
+    }
+
+
+def expand_home(path, home):
+    if path == "~":
+        return home
+    if path.startswith("~/"):
+        return os.path.join(home, path[2:])
+    return path
+
+
+# --------------------------------------------------------------------------
+# server side: URLs, forced commands, authorized_keys
+
+
+def repository_path(server, vm):
+    return f"{server['repos_dir']}/{vm}"
+
+
+def repository_url(server, vm):
+    return f"ssh://{server['user']}@{server['host']}:{server['port']}/./{repository_path(server, vm)}"
+
+
+def alias_repository_url(server, vm):
+    """The repository as the client reaches it, through its `Host qborg` alias."""
+    return f"ssh://{SSH_ALIAS}/./{repository_path(server, vm)}"
+
+
+def known_hosts_host(server):
+    return server["host"] if server["port"] == 22 else f"[{server['host']}]:{server['port']}"
+
+
+def forced_command(server, vm, storage_quota=None):
+    cmd = (f"{server['remote_path']} serve --append-only "
+           f"--restrict-to-repository {repository_path(server, vm)}")
+    if storage_quota:
+        cmd += f" --storage-quota {storage_quota}"
+    return cmd
+
+
+def authorized_keys_line(vm, pubkey, server, storage_quota=None):
+    check_qube_name(vm, "vm")
+    pubkey = " ".join(pubkey.split()[:2])
+    if not PUBKEY_RE.match(pubkey):
+        raise QborgConfigError(f"public key for {vm} is not an ssh-ed25519 key")
+    return f'restrict,command="{forced_command(server, vm, storage_quota)}" {pubkey} qborg:{vm}'
+
+
+def split_managed_block(text):
+    """Split authorized_keys text into (before, managed_lines, after), each
+    part kept byte for byte. Without a block, before is the whole text."""
+    lines = text.splitlines(keepends=True)
+    begin = end = None
+    for i, line in enumerate(lines):
+        if line.rstrip("\r\n") == BEGIN_MARKER:
+            # the last BEGIN before END opens the block: an unmatched BEGIN
+            # above it (a hand-edited file) stays with the user's lines
+            begin = i
+        elif line.rstrip("\r\n") == END_MARKER and begin is not None:
+            end = i
+            break
+    if begin is None or end is None:
+        return text, [], ""
+    return ("".join(lines[:begin]), [l.rstrip("\r\n") for l in lines[begin + 1:end]],
+            "".join(lines[end + 1:]))
+
+
+def render_authorized_keys(existing, managed_lines):
+    """Replace (or append) the qborg block; every other line stays as it was."""
+    before, _old, after = split_managed_block(existing or "")
+    if before and not before.endswith("\n"):
+        before += "\n"
+    block = BEGIN_MARKER + "\n" + "".join(line + "\n" for line in managed_lines) + END_MARKER + "\n"
+    return before + block + after
+
+
+def contains_key(text, pubkey):
+    """True if an active line of authorized_keys text carries this public key."""
+    blob = pubkey.split()[1]
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if blob in _line_key_blobs(line):
+            return True
+    return False
+
+
+def _line_key_blobs(line):
+    try:
+        parts = shlex.split(line, posix=True)
+    except ValueError:
+        parts = line.split()
+    return [parts[i + 1] for i, p in enumerate(parts[:-1])
+            if HOST_KEY_RE.match(f"{p} {parts[i + 1]}")]
+
+
+# --------------------------------------------------------------------------
+# files
+
+
+def atomic_write(path, data, mode=0o600, owner=None):
+    """Write data (bytes or str) to path atomically: temp file in the same
+    directory, final mode and owner set, fsync, rename, fsync the directory."""
+    if isinstance(data, str):
+        data = data.encode()
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
+    try:
+        os.fchmod(fd, mode)
+        if owner is not None:
+            os.fchown(fd, owner[0], owner[1])
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    dfd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def ensure_dir(path, mode=0o700, owner=None):
+    """Create path (and parents) if needed; set mode/owner on path itself.
+    Returns True if something changed."""
+    changed = False
+    if not os.path.isdir(path):
+        parent = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(parent):
+            # parents inside a home must belong to its user, not to root
+            ensure_dir(parent, 0o755, owner)
+        os.mkdir(path, mode)
+        changed = True
+    st = os.stat(path)
+    if st.st_mode & 0o7777 != mode:
+        os.chmod(path, mode)
+        changed = True
+    if owner is not None and (st.st_uid, st.st_gid) != tuple(owner):
+        os.chown(path, owner[0], owner[1])
+        changed = True
+    return changed
+
+
+def read_text(path):
+    try:
+        with open(path, encoding="utf-8", errors="surrogateescape") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return None
+
+
+# --------------------------------------------------------------------------
+# keystore (admin qube)
+
+
+def generate_ssh_key(comment):
+    """A new ed25519 key: (private key in OpenSSH format, public key line)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = Ed25519PrivateKey.generate()
+    private = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.NoEncryption(),
+    ).decode()
+    public = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH,
+    ).decode()
+    return private, f"{public} {comment}"
+
+
+def generate_passphrase():
+    """A repository passphrase with 256 bits of entropy."""
+    from passlib import pwd
+
+    return pwd.genword(entropy=256, charset="ascii_62")
+
+
+def public_key_of(private_text):
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_ssh_private_key(private_text.encode(), password=None)
+    return key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH,
+    ).decode()
+
+
+class Keystore:
+    """Per-VM secrets in the admin qube: <base>/vms/<vm>/{ssh_key,ssh_key.pub,passphrase}.
+    Directories 0700, secret files 0600, all owned by the admin qube's user."""
+
+    def __init__(self, base, owner=None):
+        self.base = base
+        self.owner = owner
+
+    def vm_dir(self, vm):
+        check_qube_name(vm, "vm")
+        return os.path.join(self.base, "vms", vm)
+
+    def key_path(self, vm):
+        return os.path.join(self.vm_dir(vm), "ssh_key")
+
+    def passphrase_path(self, vm):
+        return os.path.join(self.vm_dir(vm), "passphrase")
+
+    def known_hosts_path(self):
+        return os.path.join(self.base, "known_hosts")
+
+    def has(self, vm):
+        return all(os.path.exists(p) for p in (
+            self.key_path(vm), self.key_path(vm) + ".pub", self.passphrase_path(vm)))
+
+    def ensure(self, vm):
+        """Generate the VM's key and passphrase if they are missing. True if created."""
+        if self.has(vm):
+            return False
+        for path in (self.base, os.path.join(self.base, "vms"), self.vm_dir(vm)):
+            ensure_dir(path, 0o700, self.owner)
+        private, public = generate_ssh_key(f"qborg:{vm}")
+        if not os.path.exists(self.passphrase_path(vm)):
+            atomic_write(self.passphrase_path(vm), generate_passphrase() + "\n", 0o600, self.owner)
+        # public key last: its presence marks the key pair complete
+        atomic_write(self.key_path(vm), private, 0o600, self.owner)
+        atomic_write(self.key_path(vm) + ".pub", public + "\n", 0o644, self.owner)
+        return True
+
+    def public_key(self, vm):
+        return read_text(self.key_path(vm) + ".pub").strip()
+
+    def private_key(self, vm):
+        return read_text(self.key_path(vm))
+
+    def passphrase(self, vm):
+        return read_text(self.passphrase_path(vm)).strip()
+
+
+# --------------------------------------------------------------------------
+# bundle (qborg.GetBundle)
+
+
+def make_bundle(settings, vm, keystore, known_hosts_line):
+    server = settings["server"]
+    return {
+        "format": BUNDLE_FORMAT,
+        "vm": vm,
+        "repository": repository_url(server, vm),
+        "remote_path": server["remote_path"],
+        "ssh_private_key": keystore.private_key(vm),
+        "known_hosts": known_hosts_line,
+        "passphrase": keystore.passphrase(vm),
+    }
+
+
+def parse_bundle(text, expected_vm):
+    """Validate a bundle before anything is written. Messages never quote secrets."""
+    if len(text) > 65536:
+        raise QborgBundleError("bundle is larger than 64 KiB; refusing it")
+    try:
+        bundle = json.loads(text)
+    except ValueError:
+        raise QborgBundleError("bundle is not valid JSON (is qborg.GetBundle installed "
+                               "in the admin qube and the policy allowing this qube?)") from None
+    if not isinstance(bundle, dict):
+        raise QborgBundleError("bundle is not a JSON object")
+    if bundle.get("format") != BUNDLE_FORMAT:
+        raise QborgBundleError(f"bundle format {bundle.get('format')!r} is not {BUNDLE_FORMAT}; "
+                               "update qborg in the admin qube and here to the same version")
+    if bundle.get("vm") != expected_vm:
+        raise QborgBundleError(f"bundle is for {bundle.get('vm')!r}, not for this qube "
+                               f"({expected_vm}); refusing it")
+    for field in ("repository", "remote_path", "ssh_private_key", "known_hosts", "passphrase"):
+        if not isinstance(bundle.get(field), str) or not bundle[field]:
+            raise QborgBundleError(f"bundle field {field!r} is missing or empty")
+    if not REMOTE_PATH_RE.match(bundle["remote_path"]):
+        raise QborgBundleError("bundle field 'remote_path' is not a borg command path")
+    if not re.match(r"^ssh://[A-Za-z0-9_.-]+@[A-Za-z0-9.-]+:[0-9]{1,5}/\./[A-Za-z0-9_./-]+\Z",
+                    bundle["repository"]):
+        raise QborgBundleError("bundle field 'repository' is not an ssh:// borg repository URL")
+    if any(c in bundle["passphrase"] for c in "\r\n\0") or len(bundle["passphrase"]) < 20:
+        raise QborgBundleError("bundle field 'passphrase' is not a valid passphrase")
+    kh = bundle["known_hosts"].strip()
+    parts = kh.split()
+    if "\n" in kh or len(parts) < 3 or not HOST_KEY_RE.match(" ".join(parts[1:3])):
+        raise QborgBundleError("bundle field 'known_hosts' is not one 'HOST TYPE KEY' line")
+    try:
+        public_key_of(bundle["ssh_private_key"])
+    except Exception:  # any parse error: never echo the key itself
+        raise QborgBundleError("bundle field 'ssh_private_key' is not an OpenSSH private key") from None
+    return bundle
+
+
+# --------------------------------------------------------------------------
+# client side rendering
+
+
+def ssh_config_block(server, key_path, known_hosts_path):
+    """The body of the managed `Host qborg` block in ~/.ssh/config."""
+    return "\n".join([
+        f"Host {SSH_ALIAS}",
+        f"    HostName {server['host']}",
+        f"    Port {server['port']}",
+        f"    User {server['user']}",
+        f"    IdentityFile {key_path}",
+        "    IdentitiesOnly yes",
+        f"    UserKnownHostsFile {known_hosts_path}",
+        "    StrictHostKeyChecking yes",
+        "    ServerAliveInterval 10",
+        "    ServerAliveCountMax 30",
+    ])
+
+
+def borgmatic_config(vm, vm_settings, server, home, passphrase_path, version):
+    """The borgmatic configuration as a dict, in the layout the installed
+    borgmatic reads: sectioned before 1.8, flat from 1.8 on."""
+    location = {
+        "source_directories": [expand_home(p, home) for p in vm_settings["source_directories"]],
+        "repositories": [alias_repository_url(server, vm)],
+        "one_file_system": True,
+        "exclude_patterns": [expand_home(p, home) for p in vm_settings["exclude_patterns"]],
+        "remote_path": server["remote_path"],
+    }
+    storage = {
+        "encryption_passcommand": f"cat {shlex.quote(passphrase_path)}",
+        "compression": vm_settings["compression"],
+        "archive_name_format": f"{vm}-{{now:%Y-%m-%dT%H:%M:%S}}",
+        "relocated_repo_access_is_ok": True,
+    }
+    consistency = {"checks": [{"name": "repository", "frequency": "2 weeks"}]}
+    if not location["exclude_patterns"]:
+        del location["exclude_patterns"]
+    if version_tuple(version) < (1, 8):
+        return {"location": location, "storage": storage, "consistency": consistency}
+    flat = {}
+    for section in (location, storage, consistency):
+        flat.update(section)
+    flat["repositories"] = [{"path": r, "label": "qborg"} for r in flat["repositories"]]
+    return flat
+
+
+def version_tuple(version):
+    return tuple(int(x) for x in re.findall(r"[0-9]+", str(version))[:3]) or (0,)
+
+
+def now_utc():
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def run_as(cmd, owner, home, env_extra=None, **kwargs):
+    """Run cmd as the unix user (uid, gid), with a minimal environment."""
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8"}
+    env.update(env_extra or {})
+    kwargs.setdefault("stdin", subprocess.DEVNULL)
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    if owner is not None and os.geteuid() == 0 and tuple(owner) != (0, 0):
+        kwargs.update(user=owner[0], group=owner[1], extra_groups=[])
+    return subprocess.run(cmd, env=env, cwd=home, check=False, **kwargs)

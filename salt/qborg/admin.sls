@@ -1,0 +1,71 @@
+{#- admin part (the admin qube): keystore, the qborg.GetBundle service and
+    the programs it runs, then keys, authorized_keys and repositories. #}
+{%- from "qborg/map.jinja" import qborg with context %}
+{%- set account = salt["user.info"](qborg.user) or {} %}
+{%- set home = account.get("home", "/home/" ~ qborg.user) %}
+{%- set prefix = qborg.paths.prefix %}
+
+qborg-admin-pillar-valid:
+  qborg.settings_valid:
+    - config: {{ qborg | json }}
+    - order: 1
+    - failhard: True
+
+qborg-admin-keystore:
+  file.directory:
+    - name: {{ home }}/.local/share/qborg
+    - user: {{ qborg.user }}
+    - group: {{ account.get("gid", qborg.user) }}
+    - mode: '0700'
+    - makedirs: True
+    - require:
+      - qborg: qborg-admin-pillar-valid
+
+{%- for lib in ["qborg_core", "qborg_admin"] %}
+
+qborg-admin-lib-{{ lib }}:
+  file.managed:
+    - name: {{ prefix }}/lib/qborg/{{ lib }}.py
+    - source: salt://_utils/{{ lib }}.py
+    - user: root
+    - group: root
+    - mode: '0644'
+    - makedirs: True
+    - require:
+      - qborg: qborg-admin-pillar-valid
+{%- endfor %}
+
+qborg-admin-settings:
+  file.serialize:
+    - name: {{ prefix }}/etc/qborg/admin.json
+    - dataset: {{ qborg | json }}
+    - serializer: json
+    - user: root
+    - group: root
+    - mode: '0644'
+    - makedirs: True
+    - require:
+      - qborg: qborg-admin-pillar-valid
+
+qborg-admin-getbundle-service:
+  file.managed:
+    - name: {{ prefix }}/etc/qubes-rpc/qborg.GetBundle
+    - source: salt://qborg/files/admin/qborg.GetBundle.j2
+    - template: jinja
+    - context:
+        lib_dir: {{ (prefix ~ "/lib/qborg") | json }}
+        settings: {{ (prefix ~ "/etc/qborg/admin.json") | json }}
+    - user: root
+    - group: root
+    - mode: '0755'
+    - makedirs: True
+    - require:
+      - file: qborg-admin-lib-qborg_core
+      - file: qborg-admin-lib-qborg_admin
+      - file: qborg-admin-settings
+
+qborg-admin-provisioned:
+  qborg.admin_provisioned:
+    - config: {{ qborg | json }}
+    - require:
+      - file: qborg-admin-keystore
