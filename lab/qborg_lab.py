@@ -1,0 +1,888 @@
+#!/usr/bin/python3
+"""The qborg lab: a whole Qubes system played on one Linux host.
+
+* a real OpenSSH server on 127.0.0.1 (its own port, config and host key) as the
+  borg server, login user ``qborg-srv``;
+* one unix user per qube (``backup-admin``, ``vm-personal``, ``vm-work``); dom0
+  has none, its Salt runs as root;
+* per qube a stand-in for ``/usr/local`` (``LAB/qubes/<qube>/usr-local``) and a
+  ``salt-call --local`` setup with the qube's name as minion id and its pillar;
+* dom0's policy directory (``LAB/qubes/dom0/policy.d``) and a qrexec stand-in
+  (``LAB/bin/qrexec-client-vm``) that takes the caller from the unix user running
+  it, checks that policy and runs the target's service as the target's user.
+
+Usable as a module (``Lab``) and as a command::
+
+    python lab/qborg_lab.py [--dir DIR] up [--pillar FILE]
+    python lab/qborg_lab.py down
+    python lab/qborg_lab.py apply QUBE [salt args...]
+    python lab/qborg_lab.py salt QUBE salt-call args...
+    python lab/qborg_lab.py run QUBE cmd...
+    python lab/qborg_lab.py server cmd...
+    python lab/qborg_lab.py status
+
+Only the standard library is required (PyYAML is used for the user pillar when
+present). Everything here needs root.
+"""
+
+import argparse
+import json
+import os
+import pwd
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_DIR = "/var/lib/qborg-lab"
+SUDOERS = "/etc/sudoers.d/qborg-lab"
+MARKER = ".qborg-lab"
+SSHD_CONFIG_NAME = "qborg-lab-sshd_config"
+ADMIN_KEY_COMMENT = "qborg-lab-admin"
+STD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# sudoers and sshd_config take these paths unquoted
+SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9_./+-]+$")
+
+try:
+    import yaml
+except ImportError:  # pragma: no cover - stdlib fallback
+    yaml = None
+
+
+class LabError(RuntimeError):
+    pass
+
+
+class LabCommandError(subprocess.CalledProcessError):
+    """CalledProcessError whose message carries the command's output."""
+
+    def __str__(self):
+        text = super().__str__()
+        for name, value in (("stdout", self.stdout), ("stderr", self.stderr)):
+            if value:
+                if isinstance(value, bytes):
+                    value = value.decode("utf-8", "replace")
+                text += "\n--- %s ---\n%s" % (name, value[-4000:])
+        return text
+
+
+def _checked(proc, check):
+    if check and proc.returncode != 0:
+        raise LabCommandError(proc.returncode, proc.args, proc.stdout, proc.stderr)
+    return proc
+
+
+def _quiet(cmd, **kwargs):
+    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True,
+                          text=True, check=False, **kwargs)
+
+
+def _must(cmd, **kwargs):
+    return _checked(_quiet(cmd, **kwargs), True)
+
+
+def _write(path, text, mode=0o644, uid=0, gid=0):
+    """Atomic write with the final owner and mode set before the rename."""
+    directory = os.path.dirname(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chown(tmp, uid, gid)
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _mkdir(path, mode=0o755, uid=0, gid=0):
+    os.makedirs(path, exist_ok=True)
+    os.chown(path, uid, gid)
+    os.chmod(path, mode)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie is not running anything
+    try:
+        with open("/proc/%d/stat" % pid, encoding="utf-8") as handle:
+            return handle.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as handle:
+            return handle.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    except OSError:
+        return ""
+
+
+def _lab_sshd_pids():
+    """{pid: config path} of every running lab sshd listener on this host."""
+    found = {}
+    pattern = re.compile(r"-f (\S*/%s)\b" % re.escape(SSHD_CONFIG_NAME))
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            match = pattern.search(_cmdline(int(entry)))
+            if match:
+                found[int(entry)] = match.group(1)
+    return found
+
+
+def _stop_pid(pid, timeout=5.0):
+    if not _pid_alive(pid):
+        return
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _pid_alive(pid):
+            return
+        time.sleep(0.05)
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while _pid_alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def _free_port(preferred=None):
+    for port in ([preferred] if preferred else []) + [0]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # as sshd does, so a port in TIME_WAIT still counts as free
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+            return sock.getsockname()[1]
+        except OSError:
+            continue
+        finally:
+            sock.close()
+    raise LabError("no free port on 127.0.0.1")
+
+
+def _ssh_banner(port, timeout=0.5):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+            sock.settimeout(timeout)
+            return sock.recv(64).startswith(b"SSH-2.0-")
+    except OSError:
+        return False
+
+
+def _user(name):
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        return None
+
+
+class Lab:
+    QUBES = ("dom0", "backup-admin", "vm-personal", "vm-work")
+    # qube -> unix user; dom0 has none (its Salt runs as root)
+    USERS = {"dom0": None, "backup-admin": "backup-admin",
+             "vm-personal": "vm-personal", "vm-work": "vm-work"}
+    ADMIN_QUBE = "backup-admin"
+    server_user = "qborg-srv"
+
+    def __init__(self, directory=None, repo=None):
+        directory = directory or os.environ.get("QBORG_LAB_DIR") or DEFAULT_DIR
+        self.dir = os.path.abspath(directory)
+        self.repo = os.path.abspath(repo or os.path.dirname(HERE))
+        self._state = None
+        self.last = None  # the last apply()'s CompletedProcess, for debugging
+
+    def __repr__(self):
+        return "Lab(%r)" % self.dir
+
+    # --- paths --------------------------------------------------------------
+
+    def _p(self, *parts):
+        return os.path.join(self.dir, *parts)
+
+    @property
+    def bin_dir(self):
+        return self._p("bin")
+
+    @property
+    def sshd_dir(self):
+        return self._p("sshd")
+
+    @property
+    def sshd_config(self):
+        return self._p("sshd", SSHD_CONFIG_NAME)
+
+    @property
+    def sshd_log(self):
+        return self._p("sshd", "sshd.log")
+
+    @property
+    def sshd_pidfile(self):
+        return self._p("sshd", "sshd.pid")
+
+    @property
+    def host_key_path(self):
+        return self._p("sshd", "ssh_host_ed25519_key")
+
+    @property
+    def registry_path(self):
+        return self._p("registry.json")
+
+    @property
+    def state_path(self):
+        return self._p("state.json")
+
+    @property
+    def user_pillar_path(self):
+        return self._p("pillar", "qborg.sls")
+
+    @property
+    def authorized_keys_path(self):
+        return os.path.join(self.home(self.server_user), ".ssh", "authorized_keys")
+
+    @property
+    def admin_key_path(self):
+        return os.path.join(self.home(self.ADMIN_QUBE), ".ssh", "qborg-admin")
+
+    def qube_dir(self, qube):
+        self._check_qube(qube)
+        return self._p("qubes", qube)
+
+    def prefix(self, qube):
+        return os.path.join(self.qube_dir(qube), "usr-local")
+
+    def rpc_dir(self, qube):
+        return os.path.join(self.prefix(qube), "etc", "qubes-rpc")
+
+    def salt_dir(self, qube):
+        return os.path.join(self.qube_dir(qube), "salt")
+
+    def pillar_dir(self, qube):
+        return os.path.join(self.qube_dir(qube), "pillar")
+
+    def policy_dir(self):
+        return os.path.join(self.qube_dir("dom0"), "policy.d")
+
+    def user(self, qube):
+        """The qube's unix user (None for dom0)."""
+        self._check_qube(qube)
+        return self.USERS[qube]
+
+    def home(self, qube):
+        """/home/<name> for a qube or the server user; dom0 is root's home."""
+        if qube == self.server_user:
+            return "/home/" + self.server_user
+        user = self.user(qube)
+        return "/home/" + user if user else "/root"
+
+    def _check_qube(self, qube):
+        if qube not in self.QUBES:
+            raise LabError("unknown qube %r (the lab has %s)" % (qube, ", ".join(self.QUBES)))
+
+    # --- state written by up ----------------------------------------------------
+
+    def _load_state(self):
+        if self._state is None:
+            try:
+                with open(self.state_path, encoding="utf-8") as handle:
+                    self._state = json.load(handle)
+            except FileNotFoundError:
+                raise LabError("the lab in %s is not up (run `up` first)" % self.dir) from None
+        return self._state
+
+    @property
+    def port(self):
+        return int(self._load_state()["port"])
+
+    @property
+    def host_key(self):
+        """The server's host key, "ssh-ed25519 AAAA..." (no comment)."""
+        return self._load_state()["host_key"]
+
+    @property
+    def known_hosts_line(self):
+        return "[127.0.0.1]:%d %s" % (self.port, self.host_key)
+
+    def is_up(self):
+        return os.path.exists(self.state_path) and self.sshd_pid() is not None
+
+    def sshd_pid(self):
+        try:
+            with open(self.sshd_pidfile, encoding="utf-8") as handle:
+                pid = int(handle.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        if _pid_alive(pid) and self.sshd_config in _cmdline(pid):
+            return pid
+        return None
+
+    # --- up / down ----------------------------------------------------------------
+
+    @staticmethod
+    def _require_root():
+        if os.geteuid() != 0:
+            raise LabError("the qborg lab needs root (it creates users and runs sshd)")
+
+    @staticmethod
+    def recorded_lab():
+        """The directory of the lab that owns the host's lab users, if any."""
+        try:
+            with open(SUDOERS, encoding="utf-8") as handle:
+                for line in handle:
+                    if line.startswith("# qborg-lab-dir: "):
+                        return line.split(":", 1)[1].strip()
+        except OSError:
+            pass
+        return None
+
+    def _all_users(self):
+        return [u for u in self.USERS.values() if u] + [self.server_user]
+
+    def up(self, pillar_file=None):
+        self._require_root()
+        if not SAFE_PATH_RE.match(self.dir):
+            raise LabError("lab directory %r: use only letters, digits and _.+-/" % self.dir)
+        self._check_traversable()
+        if os.path.isdir(self.dir) and os.listdir(self.dir) and not os.path.exists(self._p(MARKER)):
+            raise LabError("%s exists, is not empty and is not a qborg lab" % self.dir)
+        self._state = None
+        recorded = self.recorded_lab()
+        resume = (os.path.exists(self.state_path) and recorded == self.dir
+                  and all(_user(u) for u in self._all_users()))
+        if not resume:
+            self._take_over(recorded)
+        self._make_tree()
+        self._install_stand_ins()
+        self._make_users()
+        self._make_admin_key()
+        self._write_registry()
+        self._write_sudoers()
+        port = self._start_sshd()
+        state = {"dir": self.dir, "port": port, "host_key": self._host_pubkey()}
+        _write(self.state_path, json.dumps(state, indent=2) + "\n")
+        self._state = state
+        if pillar_file or not os.path.exists(self.user_pillar_path):
+            source = pillar_file or os.path.join(HERE, "pillar.lab.yaml")
+            with open(source, encoding="utf-8") as handle:
+                _write(self.user_pillar_path, handle.read())
+        for qube in self.QUBES:
+            self._write_salt_config(qube)
+
+    def down(self):
+        self._require_root()
+        self._state = None
+        self._stop_sshd()
+        recorded = self.recorded_lab()
+        if recorded in (None, self.dir):
+            # the host's lab users are ours (or nobody's): remove them
+            self._remove_users()
+            if os.path.exists(SUDOERS):
+                os.unlink(SUDOERS)
+        self._remove_tree()
+
+    def _check_traversable(self):
+        """Lab users must reach LAB/bin and the prefixes: no 0700 parent."""
+        path = os.path.dirname(self.dir)
+        while True:
+            if os.path.exists(path):
+                mode = os.stat(path).st_mode
+                if not mode & 0o001:
+                    raise LabError("%s is not searchable by other users; lab users could not "
+                                   "reach %s (choose another --dir)" % (path, self.dir))
+            parent = os.path.dirname(path)
+            if parent == path:
+                return
+            path = parent
+
+    def _take_over(self, recorded):
+        """Clear whatever an earlier lab (crashed or elsewhere) left behind."""
+        if recorded and recorded != self.dir:
+            Lab(recorded)._stop_sshd()
+            if os.path.exists(os.path.join(recorded, MARKER)):
+                shutil.rmtree(recorded, ignore_errors=True)
+        for pid, config in _lab_sshd_pids().items():
+            if config.startswith(self.dir + os.sep) or not os.path.exists(config):
+                _stop_pid(pid)
+        self._stop_sshd()
+        self._remove_users()
+        if os.path.exists(SUDOERS):
+            os.unlink(SUDOERS)
+        for name in ("state.json", "registry.json"):
+            if os.path.exists(self._p(name)):
+                os.unlink(self._p(name))
+
+    def _remove_tree(self):
+        if not os.path.isdir(self.dir):
+            return
+        if os.path.exists(self._p(MARKER)) or not os.listdir(self.dir):
+            shutil.rmtree(self.dir)
+        else:
+            raise LabError("%s is not a qborg lab: not removing it" % self.dir)
+
+    def _make_tree(self):
+        _mkdir(self.dir)
+        if not os.path.exists(self._p(MARKER)):
+            _write(self._p(MARKER), "qborg lab directory; `qborg_lab.py down` removes it\n")
+        _mkdir(self.bin_dir)
+        _mkdir(self.sshd_dir, 0o700)
+        _mkdir(self._p("pillar"))
+        _mkdir(self._p("qubes"))
+        for qube in self.QUBES:
+            _mkdir(self.qube_dir(qube))
+            _mkdir(self.prefix(qube))
+            for sub in ("bin", "etc", os.path.join("etc", "qubes-rpc"), "lib"):
+                _mkdir(os.path.join(self.prefix(qube), sub))
+            # Salt's cache and the rendered pillar stay root's: a service that
+            # imported from the module cache would work here and not in Qubes
+            _mkdir(self.salt_dir(qube), 0o700)
+            _mkdir(self.pillar_dir(qube), 0o700)
+        _mkdir(self.policy_dir())
+        os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
+
+    def _install_stand_ins(self):
+        for name in ("qrexec-client-vm", "qrexec-dispatch"):
+            source = os.path.join(HERE, "bin", name)
+            with open(source, encoding="utf-8") as handle:
+                _write(os.path.join(self.bin_dir, name), handle.read(), 0o755)
+        client = os.path.join(self.bin_dir, "qrexec-client-vm")
+        for qube in self.QUBES:
+            if self.USERS[qube] is None:
+                continue
+            # in a qube qrexec-client-vm is on every PATH, as /usr/bin is
+            link = os.path.join(self.prefix(qube), "bin", "qrexec-client-vm")
+            if os.path.islink(link) or os.path.exists(link):
+                if os.path.islink(link) and os.readlink(link) == client:
+                    continue
+                os.unlink(link)
+            os.symlink(client, link)
+
+    def _make_users(self):
+        for name in self._all_users():
+            if _user(name) is None:
+                if os.path.lexists("/home/" + name):
+                    shutil.rmtree("/home/" + name, ignore_errors=True)
+                _must(["useradd", "--create-home", "--home-dir", "/home/" + name,
+                       "--shell", "/bin/bash", "--user-group", name])
+            entry = _user(name)
+            if entry.pw_dir != "/home/" + name:
+                raise LabError("user %s exists with home %s, not /home/%s"
+                               % (name, entry.pw_dir, name))
+            # useradd leaves the account locked; sshd without PAM refuses those
+            _must(["usermod", "-p", "*", name])
+
+    def _remove_users(self):
+        for name in self._all_users():
+            entry = _user(name)
+            if entry is None:
+                continue
+            deadline = time.monotonic() + 10
+            while True:
+                _quiet(["pkill", "-KILL", "-U", str(entry.pw_uid)])
+                _quiet(["pkill", "-KILL", "-u", str(entry.pw_uid)])
+                if _quiet(["pgrep", "-u", str(entry.pw_uid)]).returncode != 0:
+                    break
+                if time.monotonic() > deadline:
+                    raise LabError("processes of %s survive SIGKILL" % name)
+                time.sleep(0.05)
+            if shutil.which("crontab"):
+                _quiet(["crontab", "-r", "-u", name])
+            if _quiet(["userdel", "-r", name]).returncode not in (0, 12):
+                _must(["userdel", "-r", "-f", name])
+            if os.path.lexists("/home/" + name):
+                shutil.rmtree("/home/" + name, ignore_errors=True)
+
+    def _ids(self, name):
+        entry = pwd.getpwnam(name)
+        return entry.pw_uid, entry.pw_gid
+
+    def _make_admin_key(self):
+        admin = self.user(self.ADMIN_QUBE)
+        uid, gid = self._ids(admin)
+        ssh_dir = os.path.dirname(self.admin_key_path)
+        _mkdir(ssh_dir, 0o700, uid, gid)
+        if not os.path.exists(self.admin_key_path):
+            for path in (self.admin_key_path, self.admin_key_path + ".pub"):
+                if os.path.lexists(path):
+                    os.unlink(path)
+            _must(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", ADMIN_KEY_COMMENT,
+                   "-f", self.admin_key_path])
+        os.chown(self.admin_key_path, uid, gid)
+        os.chmod(self.admin_key_path, 0o600)
+        pub = self.admin_key_path + ".pub"
+        if not os.path.exists(pub):
+            out = _must(["ssh-keygen", "-y", "-f", self.admin_key_path]).stdout.strip()
+            _write(pub, "%s %s\n" % (out, ADMIN_KEY_COMMENT), 0o644, uid, gid)
+        os.chown(pub, uid, gid)
+        with open(pub, encoding="utf-8") as handle:
+            key_type, key_b64 = handle.read().split()[:2]
+        line = "%s %s %s" % (key_type, key_b64, ADMIN_KEY_COMMENT)
+
+        srv_uid, srv_gid = self._ids(self.server_user)
+        _mkdir(os.path.dirname(self.authorized_keys_path), 0o700, srv_uid, srv_gid)
+        try:
+            with open(self.authorized_keys_path, encoding="utf-8") as handle:
+                lines = handle.read().splitlines()
+        except FileNotFoundError:
+            lines = []
+        if line not in lines:
+            lines = [l for l in lines if not l.endswith(" " + ADMIN_KEY_COMMENT)]
+            lines.append(line)
+        _write(self.authorized_keys_path, "\n".join(lines) + "\n", 0o600, srv_uid, srv_gid)
+
+    def _write_registry(self):
+        qubes = {}
+        for qube in self.QUBES:
+            qubes[qube] = {"user": self.USERS[qube], "home": self.home(qube),
+                           "prefix": self.prefix(qube)}
+        registry = {"dir": self.dir, "policy_dir": self.policy_dir(), "qubes": qubes}
+        _write(self.registry_path, json.dumps(registry, indent=2) + "\n", 0o644)
+
+    def _write_sudoers(self):
+        dispatch = os.path.join(self.bin_dir, "qrexec-dispatch")
+        users = ", ".join(u for u in self.USERS.values() if u)
+        text = (
+            "# qborg-lab-dir: %(dir)s\n"
+            "# Lets each lab qube user start the qrexec stand-in as another lab qube user;\n"
+            "# sudo sets SUDO_USER, from which qrexec-dispatch learns the caller.\n"
+            "Defaults!%(dispatch)s !use_pty, !pam_session, !lecture\n"
+            "%(users)s ALL = (%(users)s) NOPASSWD: %(dispatch)s\n"
+        ) % {"dir": self.dir, "dispatch": dispatch, "users": users}
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(SUDOERS), prefix=".qborg-lab.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(text)
+            os.chmod(tmp, 0o440)
+            _must(["visudo", "-cf", tmp])
+            os.replace(tmp, SUDOERS)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    # --- sshd -------------------------------------------------------------------
+
+    def _host_pubkey(self):
+        with open(self.host_key_path + ".pub", encoding="utf-8") as handle:
+            return " ".join(handle.read().split()[:2])
+
+    def _sshd_config_text(self, port):
+        return "\n".join([
+            "# sshd of the qborg lab (the borg server)",
+            "Port %d" % port,
+            "ListenAddress 127.0.0.1",
+            "HostKey %s" % self.host_key_path,
+            "PidFile %s" % self.sshd_pidfile,
+            "UsePAM no",
+            "PubkeyAuthentication yes",
+            "AuthenticationMethods publickey",
+            "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no",
+            "PermitRootLogin no",
+            "AllowUsers %s" % self.server_user,
+            "AuthorizedKeysFile .ssh/authorized_keys",
+            "Subsystem sftp internal-sftp",
+            "LogLevel VERBOSE",
+            "PrintMotd no",
+            "X11Forwarding no",
+            "MaxStartups 50:30:100",
+            "",
+        ])
+
+    def _start_sshd(self):
+        if not os.path.exists(self.host_key_path):
+            for path in (self.host_key_path, self.host_key_path + ".pub"):
+                if os.path.lexists(path):
+                    os.unlink(path)
+            _must(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qborg-lab-host",
+                   "-f", self.host_key_path])
+        os.chmod(self.host_key_path, 0o600)
+        old_port = None
+        try:
+            with open(self.state_path, encoding="utf-8") as handle:
+                old_port = json.load(handle).get("port")
+        except (OSError, ValueError):
+            pass
+        running = self.sshd_pid()
+        if running and old_port:
+            try:
+                with open(self.sshd_config, encoding="utf-8") as handle:
+                    current = handle.read()
+            except OSError:
+                current = None
+            if current == self._sshd_config_text(old_port) and _ssh_banner(old_port):
+                return old_port
+        self._stop_sshd()
+        sshd = shutil.which("sshd", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/sshd"
+        last_error = ""
+        for _attempt in range(3):
+            port = _free_port(old_port)
+            old_port = None
+            _write(self.sshd_config, self._sshd_config_text(port), 0o600)
+            _must([sshd, "-t", "-f", self.sshd_config])
+            proc = _quiet([sshd, "-f", self.sshd_config, "-E", self.sshd_log])
+            if proc.returncode == 0:
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:
+                    if self.sshd_pid() and _ssh_banner(port):
+                        return port
+                    time.sleep(0.05)
+            last_error = proc.stderr + self._log_tail()
+            self._stop_sshd()
+        raise LabError("sshd did not start:\n%s" % last_error)
+
+    def _log_tail(self):
+        try:
+            with open(self.sshd_log, encoding="utf-8", errors="replace") as handle:
+                return handle.read()[-2000:]
+        except OSError:
+            return ""
+
+    def _stop_sshd(self):
+        pid = self.sshd_pid()
+        if pid:
+            _stop_pid(pid)
+        for other, config in _lab_sshd_pids().items():
+            if config == self.sshd_config:
+                _stop_pid(other)
+        if os.path.exists(self.sshd_pidfile):
+            os.unlink(self.sshd_pidfile)
+
+    # --- pillar -----------------------------------------------------------------
+
+    def user_pillar(self):
+        with open(self.user_pillar_path, encoding="utf-8") as handle:
+            text = handle.read()
+        data = yaml.safe_load(text) if yaml else json.loads(text)
+        return data or {}
+
+    def set_pillar(self, data):
+        """Replace the user pillar (the file a user edits in dom0's /srv/pillar)."""
+        if yaml:
+            text = yaml.safe_dump(data, default_flow_style=False, sort_keys=False)
+        else:
+            text = json.dumps(data, indent=2) + "\n"
+        _write(self.user_pillar_path, text)
+
+    def lab_pillar(self, qube):
+        """The lab's overlay: where things live in the lab, and its server."""
+        data = {
+            "paths": {"prefix": self.prefix(qube), "policy_dir": self.policy_dir()},
+            "server": {
+                "provider": "generic",
+                "host": "127.0.0.1",
+                "port": self.port,
+                "user": self.server_user,
+                "remote_path": "borg",
+                "repos_dir": "qborg",
+                "host_key": self.host_key,
+                "admin_key": "~/.ssh/qborg-admin",
+            },
+        }
+        if self.user(qube):
+            data["user"] = self.user(qube)
+        return {"qborg": data}
+
+    def _write_salt_config(self, qube):
+        salt_dir = self.salt_dir(qube)
+        minion = {
+            "id": qube,
+            "file_client": "local",
+            "root_dir": salt_dir,
+            "file_roots": {"base": [os.path.join(self.repo, "salt")]},
+            "pillar_roots": {"base": [self.pillar_dir(qube)]},
+            "log_file": os.path.join(salt_dir, "minion.log"),
+            "log_level_logfile": "info",
+            # reverse lookups of every address only slow each call down
+            "enable_fqdns_grains": False,
+        }
+        _write(os.path.join(salt_dir, "minion"), json.dumps(minion, indent=2) + "\n", 0o600)
+        _write(os.path.join(self.pillar_dir(qube), "top.sls"),
+               json.dumps({"base": {"*": ["qborg", "lab"]}}, indent=2) + "\n", 0o600)
+
+    def _refresh_pillar(self, qube):
+        with open(self.user_pillar_path, encoding="utf-8") as handle:
+            _write(os.path.join(self.pillar_dir(qube), "qborg.sls"), handle.read(), 0o600)
+        _write(os.path.join(self.pillar_dir(qube), "lab.sls"),
+               json.dumps(self.lab_pillar(qube), indent=2) + "\n", 0o600)
+
+    # --- salt -------------------------------------------------------------------
+
+    @staticmethod
+    def salt_call_path():
+        explicit = os.environ.get("QBORG_SALT_CALL")
+        if explicit:
+            return explicit
+        beside = os.path.join(os.path.dirname(sys.executable), "salt-call")
+        if os.access(beside, os.X_OK):
+            return beside
+        found = shutil.which("salt-call")
+        if found:
+            return found
+        raise LabError("salt-call not found beside %s nor on PATH (set QBORG_SALT_CALL)"
+                       % sys.executable)
+
+    def salt_command(self, qube, *args):
+        """Prepare the qube's pillar; return (argv, env) of its salt-call."""
+        self._check_qube(qube)
+        self._load_state()
+        self._write_salt_config(qube)
+        self._refresh_pillar(qube)
+        env = dict(os.environ)
+        env["PATH"] = self.bin_dir + os.pathsep + env.get("PATH", STD_PATH)
+        # root's qrexec calls from this Salt run come from this qube
+        env["QBORG_LAB_QUBE"] = qube
+        argv = [self.salt_call_path(), "--local", "-c", self.salt_dir(qube)] + list(args)
+        return argv, env
+
+    def salt_call(self, qube, *args, check=False):
+        argv, env = self.salt_command(qube, *args)
+        proc = subprocess.run(argv, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, check=False)
+        return _checked(proc, check)
+
+    def sync(self, qube):
+        """saltutil.sync_all, as qubesctl does before applying: custom
+        modules, states and utils reach the qube's minion cache."""
+        self.salt_call(qube, "saltutil.sync_all", check=True)
+
+    def apply(self, qube, *args, test=False):
+        """state.apply qborg in QUBE; returns (rc, {state_key: result}).
+
+        When Salt could not render or compile, the second item is Salt's list
+        of error strings instead of a dict.
+        """
+        extra = ["test=True"] if test else []
+        self.sync(qube)
+        proc = self.salt_call(qube, "--retcode-passthrough", "--out=json",
+                              "state.apply", "qborg", *extra, *args)
+        self.last = proc
+        try:
+            data = json.loads(proc.stdout)
+        except ValueError:
+            raise LabCommandError(proc.returncode, proc.args, proc.stdout, proc.stderr) from None
+        if isinstance(data, dict) and set(data) == {"local"}:
+            data = data["local"]
+        return proc.returncode, data
+
+    # --- running things as qube users -----------------------------------------
+
+    def _run_as(self, name, cmd, check, input, env, path):
+        entry = pwd.getpwnam(name)
+        base = {"HOME": entry.pw_dir, "USER": name, "LOGNAME": name,
+                "SHELL": entry.pw_shell or "/bin/sh", "PATH": path, "LANG": "C.UTF-8"}
+        base.update(env or {})
+        kwargs = {}
+        if entry.pw_uid != os.geteuid():
+            kwargs = {"user": entry.pw_uid, "group": entry.pw_gid,
+                      "extra_groups": os.getgrouplist(name, entry.pw_gid)}
+        proc = subprocess.run(list(cmd), env=base, cwd=entry.pw_dir, input=input,
+                              stdin=None if input is not None else subprocess.DEVNULL,
+                              capture_output=True, text=True, check=False, **kwargs)
+        return _checked(proc, check)
+
+    def run(self, qube, cmd, check=True, input=None, env=None):
+        """Run CMD as the qube's user (root for dom0), in its home."""
+        self._check_qube(qube)
+        name = self.user(qube) or "root"
+        path = "%s/bin:/usr/local/bin:/usr/bin:/bin" % self.prefix(qube)
+        if name == "root":
+            path += ":/usr/local/sbin:/usr/sbin:/sbin"
+        return self._run_as(name, cmd, check, input, env, path)
+
+    def server(self, cmd, check=True, input=None, env=None):
+        """Run CMD as the borg server's login user, in its home."""
+        return self._run_as(self.server_user, cmd, check, input, env,
+                            "/usr/local/bin:/usr/bin:/bin")
+
+    def status(self):
+        info = {"dir": self.dir, "up": False, "recorded_lab": self.recorded_lab(),
+                "users": {u: _user(u) is not None for u in self._all_users()}}
+        if os.path.exists(self.state_path):
+            info.update(port=self.port, host_key=self.host_key,
+                        sshd_pid=self.sshd_pid(), sshd_log=self.sshd_log,
+                        admin_key=self.admin_key_path)
+            info["up"] = bool(info["sshd_pid"]) and all(info["users"].values())
+        return info
+
+
+# --- command line ---------------------------------------------------------------
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="qborg_lab.py", description=__doc__.split("\n")[0])
+    parser.add_argument("--dir", help="lab directory (default $QBORG_LAB_DIR or %s)" % DEFAULT_DIR)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_up = sub.add_parser("up", help="create or repair the lab")
+    p_up.add_argument("--pillar", help="YAML file to seed the user pillar with "
+                                       "(default lab/pillar.lab.yaml)")
+    sub.add_parser("down", help="remove the lab, its users and its sshd")
+    sub.add_parser("status", help="show the lab")
+    for name, text in (("apply", "state.apply qborg in QUBE"),
+                       ("salt", "salt-call --local in QUBE"),
+                       ("run", "run a command as QUBE's user")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("qube", choices=Lab.QUBES)
+        p.add_argument("args", nargs=argparse.REMAINDER)
+    p_srv = sub.add_parser("server", help="run a command as the server user")
+    p_srv.add_argument("args", nargs=argparse.REMAINDER)
+    opts = parser.parse_args(argv)
+    lab = Lab(opts.dir)
+
+    try:
+        if opts.command == "up":
+            started = time.monotonic()
+            lab.up(opts.pillar)
+            print("lab up in %s (%.1fs): sshd on 127.0.0.1:%d, host key %s"
+                  % (lab.dir, time.monotonic() - started, lab.port, lab.host_key))
+            return 0
+        if opts.command == "down":
+            lab.down()
+            print("lab in %s removed" % lab.dir)
+            return 0
+        if opts.command == "status":
+            info = lab.status()
+            print(json.dumps(info, indent=2))
+            return 0 if info["up"] else 3
+        if opts.command in ("apply", "salt"):
+            args = list(opts.args)
+            if opts.command == "apply":
+                lab.sync(opts.qube)
+                args = ["--retcode-passthrough", "state.apply", "qborg"] + args
+            argv_, env = lab.salt_command(opts.qube, *args)
+            return subprocess.run(argv_, env=env, check=False).returncode
+        if opts.command in ("run", "server"):
+            if not opts.args:
+                parser.error("%s needs a command" % opts.command)
+            if opts.command == "run":
+                proc = lab.run(opts.qube, opts.args, check=False)
+            else:
+                proc = lab.server(opts.args, check=False)
+            sys.stdout.write(proc.stdout)
+            sys.stderr.write(proc.stderr)
+            return proc.returncode
+    except LabError as error:
+        print("qborg lab: %s" % error, file=sys.stderr)
+        return 1
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""End-to-end tests run against the lab (lab/qborg_lab.py): real sshd, real users.
+
+They need root. Without it they fail (not skip), so a CI that lost its root
+does not turn green by running nothing.
+"""
+
+import os
+import pwd
+import sys
+import tempfile
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "lab"))
+
+import qborg_lab  # noqa: E402
+from qborg_lab import Lab  # noqa: E402
+
+NEED_ROOT = ("the e2e tests need root: the lab creates unix users, a sudoers drop-in "
+             "and an sshd (run them as root, e.g. in CI or a throwaway VM)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _e2e_needs_root():
+    if os.geteuid() != 0:
+        pytest.fail(NEED_ROOT, pytrace=False)
+
+
+def _leftovers(lab):
+    """What down() must not leave behind."""
+    problems = []
+    for pid, config in qborg_lab._lab_sshd_pids().items():
+        if config.startswith(lab.dir + os.sep):
+            problems.append("sshd %d still running" % pid)
+    for name in list(Lab.USERS.values()) + [Lab.server_user]:
+        if not name:
+            continue
+        try:
+            pwd.getpwnam(name)
+            problems.append("user %s still exists" % name)
+        except KeyError:
+            pass
+        if os.path.exists("/home/" + name):
+            problems.append("/home/%s still exists" % name)
+    if os.path.exists(qborg_lab.SUDOERS):
+        problems.append("%s still exists" % qborg_lab.SUDOERS)
+    if os.path.exists(lab.dir):
+        problems.append("%s still exists" % lab.dir)
+    return problems
+
+
+@pytest.fixture(scope="session")
+def lab():
+    """The lab, up for the whole session in its own directory, removed afterwards.
+
+    `up()` runs twice: the second run must be a no-op that keeps sshd (checked
+    in test_lab.py through `lab.sshd_pids_at_up`). Teardown checks that `down()`
+    left no sshd, user, sudoers drop-in or directory behind.
+    """
+    if os.geteuid() != 0:
+        pytest.fail(NEED_ROOT, pytrace=False)
+    directory = tempfile.mkdtemp(prefix="qborg-lab-", dir="/var/tmp")
+    the_lab = Lab(directory=directory)
+    try:
+        the_lab.up()
+        first = the_lab.sshd_pid()
+        the_lab.up()
+        the_lab.sshd_pids_at_up = (first, the_lab.sshd_pid())
+        yield the_lab
+    finally:
+        the_lab.down()
+    problems = _leftovers(the_lab)
+    assert not problems, "down() left: " + "; ".join(problems)

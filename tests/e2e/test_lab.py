@@ -1,0 +1,307 @@
+"""The lab itself: sshd, the qrexec stand-in and policy, salt-call per qube."""
+
+import json
+import os
+import signal
+import stat
+import time
+import uuid
+
+import pytest
+
+ADMIN = "backup-admin"
+SERVICE = "qborgtest.Echo"
+
+# prints who called, as whom it runs, its environment and stdin; exits with
+# the code given as argument (or 0)
+ECHO_SERVICE = """#!/bin/sh
+echo "caller=$QREXEC_REMOTE_DOMAIN"
+echo "user=$(id -un)"
+echo "cwd=$(pwd)"
+echo "arg=${QREXEC_SERVICE_ARGUMENT-}"
+env | sort | sed 's/^/env:/'
+sed 's/^/stdin:/'
+case "${QREXEC_SERVICE_ARGUMENT-}" in exit*) exit "${QREXEC_SERVICE_ARGUMENT#exit}";; esac
+exit 0
+"""
+
+
+def parse(stdout):
+    out = {"env": {}, "stdin": []}
+    for line in stdout.splitlines():
+        key, _, value = line.partition(":") if line.startswith(("env:", "stdin:")) \
+            else line.partition("=")
+        if key == "env":
+            name, _, val = value.partition("=")
+            out["env"][name] = val
+        elif key == "stdin":
+            out["stdin"].append(value)
+        else:
+            out[key] = value
+    return out
+
+
+def write_root_file(path, text, mode=0o644):
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    os.chmod(path, mode)
+
+
+@pytest.fixture
+def rpc(lab):
+    """An echo service in every lab qube and a policy file the test fills."""
+    installed = []
+    for qube in ("backup-admin", "vm-personal", "vm-work"):
+        path = os.path.join(lab.rpc_dir(qube), SERVICE)
+        write_root_file(path, ECHO_SERVICE, 0o755)
+        installed.append(path)
+    policy = os.path.join(lab.policy_dir(), "30-qborgtest-%s.policy" % uuid.uuid4().hex[:8])
+
+    def set_policy(text):
+        write_root_file(policy, text)
+
+    yield set_policy
+    for path in installed + [policy]:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
+def call(lab, caller, target, service=SERVICE, stdin="", env=None):
+    return lab.run(caller, ["qrexec-client-vm", target, service], check=False,
+                   input=stdin, env=env)
+
+
+# --- up / down ------------------------------------------------------------------
+
+def test_second_up_keeps_sshd(lab):
+    first, second = lab.sshd_pids_at_up
+    assert first and first == second
+
+
+def test_lab_layout_and_modes(lab):
+    assert stat.S_IMODE(os.stat(lab.dir).st_mode) == 0o755
+    for qube in lab.QUBES:
+        for sub in ("bin", "etc/qubes-rpc", "lib"):
+            st = os.stat(os.path.join(lab.prefix(qube), sub))
+            assert st.st_uid == 0 and stat.S_IMODE(st.st_mode) == 0o755, (qube, sub)
+        # Salt's cache is out of the qube users' reach: a service cannot
+        # import from it and pass here while failing in Qubes
+        assert stat.S_IMODE(os.stat(lab.salt_dir(qube)).st_mode) == 0o700
+    proc = lab.run("vm-personal", ["ls", lab.salt_dir("backup-admin")], check=False)
+    assert proc.returncode != 0
+    key = os.stat(lab.admin_key_path)
+    assert key.st_uid == lab._ids(ADMIN)[0] and stat.S_IMODE(key.st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(os.path.dirname(lab.admin_key_path)).st_mode) == 0o700
+    auth = os.stat(lab.authorized_keys_path)
+    assert auth.st_uid == lab._ids(lab.server_user)[0] and stat.S_IMODE(auth.st_mode) == 0o600
+    with open(lab.authorized_keys_path, encoding="utf-8") as handle:
+        lines = handle.read().splitlines()
+    assert [l for l in lines if l.endswith(" qborg-lab-admin")] == lines[-1:]
+    assert lab.host_key.startswith("ssh-ed25519 AAAA") and len(lab.host_key.split()) == 2
+    assert lab.home("vm-work") == "/home/vm-work"
+
+
+def test_up_recovers_from_a_killed_sshd(lab):
+    pid = lab.sshd_pid()
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while lab.sshd_pid() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lab.sshd_pid() is None
+    host_key = lab.host_key
+    lab.up()
+    assert lab.sshd_pid() not in (None, pid)
+    assert lab.host_key == host_key
+    ssh_as_admin(lab, ["true"])
+
+
+# --- sshd -----------------------------------------------------------------------
+
+def known_hosts(lab, line):
+    path = os.path.join(lab.home(ADMIN), ".ssh", "known_hosts.labtest")
+    uid, gid = lab._ids(ADMIN)
+    write_root_file(path, line + "\n")
+    os.chown(path, uid, gid)
+    return path
+
+
+def ssh_as_admin(lab, remote, key=None, kh_line=None, check=True):
+    kh = known_hosts(lab, kh_line or lab.known_hosts_line)
+    try:
+        return lab.run(ADMIN, [
+            "ssh", "-i", key or lab.admin_key_path, "-p", str(lab.port),
+            "-o", "UserKnownHostsFile=" + kh, "-o", "StrictHostKeyChecking=yes",
+            "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "ConnectTimeout=10",
+            "-F", "/dev/null",
+            "%s@127.0.0.1" % lab.server_user, *remote], check=check)
+    finally:
+        os.unlink(kh)
+
+
+def test_admin_key_logs_in_with_pinned_host_key(lab):
+    proc = ssh_as_admin(lab, ["id", "-un"])
+    assert proc.stdout.strip() == lab.server_user
+
+
+def test_unknown_key_is_refused(lab):
+    key = os.path.join(lab.home(ADMIN), ".ssh", "labtest-unknown")
+    for path in (key, key + ".pub"):
+        if os.path.exists(path):
+            os.unlink(path)
+    lab.run(ADMIN, ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key])
+    try:
+        proc = ssh_as_admin(lab, ["true"], key=key, check=False)
+    finally:
+        for path in (key, key + ".pub"):
+            os.unlink(path)
+    assert proc.returncode == 255
+    assert "Permission denied (publickey)" in proc.stderr
+
+
+def test_wrong_host_key_is_refused(lab):
+    other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+    proc = ssh_as_admin(lab, ["true"], kh_line="[127.0.0.1]:%d %s" % (lab.port, other),
+                        check=False)
+    assert proc.returncode == 255
+    assert "Host key verification failed" in proc.stderr
+
+
+def test_server_command_runs_as_server_user(lab):
+    assert lab.server(["id", "-un"]).stdout.strip() == lab.server_user
+    assert lab.server(["pwd"]).stdout.strip() == "/home/" + lab.server_user
+
+
+# --- qrexec stand-in --------------------------------------------------------------
+
+def test_allowed_call_reaches_service_as_target(lab, rpc):
+    rpc("%s * vm-personal backup-admin allow\n" % SERVICE)
+    proc = call(lab, "vm-personal", ADMIN, stdin="hello\nworld\n")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    out = parse(proc.stdout)
+    assert out["caller"] == "vm-personal"
+    assert out["user"] == ADMIN
+    assert out["cwd"] == lab.home(ADMIN)
+    assert out["stdin"] == ["hello", "world"]
+    assert out["env"]["HOME"] == lab.home(ADMIN)
+    assert out["env"]["PATH"].startswith(lab.prefix(ADMIN) + "/bin:")
+
+
+def test_argument_and_exit_code(lab, rpc):
+    rpc("%s +exit7 vm-personal backup-admin allow\n" % SERVICE)
+    proc = call(lab, "vm-personal", ADMIN, service=SERVICE + "+exit7")
+    assert proc.returncode == 7
+    assert parse(proc.stdout)["arg"] == "exit7"
+    proc = call(lab, "vm-personal", ADMIN, service=SERVICE + "+other")
+    assert proc.returncode == 126 and proc.stdout == ""
+
+
+def test_call_without_policy_is_refused(lab, rpc):
+    rpc("%s * vm-personal backup-admin allow\n" % SERVICE)
+    proc = call(lab, "vm-work", ADMIN)
+    assert proc.returncode == 126
+    assert proc.stderr == "Request refused\n"
+    assert proc.stdout == ""
+    proc = call(lab, "vm-work", ADMIN, env={"QBORG_LAB_DEBUG": "1"})
+    assert proc.returncode == 126
+    assert "denied by policy" in proc.stderr
+
+
+def test_first_matching_line_wins(lab, rpc):
+    rpc("# comment\n\n"
+        "%(s)s * vm-work @anyvm deny\n"
+        "%(s)s * @anyvm backup-admin allow\n"
+        "%(s)s * @anyvm @anyvm deny\n" % {"s": SERVICE})
+    assert call(lab, "vm-work", ADMIN).returncode == 126
+    assert call(lab, "vm-personal", ADMIN).returncode == 0
+    assert call(lab, "backup-admin", "vm-personal").returncode == 126
+
+
+def test_missing_or_bad_service_is_refused(lab, rpc):
+    rpc("* * @anyvm @anyvm allow\n")
+    for service in ("qborgtest.Missing", "../../bin/sh", "a/b", "x" * 65):
+        proc = call(lab, "vm-personal", ADMIN, service=service)
+        assert proc.returncode == 126, service
+        assert proc.stdout == ""
+
+
+def test_caller_cannot_forge_identity(lab, rpc):
+    rpc("%s * @anyvm backup-admin allow\n" % SERVICE)
+    forged = {"QREXEC_REMOTE_DOMAIN": "vm-personal", "SUDO_USER": "vm-personal",
+              "SUDO_UID": "0", "QBORG_LAB_QUBE": "vm-personal",
+              "PYTHONPATH": "/nonexistent", "LAB_LEAK": "1"}
+    proc = call(lab, "vm-work", ADMIN, env=forged)
+    assert proc.returncode == 0, proc.stderr
+    out = parse(proc.stdout)
+    assert out["caller"] == "vm-work"
+    assert "LAB_LEAK" not in out["env"] and "PYTHONPATH" not in out["env"]
+    assert "SUDO_USER" not in out["env"]
+
+
+def test_dispatch_needs_sudo_and_root_for_root_of(lab, rpc):
+    rpc("%s * vm-personal @anyvm allow\n" % SERVICE)
+    dispatch = os.path.join(lab.bin_dir, "qrexec-dispatch")
+    # run directly, with a made-up SUDO_USER
+    proc = lab.run("vm-work", [dispatch, "vm-work", SERVICE], check=False,
+                   env={"SUDO_USER": "vm-personal"})
+    assert proc.returncode == 126 and proc.stdout == ""
+    # through sudo, but claiming to be root of another qube
+    proc = lab.run("vm-work", ["sudo", "-n", "-u", "vm-work", dispatch, "--root-of",
+                               "vm-personal", "vm-work", SERVICE], check=False)
+    assert proc.returncode == 126 and proc.stdout == ""
+    # sudo allows only the dispatcher
+    proc = lab.run("vm-work", ["sudo", "-n", "-u", ADMIN, "/bin/true"], check=False)
+    assert proc.returncode != 0
+
+
+def test_root_is_dom0_or_the_qube_salt_runs_for(lab, rpc):
+    rpc("%s * vm-personal backup-admin allow\n"
+        "%s * dom0 backup-admin allow\n" % (SERVICE, SERVICE))
+    proc = lab.run("dom0", ["qrexec-client-vm", ADMIN, SERVICE], check=False,
+                   env={"PATH": lab.bin_dir + ":/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert parse(proc.stdout)["caller"] == "dom0"
+    # what a state in vm-personal runs (as root) reaches the admin as vm-personal
+    proc = lab.salt_call("vm-personal", "--out=json", "cmd.run_all",
+                         "qrexec-client-vm %s %s" % (ADMIN, SERVICE))
+    ret = json.loads(proc.stdout)["local"]
+    assert ret["retcode"] == 0, ret
+    assert parse(ret["stdout"])["caller"] == "vm-personal"
+
+
+# --- salt per qube ------------------------------------------------------------------
+
+@pytest.mark.parametrize("qube", ["dom0", "backup-admin", "vm-personal", "vm-work"])
+def test_salt_call_has_qube_id_and_pillar(lab, qube):
+    proc = lab.salt_call(qube, "--out=json", "grains.get", "id", check=True)
+    assert json.loads(proc.stdout)["local"] == qube
+    proc = lab.salt_call(qube, "--out=json", "pillar.get", "qborg", check=True)
+    pillar = json.loads(proc.stdout)["local"]
+    assert pillar.get("user", "") == ("" if qube == "dom0" else qube)
+    assert pillar["admin_vm"] == ADMIN
+    assert pillar["server"]["port"] == lab.port
+    assert pillar["server"]["host_key"] == lab.host_key
+    assert pillar["paths"]["prefix"] == lab.prefix(qube)
+    assert pillar["paths"]["policy_dir"] == lab.policy_dir()
+
+
+def test_pillar_edits_reach_the_next_call(lab):
+    original = lab.user_pillar()
+    try:
+        changed = json.loads(json.dumps(original))
+        changed["qborg"]["vms"]["vm-extra"] = {"interval": "2h"}
+        lab.set_pillar(changed)
+        assert lab.user_pillar() == changed
+        proc = lab.salt_call("backup-admin", "--out=json", "pillar.get", "qborg:vms", check=True)
+        assert json.loads(proc.stdout)["local"]["vm-extra"] == {"interval": "2h"}
+    finally:
+        lab.set_pillar(original)
+
+
+def test_run_as_qube_user(lab):
+    proc = lab.run("vm-work", ["sh", "-c", 'echo "$(id -un) $HOME $USER $(pwd) $PATH"'])
+    user, home, env_user, cwd, path = proc.stdout.split()
+    assert user == env_user == "vm-work"
+    assert home == cwd == "/home/vm-work"
+    assert path == lab.prefix("vm-work") + "/bin:/usr/local/bin:/usr/bin:/bin"
+    assert lab.run("vm-work", ["sh", "-c", "command -v qrexec-client-vm"]).stdout.strip()
