@@ -1,0 +1,104 @@
+"""Functional tests: qborg's execution and state modules loaded by Salt's
+own loader (saltfactories' Loaders) from the formula tree, minion id
+vm-personal, pillar from a temporary pillar tree."""
+
+import pathlib
+
+import pytest
+import salt._logging
+import yaml
+from saltfactories.utils.functional import Loaders
+
+SALT_DIR = pathlib.Path(__file__).resolve().parents[2] / "salt"
+MINION_ID = "vm-personal"
+
+# user: root, because client_paths and the client sls look the user up in
+# this system's passwd; nothing is written to its home by these tests.
+PILLAR = {
+    "qborg": {
+        "admin_vm": "backup-admin",
+        "user": "root",
+        "server": {"provider": "rsync.net", "host": "de1234.rsync.net", "user": "de1234"},
+        "defaults": {"source_directories": ["~/Documents"], "exclude_patterns": ["~/.cache"]},
+        "vms": {"vm-personal": {"interval": "30m"}, "vm-work": {}},
+    }
+}
+
+
+def pytest_configure(config):
+    # salt 3006's loader uses load_module(); not ours to change
+    config.addinivalue_line("filterwarnings",
+                            "ignore:the load_module\\(\\) method is deprecated:DeprecationWarning")
+    config.addinivalue_line("filterwarnings", "ignore:'crypt' is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(scope="session")
+def salt_factories_config(tmp_path_factory):
+    return {"root_dir": str(tmp_path_factory.mktemp("salt-root"))}
+
+
+@pytest.fixture(scope="session")
+def pillar_tree(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pillar")
+    (root / "top.sls").write_text("base:\n  '*':\n    - qborg\n")
+    (root / "qborg.sls").write_text(yaml.safe_dump(PILLAR))
+    return root
+
+
+@pytest.fixture(scope="session")
+def loaders_for(salt_factories, pillar_tree):
+    """Loaders for a minion with the given id (one per id and session)."""
+    made = {}
+
+    def make(minion_id):
+        if minion_id not in made:
+            factory = salt_factories.salt_minion_daemon(
+                minion_id,
+                overrides={
+                    "file_client": "local",
+                    "file_roots": {"base": [str(SALT_DIR)]},
+                    "pillar_roots": {"base": [str(pillar_tree)]},
+                    "module_dirs": [str(SALT_DIR / "_modules")],
+                    "states_dirs": [str(SALT_DIR / "_states")],
+                    "utils_dirs": [str(SALT_DIR / "_utils")],
+                },
+            )
+            # Salt buffers log records in a handler that it flushes at exit, into
+            # the stream pytest has closed by then; hand them to pytest instead.
+            salt._logging.shutdown_temp_handler()
+            made[minion_id] = Loaders(factory.config.copy(),
+                                      loaded_base_name=f"qborg_functional.{minion_id}")
+        return made[minion_id]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def loaders(loaders_for):
+    return loaders_for(MINION_ID)
+
+
+@pytest.fixture(autouse=True)
+def reset_loaders_state(loaders):
+    try:
+        yield
+    finally:
+        loaders.reset_state()
+
+
+@pytest.fixture
+def modules(loaders):
+    return loaders.modules
+
+
+@pytest.fixture
+def states(loaders):
+    return loaders.states
+
+
+@pytest.fixture
+def qborg_config(loaders):
+    """The merged settings, as map.jinja hands them to the states."""
+    return loaders.modules.pillar.get(
+        "qborg", default=yaml.safe_load((SALT_DIR / "qborg" / "defaults.yaml").read_text())["qborg"],
+        merge=True)

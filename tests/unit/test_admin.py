@@ -1,0 +1,237 @@
+"""qborg_admin without a server: paths, the pinned host key, the managed
+lines, the lock-out guard of the upload, and provisioning in test mode."""
+
+import io
+import json
+import os
+import socket
+import stat
+
+import pytest
+
+import qborg_admin as admin
+import qborg_core as core
+
+HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyForTestsOnly"
+
+
+def closed_port():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    return port
+
+
+@pytest.fixture
+def settings(merge):
+    return core.validate_settings(merge({
+        "admin_vm": "backup-admin",
+        "server": {"host": "127.0.0.1", "user": "borg", "port": closed_port()},
+        "vms": {"vm-personal": {"storage_quota": "200G"}, "vm-work": None},
+    }))
+
+
+def tree(root):
+    return sorted(os.path.relpath(os.path.join(d, n), root)
+                  for d, dirs, files in os.walk(root) for n in dirs + files)
+
+
+def test_admin_paths(settings):
+    paths = admin.admin_paths(settings, "/home/user")
+    assert paths["keystore"] == "/home/user/.local/share/qborg"
+    assert paths["known_hosts"] == "/home/user/.local/share/qborg/known_hosts"
+    assert paths["admin_key"] == "/home/user/.ssh/qborg-admin"
+    assert paths["rpc_dir"] == "/usr/local/etc/qubes-rpc"
+    assert paths["settings"] == "/usr/local/etc/qborg/admin.json"
+
+
+def test_pinned_host_key_from_pillar_wins(settings, tmp_path):
+    settings["server"]["host_key"] = HOST_KEY
+    settings["server"]["port"] = 23
+    kh = tmp_path / "known_hosts"
+    kh.write_text("[127.0.0.1]:23 ssh-ed25519 AAAAlearned\n")
+    assert admin.pinned_known_hosts_line(settings, str(kh)) == f"[127.0.0.1]:23 {HOST_KEY}"
+
+
+def test_pinned_host_key_learned_once(settings, tmp_path):
+    settings["server"]["port"] = 22
+    kh = tmp_path / "known_hosts"
+    assert admin.pinned_known_hosts_line(settings, str(kh)) is None
+    kh.write_text("other.example ssh-ed25519 AAAAother\n127.0.0.1 ssh-ed25519 AAAAlearned\n")
+    assert admin.pinned_known_hosts_line(settings, str(kh)) == "127.0.0.1 ssh-ed25519 AAAAlearned"
+
+
+def test_managed_lines_one_per_vm_sorted(settings, tmp_path):
+    store = core.Keystore(str(tmp_path / "ks"))
+    for vm in ("vm-work", "vm-personal"):
+        store.ensure(vm)
+    lines = admin.managed_lines(settings, store)
+    assert [l.rsplit(" ", 1)[1] for l in lines] == ["qborg:vm-personal", "qborg:vm-work"]
+    assert "--storage-quota 200G" in lines[0] and "--storage-quota" not in lines[1]
+    assert " ".join(store.public_key("vm-work").split()[:2]) in lines[1]
+    assert all(l.startswith('restrict,command="borg serve --append-only') for l in lines)
+
+
+def test_provision_test_mode_touches_nothing_and_connects_nowhere(settings, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    changes, comments = admin.provision(settings, str(home), None, test=True)
+    assert changes == {"keys": {"vm-personal": "would generate ssh key and passphrase",
+                                "vm-work": "would generate ssh key and passphrase"}}
+    assert any("would generate keys for vm-personal, vm-work" in c for c in comments)
+    assert tree(home) == []
+
+
+def test_provision_without_admin_key_generates_keys_then_names_the_key(settings, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    with pytest.raises(core.QborgServerError) as exc:
+        admin.provision(settings, str(home), None)
+    assert f"{home}/.ssh/qborg-admin does not exist" in str(exc.value)
+    store = core.Keystore(str(home / ".local" / "share" / "qborg"))
+    assert store.has("vm-personal") and store.has("vm-work")
+
+
+def test_provision_unreachable_server_fails_naming_it(settings, tmp_path):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    private, public = core.generate_ssh_key("admin")
+    core.atomic_write(str(home / ".ssh" / "qborg-admin"), private)
+    with pytest.raises(core.QborgServerError) as exc:
+        admin.provision(settings, str(home), None)
+    message = str(exc.value)
+    assert "cannot connect to borg@" in message and str(settings["server"]["port"]) in message
+    assert private.splitlines()[1] not in message
+
+
+def test_provision_for_borgbase_never_connects(settings, tmp_path):
+    settings["server"].update(provider="borgbase", upload=False)
+    changes, comments = admin.provision(settings, str(tmp_path), None)
+    assert set(changes["keys"]) == {"vm-personal", "vm-work"}
+    assert any("append-only key in the provider's interface" in c for c in comments)
+    again, _ = admin.provision(settings, str(tmp_path), None)
+    assert again == {}
+
+
+def test_bundle_for(settings, tmp_path):
+    with pytest.raises(core.QborgError, match="not provisioned yet"):
+        admin.bundle_for(settings, "vm-personal", str(tmp_path))
+    settings["server"]["host_key"] = HOST_KEY
+    core.Keystore(str(tmp_path / ".local" / "share" / "qborg")).ensure("vm-personal")
+    bundle = admin.bundle_for(settings, "vm-personal", str(tmp_path))
+    parsed = core.parse_bundle(json.dumps(bundle), "vm-personal")
+    assert parsed["known_hosts"].endswith(HOST_KEY)
+    assert parsed["repository"].endswith("/./qborg/vm-personal")
+
+
+def test_audit_line_is_private_and_appends(tmp_path):
+    path = tmp_path / "state" / "audit.log"
+    admin.audit_line(str(path), "vm-personal", "ok")
+    admin.audit_line(str(path), "vm-work", "refused: not configured")
+    lines = path.read_text().splitlines()
+    assert len(lines) == 2
+    assert lines[0].endswith("qborg.GetBundle caller=vm-personal result=ok")
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_admin_public_key_from_pub_or_private(tmp_path):
+    private, public = core.generate_ssh_key("admin@x")
+    key = tmp_path / "k"
+    key.write_text(private)
+    assert admin.admin_public_key(str(key)) == " ".join(public.split()[:2])
+    (tmp_path / "k.pub").write_text(public + "\n")
+    assert admin.admin_public_key(str(key)) == " ".join(public.split()[:2])
+
+
+# ------------------------------------------------------- lock-out safe upload
+
+
+class FakeSFTP:
+    """An in-memory SFTP server home: enough of paramiko's SFTPClient."""
+
+    def __init__(self, files=None):
+        self.files = dict(files or {})
+        self.dirs = {".ssh"}
+
+    def stat(self, path):
+        if path not in self.files and path not in self.dirs:
+            raise FileNotFoundError(path)
+
+    def open(self, path, mode):
+        sftp = self
+
+        class Handle(io.BytesIO):
+            def __exit__(self, *exc):
+                if "w" in mode:
+                    sftp.files[path] = self.getvalue().decode()
+                return super().__exit__(*exc)
+
+        if "r" in mode:
+            if path not in self.files:
+                raise FileNotFoundError(path)
+            return Handle(self.files[path].encode())
+        return Handle()
+
+    def chmod(self, path, mode):
+        pass
+
+    def mkdir(self, path, mode):
+        self.dirs.add(path)
+
+    def posix_rename(self, src, dst):
+        self.files[dst] = self.files.pop(src)
+
+    def remove(self, path):
+        del self.files[path]
+
+
+@pytest.fixture
+def admin_key():
+    return core.generate_ssh_key("admin")[1]
+
+
+def session(settings, sftp, login_ok):
+    sess = admin.ServerSession(settings, "/nonexistent", "/nonexistent")
+    sess.sftp = sftp
+
+    def check_login():
+        if not login_ok:
+            raise core.QborgServerError("refused")
+    sess.check_login = check_login
+    return sess
+
+
+def test_upload_refuses_a_file_without_the_admin_key(settings, admin_key):
+    sftp = FakeSFTP({".ssh/authorized_keys": f"{admin_key}\n"})
+    text = f"# {admin_key}\n# BEGIN qborg\n# END qborg\n"  # only commented out
+    with pytest.raises(core.QborgServerError, match="lacks the admin key"):
+        session(settings, sftp, True).upload_authorized_keys(text, admin_key)
+    assert sftp.files == {".ssh/authorized_keys": f"{admin_key}\n"}
+
+
+def test_upload_keeps_a_backup_and_leaves_no_temp(settings, admin_key):
+    old = f"{admin_key} admin\n"
+    sftp = FakeSFTP({".ssh/authorized_keys": old})
+    new = core.render_authorized_keys(old, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
+    backup = session(settings, sftp, True).upload_authorized_keys(new, admin_key)
+    assert sftp.files[".ssh/authorized_keys"] == new
+    assert sftp.files[backup] == old
+    assert set(sftp.files) == {".ssh/authorized_keys", backup}
+
+
+def test_upload_restores_the_old_file_when_the_admin_is_locked_out(settings, admin_key):
+    old = f"{admin_key} admin\n"
+    sftp = FakeSFTP({".ssh/authorized_keys": old})
+    new = core.render_authorized_keys(old, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
+    with pytest.raises(core.QborgServerError, match="previous file was restored"):
+        session(settings, sftp, False).upload_authorized_keys(new, admin_key)
+    assert sftp.files[".ssh/authorized_keys"] == old
+
+
+def test_upload_removes_a_new_file_that_locks_the_admin_out(settings, admin_key):
+    sftp = FakeSFTP()
+    new = core.render_authorized_keys(f"{admin_key}\n", [])
+    with pytest.raises(core.QborgServerError, match="new file was removed"):
+        session(settings, sftp, False).upload_authorized_keys(new, admin_key)
+    assert ".ssh/authorized_keys" not in sftp.files

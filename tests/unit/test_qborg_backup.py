@@ -1,0 +1,192 @@
+"""The scheduled backup program installed into each AppVM
+(salt/qborg/files/client/qborg-backup), run against a stand-in `borgmatic`
+on PATH that only records how it was called."""
+
+import fcntl
+import importlib.machinery
+import importlib.util
+import os
+import pathlib
+import time
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).resolve().parents[2] / "salt" / "qborg" / "files" / "client" / "qborg-backup"
+
+FAKE_BORGMATIC = """#!/bin/sh
+echo "$*" >> "$QBORG_TEST_CALLS"
+if [ "$2" = "-1" ] && [ "$3" = "create" ] && [ -e "$QBORG_TEST_FAIL" ]; then
+    echo "Connection closed by remote host" >&2
+    exit 2
+fi
+exit 0
+"""
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake = bindir / "borgmatic"
+    fake.write_text(FAKE_BORGMATIC)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    monkeypatch.setenv("QBORG_TEST_CALLS", str(calls))
+    monkeypatch.setenv("QBORG_TEST_FAIL", str(tmp_path / "fail"))
+
+    # STATE is computed from $HOME when the program starts: load it afresh
+    name = "qborg_backup_under_test"
+    loader = importlib.machinery.SourceFileLoader(name, str(SCRIPT))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+    loader.exec_module(module)
+
+    class Env:
+        prog = module
+        state = home / ".local" / "state" / "qborg"
+
+        @staticmethod
+        def calls(action=None):
+            if not calls.exists():
+                return []
+            lines = calls.read_text().splitlines()
+            return [l for l in lines if action is None or l.split()[-1] == action]
+
+        @staticmethod
+        def fail(on=True):
+            path = tmp_path / "fail"
+            if on:
+                path.touch()
+            elif path.exists():
+                path.unlink()
+
+    assert module.STATE == str(Env.state)
+    return Env
+
+
+def test_state_lives_in_the_users_home(env):
+    env.prog.main(["--status"])
+    assert env.state.is_dir()
+    assert (env.state.stat().st_mode & 0o777) == 0o700
+
+
+def test_first_scheduled_run_backs_up(env):
+    assert env.prog.main(["--scheduled", "--interval", "1h"]) == 0
+    assert len(env.calls("create")) == 1
+    assert env.calls("create")[0] == "--syslog-verbosity -1 create"
+    assert env.prog.last_success() == pytest.approx(time.time(), abs=60)
+    assert not (env.state / "last-error").exists()
+
+
+def test_second_tick_within_the_interval_does_nothing(env):
+    env.prog.main(["--scheduled", "--interval", "1h"])
+    before = env.calls()
+    assert env.prog.main(["--scheduled", "--interval", "1h"]) == 0
+    assert env.calls() == before
+    assert len(env.calls("create")) == 1
+
+
+def test_overdue_backup_runs_exactly_once(env):
+    env.state.mkdir(parents=True)
+    old = time.time() - 2 * 3600
+    (env.state / "last-success").write_text(f"{old:.0f} earlier\n")
+    for _ in range(3):
+        assert env.prog.main(["--scheduled", "--interval", "1h"]) == 0
+    assert len(env.calls("create")) == 1
+    assert env.prog.last_success() > old + 3600
+
+
+def test_not_yet_due_with_a_longer_interval(env):
+    env.state.mkdir(parents=True)
+    (env.state / "last-success").write_text(f"{time.time() - 2 * 3600:.0f} earlier\n")
+    assert env.prog.main(["--scheduled", "--interval", "1d"]) == 0
+    assert env.calls("create") == []
+
+
+def test_unscheduled_run_always_backs_up(env):
+    env.prog.main([])
+    env.prog.main([])
+    assert len(env.calls("create")) == 2
+
+
+def test_failure_is_recorded_and_retried_at_the_next_tick(env):
+    env.fail()
+    assert env.prog.main(["--scheduled", "--interval", "1h"]) == 2
+    error = (env.state / "last-error").read_text()
+    assert "create exit 2" in error and "Connection closed" in error
+    assert env.prog.last_success() is None
+    assert env.calls("check") == []  # no check after a failed create
+
+    assert env.prog.main(["--scheduled", "--interval", "1h"]) == 2
+    assert len(env.calls("create")) == 2
+
+    env.fail(False)
+    assert env.prog.main(["--scheduled", "--interval", "1h"]) == 0
+    assert len(env.calls("create")) == 3
+    assert not (env.state / "last-error").exists()
+    assert env.prog.last_success() is not None
+    assert "backup failed (exit 2)" in (env.state / "backup.log").read_text()
+
+
+def test_failed_run_after_a_success_keeps_the_success_stamp(env):
+    env.prog.main([])
+    stamp = (env.state / "last-success").read_text()
+    env.fail()
+    env.prog.main([])
+    assert (env.state / "last-success").read_text() == stamp
+    assert (env.state / "last-error").exists()
+
+
+def test_held_lock_skips_the_run(env):
+    env.state.mkdir(parents=True)
+    with open(env.state / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        assert env.prog.main(["--scheduled", "--interval", "1h"]) == 0
+        assert env.prog.main([]) == 0
+    assert env.calls() == []
+    assert env.prog.main(["--scheduled", "--interval", "1h"]) == 0  # lock released
+    assert len(env.calls("create")) == 1
+
+
+def test_status_never(env, capsys):
+    assert env.prog.main(["--status"]) == 0
+    out = capsys.readouterr().out
+    assert "last successful backup: never" in out
+    assert "last error: none" in out
+    assert env.calls() == []
+
+
+def test_status_prints_the_age_and_last_error(env, capsys):
+    env.state.mkdir(parents=True)
+    (env.state / "last-success").write_text(f"{time.time() - (2 * 3600 + 5 * 60 + 3):.0f} x\n")
+    (env.state / "last-error").write_text("2024-01-01T00:00:00 create exit 2: boom\n")
+    assert env.prog.main(["--status"]) == 0
+    out = capsys.readouterr().out
+    assert "(2h 5m ago)" in out
+    assert "last error: 2024-01-01T00:00:00 create exit 2: boom" in out
+    assert env.calls() == []
+
+
+@pytest.mark.parametrize("seconds, text", [
+    (5, "5s ago"), (125, "2m 5s ago"), (3 * 3600 + 60, "3h 1m ago"), (2 * 86400 + 3600, "2d 1h ago"),
+])
+def test_human_age(env, seconds, text):
+    assert env.prog.human_age(seconds) == text
+
+
+@pytest.mark.parametrize("bad", ["1", "1 h", "h", "-1h", "1y"])
+def test_bad_interval_is_a_usage_error(env, bad):
+    with pytest.raises(SystemExit) as exc:
+        env.prog.main(["--scheduled", "--interval", bad])
+    assert exc.value.code == 2
+    assert env.calls() == []
+
+
+def test_garbled_stamp_counts_as_never(env):
+    env.state.mkdir(parents=True)
+    (env.state / "last-success").write_text("garbage\n")
+    assert env.prog.main(["--scheduled", "--interval", "1h"]) == 0
+    assert len(env.calls("create")) == 1

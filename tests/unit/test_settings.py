@@ -1,0 +1,241 @@
+"""validate_settings: the merged pillar is normalised, and every bad value
+fails with a QborgConfigError naming its pillar path."""
+
+import pytest
+
+import qborg_core as core
+
+
+def test_complete_config_normalises(merged):
+    s = core.validate_settings(merged)
+    assert s["admin_vm"] == "backup-admin"
+    assert s["user"] == "user"
+    assert sorted(s["vms"]) == ["vm-mail", "vm-personal", "vm-work"]
+    server = s["server"]
+    assert (server["host"], server["user"], server["repos_dir"]) == ("de1234.rsync.net", "de1234", "qborg")
+    assert server["admin_key"] == "~/.ssh/qborg-admin"
+    assert server["host_key"] is None
+    assert s["paths"] == {"prefix": "/usr/local", "policy_dir": "/etc/qubes/policy.d"}
+
+
+def test_vm_overrides_win_over_defaults_and_others_inherit(merged, defaults):
+    vms = core.validate_settings(merged)["vms"]
+    personal = vms["vm-personal"]
+    assert personal["source_directories"] == ["/home/user/Documents", "/home/user/Pictures"]
+    assert personal["interval_seconds"] == 30 * 60
+    assert personal["storage_quota"] == "200G"
+    assert personal["exclude_patterns"] == defaults["defaults"]["exclude_patterns"]
+    for name in ("vm-work", "vm-mail"):  # `{}` and a bare key (None) mean "all defaults"
+        vm = vms[name]
+        assert vm["source_directories"] == defaults["defaults"]["source_directories"]
+        assert vm["interval_seconds"] == 3600
+        assert vm["storage_quota"] is None
+        assert vm["encryption"] == "repokey-blake2"
+        assert vm["retention"] == defaults["defaults"]["retention"]
+
+
+def test_vm_settings_are_independent_copies(merged):
+    vms = core.validate_settings(merged)["vms"]
+    vms["vm-work"]["exclude_patterns"].append("/x")
+    assert "/x" not in vms["vm-mail"]["exclude_patterns"]
+
+
+def test_no_vms_is_valid(merge):
+    s = core.validate_settings(merge({"server": {"host": "backup.example.org", "user": "u"}}))
+    assert s["vms"] == {}
+
+
+@pytest.mark.parametrize("provider, port, remote_path", [
+    ("rsync.net", 22, "borg14"),
+    ("hetzner", 23, "borg-1.4"),
+    ("generic", 22, "borg"),
+    ("borgbase", 22, "borg"),
+])
+def test_provider_presets(merged, provider, port, remote_path):
+    merged["server"]["provider"] = provider
+    server = core.validate_settings(merged)["server"]
+    assert server["provider"] == provider
+    assert (server["port"], server["remote_path"]) == (port, remote_path)
+
+
+def test_only_borgbase_is_not_uploaded(merged):
+    merged["server"]["provider"] = "borgbase"
+    assert core.validate_settings(merged)["server"]["upload"] is False
+    merged["server"]["provider"] = "hetzner"
+    assert core.validate_settings(merged)["server"]["upload"] is True
+
+
+def test_explicit_pillar_values_override_presets(merged):
+    merged["server"].update(provider="hetzner", port=2222, remote_path="/usr/local/bin/borg")
+    server = core.validate_settings(merged)["server"]
+    assert (server["port"], server["remote_path"]) == (2222, "/usr/local/bin/borg")
+
+
+def test_host_key_comment_is_dropped(merged):
+    merged["server"]["host_key"] = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB1c root@server"
+    assert core.validate_settings(merged)["server"]["host_key"] == \
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB1c"
+
+
+def test_repos_dir_trailing_slash_is_stripped(merged):
+    merged["server"]["repos_dir"] = "backups/qborg/"
+    assert core.validate_settings(merged)["server"]["repos_dir"] == "backups/qborg"
+
+
+@pytest.mark.parametrize("paths", [["~"], ["~/Documents", "/srv/data"]])
+def test_home_relative_paths_accepted(merged, paths):
+    merged["vms"]["vm-work"] = {"source_directories": paths, "exclude_patterns": ["~/.cache"]}
+    vm = core.validate_settings(merged)["vms"]["vm-work"]
+    assert vm["source_directories"] == paths
+
+
+def test_admin_key_home_relative_accepted(merged):
+    merged["server"]["admin_key"] = "~/.ssh/other"
+    assert core.validate_settings(merged)["server"]["admin_key"] == "~/.ssh/other"
+
+
+@pytest.mark.parametrize("name", [
+    "a", "vm-personal", "Work_2.test", "a" * 31,
+])
+def test_valid_vm_names(merged, name):
+    merged["vms"] = {name: {}}
+    assert list(core.validate_settings(merged)["vms"]) == [name]
+
+
+@pytest.mark.parametrize("name", [
+    "vm;rm", "vm'q", 'vm"q', "vm name", "a" * 32, "1vm", "-vm", "vm/x", "dom0", "",
+    "vm\n", "vmé",
+])
+def test_bad_vm_names_fail_naming_the_path(merged, name):
+    merged["vms"] = {name: {}}
+    with pytest.raises(core.QborgConfigError) as exc:
+        core.validate_settings(merged)
+    assert f"qborg:vms:{name}" in str(exc.value)
+
+
+def test_non_string_vm_name_fails(merged):
+    merged["vms"] = {123: {}}
+    with pytest.raises(core.QborgConfigError, match="qborg:vms:123"):
+        core.validate_settings(merged)
+
+
+def set_path(raw, path, value):
+    *parents, last = path
+    node = raw
+    for key in parents:
+        node = node[key]
+    node[last] = value
+
+
+BAD_VALUES = [
+    (("admin_vm",), "dom0", "qborg:admin_vm"),
+    (("admin_vm",), "admin;x", "qborg:admin_vm"),
+    (("admin_vm",), None, "qborg:admin_vm"),
+    (("admin_vm",), "vm-work", "qborg:vms:vm-work"),  # admin as its own client
+    (("user",), "root;x", "qborg:user"),
+    (("user",), "User", "qborg:user"),
+    (("user",), 5, "qborg:user"),
+    (("server",), "de1234.rsync.net", "qborg:server"),
+    (("server", "provider"), "dropbox", "qborg:server:provider"),
+    (("server", "provider"), ["rsync.net"], "qborg:server:provider"),
+    (("server", "host"), None, "qborg:server:host"),
+    (("server", "host"), "-oProxyCommand=x", "qborg:server:host"),
+    (("server", "host"), "host name", "qborg:server:host"),
+    (("server", "user"), "de 1234", "qborg:server:user"),
+    (("server", "user"), None, "qborg:server:user"),
+    (("server", "port"), 0, "qborg:server:port"),
+    (("server", "port"), 65536, "qborg:server:port"),
+    (("server", "port"), "22", "qborg:server:port"),
+    (("server", "port"), True, "qborg:server:port"),
+    (("server", "remote_path"), 'borg14" serve; rm -rf ~ #', "qborg:server:remote_path"),
+    (("server", "remote_path"), "borg 14", "qborg:server:remote_path"),
+    (("server", "repos_dir"), "/abs", "qborg:server:repos_dir"),
+    (("server", "repos_dir"), "qborg/../other", "qborg:server:repos_dir"),
+    (("server", "repos_dir"), "a b", "qborg:server:repos_dir"),
+    (("server", "host_key"), "ssh-ed25519", "qborg:server:host_key"),
+    (("server", "host_key"), "ssh-dss AAAAB3Nza", "qborg:server:host_key"),
+    (("server", "admin_key"), "qborg-admin", "qborg:server:admin_key"),
+    (("server", "admin_key"), "~", "qborg:server:admin_key"),
+    (("server", "admin_key"), "/a\nb", "qborg:server:admin_key"),
+    (("paths",), "usr/local", "qborg:paths"),
+    (("paths", "prefix"), "usr/local", "qborg:paths:prefix"),
+    (("paths", "policy_dir"), "policy.d", "qborg:paths:policy_dir"),
+    (("defaults",), ["x"], "qborg:defaults"),
+    (("defaults", "colour"), "blue", "qborg:defaults:colour"),
+    (("vms",), ["vm-work"], "qborg:vms"),
+    (("vms", "vm-work"), ["x"], "qborg:vms:vm-work"),
+    (("vms", "vm-work"), {"sources": ["/x"]}, "qborg:vms:vm-work:sources"),
+    (("vms", "vm-work"), {"interval": "1 hour"}, "qborg:vms:vm-work:interval"),
+    (("vms", "vm-work"), {"interval": "0h"}, "qborg:vms:vm-work:interval"),
+    (("vms", "vm-work"), {"interval": 3600}, "qborg:vms:vm-work:interval"),
+    (("vms", "vm-work"), {"encryption": "none"}, "qborg:vms:vm-work:encryption"),
+    (("vms", "vm-work"), {"compression": "zstd; rm"}, "qborg:vms:vm-work:compression"),
+    (("vms", "vm-work"), {"source_directories": []}, "qborg:vms:vm-work:source_directories"),
+    (("vms", "vm-work"), {"source_directories": "/home"}, "qborg:vms:vm-work:source_directories"),
+    (("vms", "vm-work"), {"source_directories": ["home/user"]},
+     "qborg:vms:vm-work:source_directories[0]"),
+    (("vms", "vm-work"), {"source_directories": ["/ok", "/a\nb"]},
+     "qborg:vms:vm-work:source_directories[1]"),
+    (("vms", "vm-work"), {"exclude_patterns": "*.pyc"}, "qborg:vms:vm-work:exclude_patterns"),
+    (("vms", "vm-work"), {"exclude_patterns": [""]}, "qborg:vms:vm-work:exclude_patterns[0]"),
+    (("vms", "vm-work"), {"retention": [1]}, "qborg:vms:vm-work:retention"),
+    (("vms", "vm-work"), {"retention": {"keep_forever": 1}}, "qborg:vms:vm-work:retention:keep_forever"),
+    (("vms", "vm-work"), {"retention": {"keep_daily": -1}}, "qborg:vms:vm-work:retention:keep_daily"),
+    (("vms", "vm-work"), {"retention": {"keep_daily": "7"}}, "qborg:vms:vm-work:retention:keep_daily"),
+    (("vms", "vm-work"), {"retention": {"keep_daily": True}}, "qborg:vms:vm-work:retention:keep_daily"),
+    (("vms", "vm-work"), {"storage_quota": "200 GB"}, "qborg:vms:vm-work:storage_quota"),
+    (("vms", "vm-work"), {"storage_quota": "200G --x"}, "qborg:vms:vm-work:storage_quota"),
+]
+
+
+@pytest.mark.parametrize("path, value, field", BAD_VALUES,
+                         ids=[f"{':'.join(p)}={v!r}" for p, v, _f in BAD_VALUES])
+def test_bad_value_fails_naming_the_field(merged, path, value, field):
+    set_path(merged, path, value)
+    with pytest.raises(core.QborgConfigError) as exc:
+        core.validate_settings(merged)
+    message = str(exc.value)
+    assert message.startswith(field + ":") or message.startswith(field + "[") \
+        or f"{field}:" in message, message
+    assert "pillar" in message  # says where to fix it
+
+
+def test_missing_config_fails():
+    for raw in (None, [], "qborg"):
+        with pytest.raises(core.QborgConfigError, match="^qborg:"):
+            core.validate_settings(raw)
+
+
+def test_validation_does_not_mutate_the_input(merged):
+    import copy
+
+    before = copy.deepcopy(merged)
+    core.validate_settings(merged)
+    assert merged == before
+
+
+@pytest.mark.parametrize("text, seconds", [
+    ("30m", 1800), ("1h", 3600), ("2d", 172800), ("1w", 604800),
+])
+def test_parse_interval(text, seconds):
+    assert core.parse_interval(text) == seconds
+
+
+def test_expand_home():
+    assert core.expand_home("~", "/home/u") == "/home/u"
+    assert core.expand_home("~/.cache", "/home/u") == "/home/u/.cache"
+    assert core.expand_home("/etc", "/home/u") == "/etc"
+    assert core.expand_home("*.pyc", "/home/u") == "*.pyc"
+
+
+def test_pillar_example_validates(merge):
+    import pathlib
+
+    import yaml
+
+    example = pathlib.Path(__file__).resolve().parents[2] / "pillar.example"
+    pillar = yaml.safe_load(example.read_text())["qborg"]
+    settings = core.validate_settings(merge(pillar))
+    assert settings["vms"], "pillar.example should show at least one VM"
+    for vm in settings["vms"].values():
+        assert vm["interval_seconds"] > 0
