@@ -55,9 +55,10 @@ def seed_files(lab, qube):
 
 def main():
     lab = Lab()
-    step(f"lab up in {lab.dir}: sshd on 127.0.0.1, users for {', '.join(ORDER[1:])}")
+    users = ", ".join(lab.user(qube) for qube in ORDER[1:])
+    step(f"lab up in {lab.dir}: sshd on 127.0.0.1, users {users}")
     lab.up()
-    say(f"    backup server: qborg-srv@127.0.0.1:{lab.port}  host key {lab.host_key[:40]}...")
+    say(f"    backup server: {lab.server_user}@127.0.0.1:{lab.port}  host key {lab.host_key[:40]}...")
     try:
         for qube in CLIENTS:
             seed_files(lab, qube)

@@ -5,6 +5,10 @@
   borg server, login user ``qborg-srv``;
 * one unix user per qube (``backup-admin``, ``vm-personal``, ``vm-work``); dom0
   has none, its Salt runs as root;
+* with a tag T (``QBORG_LAB_TAG`` or ``--tag``) the unix users are ``T-qborg-srv``,
+  ``T-backup-admin``, ... and the sudoers drop-in is ``qborg-lab-T``, so labs with
+  different tags (and one untagged lab) live side by side on one host; the qube
+  names stay the same in every lab;
 * per qube a stand-in for ``/usr/local`` (``LAB/qubes/<qube>/usr-local``) and a
   ``salt-call --local`` setup with the qube's name as minion id and its pillar;
 * dom0's policy directory (``LAB/qubes/dom0/policy.d``) and a qrexec stand-in
@@ -13,7 +17,7 @@
 
 Usable as a module (``Lab``) and as a command::
 
-    python lab/qborg_lab.py [--dir DIR] up [--pillar FILE]
+    python lab/qborg_lab.py [--tag T] [--dir DIR] up [--pillar FILE]
     python lab/qborg_lab.py down
     python lab/qborg_lab.py apply QUBE [salt args...]
     python lab/qborg_lab.py salt QUBE salt-call args...
@@ -26,6 +30,7 @@ present). Everything here needs root.
 """
 
 import argparse
+import fcntl
 import json
 import os
 import pwd
@@ -43,6 +48,11 @@ DEFAULT_DIR = "/var/lib/qborg-lab"
 SUDOERS = "/etc/sudoers.d/qborg-lab"
 MARKER = ".qborg-lab"
 SSHD_CONFIG_NAME = "qborg-lab-sshd_config"
+# a tag goes in front of every unix user name; those must start with a letter
+# (useradd's and the formula's rule for qborg:user), hence no leading digit
+TAG_RE = re.compile(r"^[a-z][a-z0-9]{0,5}\Z")
+# serialises useradd/userdel between labs running at the same time
+ACCOUNTS_LOCK = "/run/qborg-lab.accounts.lock"
 ADMIN_KEY_COMMENT = "qborg-lab-admin"
 STD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 # sudoers and sshd_config take these paths unquoted
@@ -133,10 +143,39 @@ def _cmdline(pid):
         return ""
 
 
-def _lab_sshd_pids():
-    """{pid: config path} of every running lab sshd listener on this host."""
+def _check_tag(tag):
+    if tag and not TAG_RE.match(tag):
+        raise LabError("lab tag %r: use 1 to 6 lower-case letters and digits, "
+                       "starting with a letter" % (tag,))
+    return tag or ""
+
+
+def _tagged(tag, name):
+    return "%s-%s" % (tag, name) if tag else name
+
+
+def sshd_config_name(tag=""):
+    """The file name of a lab's sshd_config; it tells the labs' sshds apart."""
+    _check_tag(tag)
+    return "qborg-lab-%s-sshd_config" % tag if tag else SSHD_CONFIG_NAME
+
+
+def sudoers_path(tag=""):
+    """The sudoers drop-in of the labs with this tag."""
+    _check_tag(tag)
+    return SUDOERS + ("-" + tag if tag else "")
+
+
+def default_dir(tag=""):
+    _check_tag(tag)
+    return DEFAULT_DIR + ("-" + tag if tag else "")
+
+
+def _lab_sshd_pids(tag=""):
+    """{pid: config path} of every running sshd listener of a lab with this tag
+    (no tag: of an untagged lab) on this host."""
     found = {}
-    pattern = re.compile(r"-f (\S*/%s)\b" % re.escape(SSHD_CONFIG_NAME))
+    pattern = re.compile(r"-f (\S*/%s)(?=\s|$)" % re.escape(sshd_config_name(tag)))
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             match = pattern.search(_cmdline(int(entry)))
@@ -197,22 +236,46 @@ def _user(name):
         return None
 
 
+class _AccountsLock:
+    """Host-wide lock around changes to the user database."""
+
+    def __enter__(self):
+        self._fd = os.open(ACCOUNTS_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self._fd)
+        return False
+
+
 class Lab:
     QUBES = ("dom0", "backup-admin", "vm-personal", "vm-work")
-    # qube -> unix user; dom0 has none (its Salt runs as root)
+    # qube -> unix user of an untagged lab; dom0 has none (its Salt runs as
+    # root). An instance's USERS and server_user carry its tag.
     USERS = {"dom0": None, "backup-admin": "backup-admin",
              "vm-personal": "vm-personal", "vm-work": "vm-work"}
     ADMIN_QUBE = "backup-admin"
     server_user = "qborg-srv"
 
-    def __init__(self, directory=None, repo=None):
-        directory = directory or os.environ.get("QBORG_LAB_DIR") or DEFAULT_DIR
+    def __init__(self, directory=None, repo=None, tag=None):
+        """tag None: $QBORG_LAB_TAG, if set; "" (or unset): an untagged lab."""
+        if tag is None:
+            tag = os.environ.get("QBORG_LAB_TAG", "")
+        self.tag = _check_tag(tag)
+        directory = directory or os.environ.get("QBORG_LAB_DIR") or default_dir(self.tag)
         self.dir = os.path.abspath(directory)
         self.repo = os.path.abspath(repo or os.path.dirname(HERE))
+        self.USERS = {qube: _tagged(self.tag, user) if user else None
+                      for qube, user in Lab.USERS.items()}
+        self.server_user = _tagged(self.tag, Lab.server_user)
+        self.sudoers_path = sudoers_path(self.tag)
         self._state = None
         self.last = None  # the last apply()'s CompletedProcess, for debugging
 
     def __repr__(self):
+        if self.tag:
+            return "Lab(%r, tag=%r)" % (self.dir, self.tag)
         return "Lab(%r)" % self.dir
 
     # --- paths --------------------------------------------------------------
@@ -230,7 +293,7 @@ class Lab:
 
     @property
     def sshd_config(self):
-        return self._p("sshd", SSHD_CONFIG_NAME)
+        return self._p("sshd", sshd_config_name(self.tag))
 
     @property
     def sshd_log(self):
@@ -343,11 +406,10 @@ class Lab:
         if os.geteuid() != 0:
             raise LabError("the qborg lab needs root (it creates users and runs sshd)")
 
-    @staticmethod
-    def recorded_lab():
-        """The directory of the lab that owns the host's lab users, if any."""
+    def recorded_lab(self):
+        """The directory of the lab that owns the lab users of this tag, if any."""
         try:
-            with open(SUDOERS, encoding="utf-8") as handle:
+            with open(self.sudoers_path, encoding="utf-8") as handle:
                 for line in handle:
                     if line.startswith("# qborg-lab-dir: "):
                         return line.split(":", 1)[1].strip()
@@ -394,10 +456,10 @@ class Lab:
         self._stop_sshd()
         recorded = self.recorded_lab()
         if recorded in (None, self.dir):
-            # the host's lab users are ours (or nobody's): remove them
+            # the lab users of our tag are ours (or nobody's): remove them
             self._remove_users()
-            if os.path.exists(SUDOERS):
-                os.unlink(SUDOERS)
+            if os.path.exists(self.sudoers_path):
+                os.unlink(self.sudoers_path)
         self._remove_tree()
 
     def _check_traversable(self):
@@ -415,18 +477,19 @@ class Lab:
             path = parent
 
     def _take_over(self, recorded):
-        """Clear whatever an earlier lab (crashed or elsewhere) left behind."""
+        """Clear whatever an earlier lab with our tag (crashed or elsewhere)
+        left behind; labs with another tag, or none, are not ours to touch."""
         if recorded and recorded != self.dir:
-            Lab(recorded)._stop_sshd()
+            Lab(recorded, tag=self.tag)._stop_sshd()
             if os.path.exists(os.path.join(recorded, MARKER)):
                 shutil.rmtree(recorded, ignore_errors=True)
-        for pid, config in _lab_sshd_pids().items():
+        for pid, config in _lab_sshd_pids(self.tag).items():
             if config.startswith(self.dir + os.sep) or not os.path.exists(config):
                 _stop_pid(pid)
         self._stop_sshd()
         self._remove_users()
-        if os.path.exists(SUDOERS):
-            os.unlink(SUDOERS)
+        if os.path.exists(self.sudoers_path):
+            os.unlink(self.sudoers_path)
         for name in ("state.json", "registry.json"):
             if os.path.exists(self._p(name)):
                 os.unlink(self._p(name))
@@ -478,17 +541,18 @@ class Lab:
 
     def _make_users(self):
         for name in self._all_users():
-            if _user(name) is None:
-                if os.path.lexists("/home/" + name):
-                    shutil.rmtree("/home/" + name, ignore_errors=True)
-                _must(["useradd", "--create-home", "--home-dir", "/home/" + name,
-                       "--shell", "/bin/bash", "--user-group", name])
-            entry = _user(name)
-            if entry.pw_dir != "/home/" + name:
-                raise LabError("user %s exists with home %s, not /home/%s"
-                               % (name, entry.pw_dir, name))
-            # useradd leaves the account locked; sshd without PAM refuses those
-            _must(["usermod", "-p", "*", name])
+            with _AccountsLock():
+                if _user(name) is None:
+                    if os.path.lexists("/home/" + name):
+                        shutil.rmtree("/home/" + name, ignore_errors=True)
+                    _must(["useradd", "--create-home", "--home-dir", "/home/" + name,
+                           "--shell", "/bin/bash", "--user-group", name])
+                entry = _user(name)
+                if entry.pw_dir != "/home/" + name:
+                    raise LabError("user %s exists with home %s, not /home/%s"
+                                   % (name, entry.pw_dir, name))
+                # useradd leaves the account locked; sshd without PAM refuses those
+                _must(["usermod", "-p", "*", name])
 
     def _remove_users(self):
         for name in self._all_users():
@@ -506,8 +570,9 @@ class Lab:
                 time.sleep(0.05)
             if shutil.which("crontab"):
                 _quiet(["crontab", "-r", "-u", name])
-            if _quiet(["userdel", "-r", name]).returncode not in (0, 12):
-                _must(["userdel", "-r", "-f", name])
+            with _AccountsLock():
+                if _quiet(["userdel", "-r", name]).returncode not in (0, 12):
+                    _must(["userdel", "-r", "-f", name])
             if os.path.lexists("/home/" + name):
                 shutil.rmtree("/home/" + name, ignore_errors=True)
 
@@ -567,13 +632,14 @@ class Lab:
             "Defaults!%(dispatch)s !use_pty, !pam_session, !lecture\n"
             "%(users)s ALL = (%(users)s) NOPASSWD: %(dispatch)s\n"
         ) % {"dir": self.dir, "dispatch": dispatch, "users": users}
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(SUDOERS), prefix=".qborg-lab.")
+        # sudo skips files whose name has a dot, so the temporary one is inert
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.sudoers_path), prefix=".qborg-lab.")
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(text)
             os.chmod(tmp, 0o440)
             _must(["visudo", "-cf", tmp])
-            os.replace(tmp, SUDOERS)
+            os.replace(tmp, self.sudoers_path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
@@ -660,7 +726,7 @@ class Lab:
         pid = self.sshd_pid()
         if pid:
             _stop_pid(pid)
-        for other, config in _lab_sshd_pids().items():
+        for other, config in _lab_sshd_pids(self.tag).items():
             if config == self.sshd_config:
                 _stop_pid(other)
         if os.path.exists(self.sshd_pidfile):
@@ -816,6 +882,8 @@ class Lab:
     def status(self):
         info = {"dir": self.dir, "up": False, "recorded_lab": self.recorded_lab(),
                 "users": {u: _user(u) is not None for u in self._all_users()}}
+        if self.tag:
+            info["tag"] = self.tag
         if os.path.exists(self.state_path):
             info.update(port=self.port, host_key=self.host_key,
                         sshd_pid=self.sshd_pid(), sshd_log=self.sshd_log,
@@ -828,7 +896,11 @@ class Lab:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="qborg_lab.py", description=__doc__.split("\n")[0])
-    parser.add_argument("--dir", help="lab directory (default $QBORG_LAB_DIR or %s)" % DEFAULT_DIR)
+    parser.add_argument("--tag", help="lab tag, 1-6 of [a-z0-9] starting with a letter: "
+                                      "prefixes the lab's unix users, so labs with different "
+                                      "tags run side by side (default $QBORG_LAB_TAG, else none)")
+    parser.add_argument("--dir", help="lab directory (default $QBORG_LAB_DIR, else %s, or "
+                                      "%s-TAG with a tag)" % (DEFAULT_DIR, DEFAULT_DIR))
     sub = parser.add_subparsers(dest="command", required=True)
     p_up = sub.add_parser("up", help="create or repair the lab")
     p_up.add_argument("--pillar", help="YAML file to seed the user pillar with "
@@ -844,7 +916,11 @@ def main(argv=None):
     p_srv = sub.add_parser("server", help="run a command as the server user")
     p_srv.add_argument("args", nargs=argparse.REMAINDER)
     opts = parser.parse_args(argv)
-    lab = Lab(opts.dir)
+    try:
+        lab = Lab(opts.dir, tag=opts.tag)
+    except LabError as error:
+        print("qborg lab: %s" % error, file=sys.stderr)
+        return 1
 
     try:
         if opts.command == "up":

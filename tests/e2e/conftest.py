@@ -2,6 +2,10 @@
 
 They need root. Without it they fail (not skip), so a CI that lost its root
 does not turn green by running nothing.
+
+QBORG_LAB_TAG=T runs them in a lab whose unix users are T-backup-admin, ...,
+T-qborg-srv (sudoers drop-in qborg-lab-T), beside the untagged lab and labs with
+other tags: several runs at once on one host, one per tag.
 """
 
 import os
@@ -28,12 +32,12 @@ def _e2e_needs_root():
 
 
 def _leftovers(lab):
-    """What down() must not leave behind."""
+    """What down() must not leave behind (of this lab's tag)."""
     problems = []
-    for pid, config in qborg_lab._lab_sshd_pids().items():
+    for pid, config in qborg_lab._lab_sshd_pids(lab.tag).items():
         if config.startswith(lab.dir + os.sep):
             problems.append("sshd %d still running" % pid)
-    for name in list(Lab.USERS.values()) + [Lab.server_user]:
+    for name in list(lab.USERS.values()) + [lab.server_user]:
         if not name:
             continue
         try:
@@ -43,8 +47,8 @@ def _leftovers(lab):
             pass
         if os.path.exists("/home/" + name):
             problems.append("/home/%s still exists" % name)
-    if os.path.exists(qborg_lab.SUDOERS):
-        problems.append("%s still exists" % qborg_lab.SUDOERS)
+    if os.path.exists(lab.sudoers_path):
+        problems.append("%s still exists" % lab.sudoers_path)
     if os.path.exists(lab.dir):
         problems.append("%s still exists" % lab.dir)
     return problems
@@ -52,7 +56,8 @@ def _leftovers(lab):
 
 @pytest.fixture(scope="session")
 def lab():
-    """The lab, up for the whole session in its own directory, removed afterwards.
+    """The lab, up for the whole session in its own directory, removed afterwards;
+    tagged with $QBORG_LAB_TAG when that is set.
 
     `up()` runs twice: the second run must be a no-op that keeps sshd (checked
     in test_lab.py through `lab.sshd_pids_at_up`). Teardown checks that `down()`
@@ -61,7 +66,11 @@ def lab():
     if os.geteuid() != 0:
         pytest.fail(NEED_ROOT, pytrace=False)
     directory = tempfile.mkdtemp(prefix="qborg-lab-", dir="/var/tmp")
-    the_lab = Lab(directory=directory)
+    try:
+        the_lab = Lab(directory=directory, tag=os.environ.get("QBORG_LAB_TAG", ""))
+    except qborg_lab.LabError as error:
+        os.rmdir(directory)
+        pytest.fail("QBORG_LAB_TAG: %s" % error, pytrace=False)
     try:
         the_lab.up()
         first = the_lab.sshd_pid()

@@ -2,12 +2,14 @@
 
 import json
 import os
+import pwd
 import signal
 import stat
 import time
 import uuid
 
 import pytest
+from qborg_lab import Lab, LabError
 
 ADMIN = "backup-admin"
 SERVICE = "qborgtest.Echo"
@@ -90,7 +92,7 @@ def test_lab_layout_and_modes(lab):
     proc = lab.run("vm-personal", ["ls", lab.salt_dir("backup-admin")], check=False)
     assert proc.returncode != 0
     key = os.stat(lab.admin_key_path)
-    assert key.st_uid == lab._ids(ADMIN)[0] and stat.S_IMODE(key.st_mode) == 0o600
+    assert key.st_uid == lab._ids(lab.user(ADMIN))[0] and stat.S_IMODE(key.st_mode) == 0o600
     assert stat.S_IMODE(os.stat(os.path.dirname(lab.admin_key_path)).st_mode) == 0o700
     auth = os.stat(lab.authorized_keys_path)
     assert auth.st_uid == lab._ids(lab.server_user)[0] and stat.S_IMODE(auth.st_mode) == 0o600
@@ -98,7 +100,47 @@ def test_lab_layout_and_modes(lab):
         lines = handle.read().splitlines()
     assert [l for l in lines if l.endswith(" qborg-lab-admin")] == lines[-1:]
     assert lab.host_key.startswith("ssh-ed25519 AAAA") and len(lab.host_key.split()) == 2
-    assert lab.home("vm-work") == "/home/vm-work"
+    assert lab.home("vm-work") == "/home/" + lab.user("vm-work")
+
+
+def test_names_carry_the_tag(lab):
+    """Unix users, sudoers drop-in and sshd config carry the lab's tag (none
+    by default); qube names are the same in every lab."""
+    prefix = lab.tag + "-" if lab.tag else ""
+    assert lab.tag == os.environ.get("QBORG_LAB_TAG", "")
+    assert lab.QUBES == ("dom0", "backup-admin", "vm-personal", "vm-work")
+    assert lab.user("dom0") is None and lab.home("dom0") == "/root"
+    for qube in ("backup-admin", "vm-personal", "vm-work"):
+        assert lab.user(qube) == prefix + qube
+        assert lab.home(qube) == "/home/" + prefix + qube
+        assert pwd.getpwnam(lab.user(qube)).pw_dir == lab.home(qube)
+    assert lab.server_user == prefix + "qborg-srv"
+    assert lab.home(lab.server_user) == "/home/" + prefix + "qborg-srv"
+    assert lab.authorized_keys_path == "/home/%sqborg-srv/.ssh/authorized_keys" % prefix
+    suffix = "-" + lab.tag if lab.tag else ""
+    assert lab.sudoers_path == "/etc/sudoers.d/qborg-lab" + suffix
+    with open(lab.sudoers_path, encoding="utf-8") as handle:
+        sudoers = handle.read()
+    assert "# qborg-lab-dir: %s\n" % lab.dir in sudoers
+    users = ", ".join(lab.user(q) for q in ("backup-admin", "vm-personal", "vm-work"))
+    assert "\n%s ALL = (%s) NOPASSWD: " % (users, users) in sudoers
+    assert os.path.basename(lab.sshd_config) == (
+        "qborg-lab-%s-sshd_config" % lab.tag if lab.tag else "qborg-lab-sshd_config")
+    assert lab.recorded_lab() == lab.dir
+    with open(lab.registry_path, encoding="utf-8") as handle:
+        registry = json.load(handle)
+    assert {q: v["user"] for q, v in registry["qubes"].items()} == \
+        {q: lab.user(q) for q in lab.QUBES}
+    # the default directory follows the tag, an explicit one wins
+    if not os.environ.get("QBORG_LAB_DIR"):
+        assert Lab(tag="x1").dir == "/var/lib/qborg-lab-x1"
+        assert Lab(tag="").dir == "/var/lib/qborg-lab"
+    assert Lab(lab.dir, tag="x1").sudoers_path == "/etc/sudoers.d/qborg-lab-x1"
+    assert Lab(lab.dir, tag="x1").user("vm-work") == "x1-vm-work"
+    assert Lab(lab.dir, tag="").user("vm-work") == "vm-work"
+    for bad in ("T2", "toolong", "a-b", "a.b", "1ab", " ", "../x"):
+        with pytest.raises(LabError):
+            Lab(lab.dir, tag=bad)
 
 
 def test_up_recovers_from_a_killed_sshd(lab):
@@ -119,7 +161,7 @@ def test_up_recovers_from_a_killed_sshd(lab):
 
 def known_hosts(lab, line):
     path = os.path.join(lab.home(ADMIN), ".ssh", "known_hosts.labtest")
-    uid, gid = lab._ids(ADMIN)
+    uid, gid = lab._ids(lab.user(ADMIN))
     write_root_file(path, line + "\n")
     os.chown(path, uid, gid)
     return path
@@ -180,7 +222,7 @@ def test_allowed_call_reaches_service_as_target(lab, rpc):
     assert proc.stderr == ""
     out = parse(proc.stdout)
     assert out["caller"] == "vm-personal"
-    assert out["user"] == ADMIN
+    assert out["user"] == lab.user(ADMIN)
     assert out["cwd"] == lab.home(ADMIN)
     assert out["stdin"] == ["hello", "world"]
     assert out["env"]["HOME"] == lab.home(ADMIN)
@@ -227,7 +269,7 @@ def test_missing_or_bad_service_is_refused(lab, rpc):
 
 def test_caller_cannot_forge_identity(lab, rpc):
     rpc("%s * @anyvm backup-admin allow\n" % SERVICE)
-    forged = {"QREXEC_REMOTE_DOMAIN": "vm-personal", "SUDO_USER": "vm-personal",
+    forged = {"QREXEC_REMOTE_DOMAIN": "vm-personal", "SUDO_USER": lab.user("vm-personal"),
               "SUDO_UID": "0", "QBORG_LAB_QUBE": "vm-personal",
               "PYTHONPATH": "/nonexistent", "LAB_LEAK": "1"}
     proc = call(lab, "vm-work", ADMIN, env=forged)
@@ -243,14 +285,14 @@ def test_dispatch_needs_sudo_and_root_for_root_of(lab, rpc):
     dispatch = os.path.join(lab.bin_dir, "qrexec-dispatch")
     # run directly, with a made-up SUDO_USER
     proc = lab.run("vm-work", [dispatch, "vm-work", SERVICE], check=False,
-                   env={"SUDO_USER": "vm-personal"})
+                   env={"SUDO_USER": lab.user("vm-personal")})
     assert proc.returncode == 126 and proc.stdout == ""
     # through sudo, but claiming to be root of another qube
-    proc = lab.run("vm-work", ["sudo", "-n", "-u", "vm-work", dispatch, "--root-of",
+    proc = lab.run("vm-work", ["sudo", "-n", "-u", lab.user("vm-work"), dispatch, "--root-of",
                                "vm-personal", "vm-work", SERVICE], check=False)
     assert proc.returncode == 126 and proc.stdout == ""
     # sudo allows only the dispatcher
-    proc = lab.run("vm-work", ["sudo", "-n", "-u", ADMIN, "/bin/true"], check=False)
+    proc = lab.run("vm-work", ["sudo", "-n", "-u", lab.user(ADMIN), "/bin/true"], check=False)
     assert proc.returncode != 0
 
 
@@ -277,7 +319,7 @@ def test_salt_call_has_qube_id_and_pillar(lab, qube):
     assert json.loads(proc.stdout)["local"] == qube
     proc = lab.salt_call(qube, "--out=json", "pillar.get", "qborg", check=True)
     pillar = json.loads(proc.stdout)["local"]
-    assert pillar.get("user", "") == ("" if qube == "dom0" else qube)
+    assert pillar.get("user", "") == ("" if qube == "dom0" else lab.user(qube))
     assert pillar["admin_vm"] == ADMIN
     assert pillar["server"]["port"] == lab.port
     assert pillar["server"]["host_key"] == lab.host_key
@@ -301,7 +343,7 @@ def test_pillar_edits_reach_the_next_call(lab):
 def test_run_as_qube_user(lab):
     proc = lab.run("vm-work", ["sh", "-c", 'echo "$(id -un) $HOME $USER $(pwd) $PATH"'])
     user, home, env_user, cwd, path = proc.stdout.split()
-    assert user == env_user == "vm-work"
-    assert home == cwd == "/home/vm-work"
+    assert user == env_user == lab.user("vm-work")
+    assert home == cwd == "/home/" + lab.user("vm-work")
     assert path == lab.prefix("vm-work") + "/bin:/usr/local/bin:/usr/bin:/bin"
     assert lab.run("vm-work", ["sh", "-c", "command -v qrexec-client-vm"]).stdout.strip()
