@@ -157,6 +157,17 @@ def test_no_secret_in_any_salt_output(lab, world):
         assert "PRIVATE KEY" not in out
 
 
+def test_no_secret_in_salt_logs(lab, world):
+    logs = glob.glob(os.path.join(lab.dir, "qubes", "*", "salt", "*.log"))
+    assert logs
+    for path in logs:
+        with open(path, errors="replace") as f:
+            text = f.read()
+        assert "PRIVATE KEY" not in text, path
+        for s in secrets(lab):
+            assert s not in text, path
+
+
 def test_client_config_holds_no_secret(lab, world):
     for vm in CLIENTS:
         with open(os.path.join(lab.home(vm), ".config", "borgmatic.d", "qborg.yaml")) as f:
