@@ -306,3 +306,33 @@ def client_borgmatic_config(config, test=False):
     return {"changes": changes,
             "comment": f"{path} {'would be ' if test else ''}{action}, "
                        f"valid for borgmatic {version}"}
+
+
+def client_ssh_config(config, test=False):
+    """
+    Put the managed ``Host qborg`` block first in the user's ~/.ssh/config,
+    keeping every other byte of the file; follows a symlinked config to its
+    file and keeps that file's mode. Returns ``{"changes": {...}, "comment": str}``.
+    """
+    settings = _settings(config)
+    owner, _home = _account(settings["user"])
+    path = client_paths(config)["ssh_config"]
+    target = os.path.realpath(path)
+    try:
+        with open(target, "rb") as handle:
+            raw = handle.read()
+        current = raw.decode("utf-8", "surrogateescape")
+        mode = os.stat(target).st_mode & 0o777
+    except FileNotFoundError:
+        current, mode = None, 0o600
+    text = core.render_ssh_config(current, ssh_config_block(config))
+    if text == current:
+        return {"changes": {}, "comment": f"the Host {core.SSH_ALIAS} block in {path} is up to date"}
+    action = "created" if current is None else "updated"
+    if not test:
+        st = os.stat(target) if current is not None else None
+        core.atomic_write(target, text.encode("utf-8", "surrogateescape"), mode,
+                          (st.st_uid, st.st_gid) if st else owner)
+    return {"changes": {"ssh_config": ("would be " + action) if test else action},
+            "comment": f"the Host {core.SSH_ALIAS} block {'would be' if test else 'was'} put "
+                       f"first in {path}, every other line kept"}

@@ -746,3 +746,29 @@ def explain_borgmatic_rejection(vm, output):
                     fields.append(text)
                 break
     return fields
+
+
+# --------------------------------------------------------------------------
+# client side: ~/.ssh/config
+
+SSH_CONFIG_BEGIN = "# BEGIN qborg (managed by Salt; edit pillar instead)"
+
+
+def render_ssh_config(existing, block):
+    """~/.ssh/config with the managed `Host qborg` block first (ssh takes the
+    first value it meets, so a `Host *` or `Match` of the user's further down
+    cannot override it) and every other byte of the user's file after it, in
+    order. A managed block anywhere else (moved, or doubled) is taken out."""
+    lines = (existing or "").splitlines(keepends=True)
+    rest = []
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("# BEGIN qborg"):
+            end = next((k for k in range(i + 1, len(lines))
+                        if lines[k].rstrip("\r\n") == END_MARKER), None)
+            if end is not None:
+                i = end + 1
+                continue
+        rest.append(lines[i])
+        i += 1
+    return SSH_CONFIG_BEGIN + "\n" + block.rstrip("\n") + "\n" + END_MARKER + "\n" + "".join(rest)

@@ -35,26 +35,15 @@ qborg-client-ssh-dir:
     - require:
       - qborg: qborg-client-pillar-valid
 
-qborg-client-ssh-config-file:
-  file.managed:
-    - name: {{ home }}/.ssh/config
-    - user: {{ qborg.user }}
-    - group: {{ group }}
-    - mode: '0600'
-    - replace: False
+{#- the Host qborg block first (ssh takes the first value it meets, so a
+    Host * or Match of the user's cannot override it); every other line of
+    the user's file kept byte for byte #}
+qborg-client-ssh-config:
+  qborg.client_ssh_config:
+    - name: {{ (home ~ "/.ssh/config") | json }}
+    - config: {{ qborg | json }}
     - require:
       - file: qborg-client-ssh-dir
-
-qborg-client-ssh-config:
-  file.blockreplace:
-    - name: {{ home }}/.ssh/config
-    - marker_start: '# BEGIN qborg (managed by Salt; edit pillar instead)'
-    - marker_end: '# END qborg'
-    - content: {{ salt["qborg.ssh_config_block"](qborg) | json }}
-    - prepend_if_not_found: True
-    - show_changes: True
-    - require:
-      - file: qborg-client-ssh-config-file
 
 qborg-client-state-dir:
   file.directory:

@@ -497,15 +497,21 @@ def test_users_ssh_config_is_kept_and_the_qborg_block_wins(lab, world):
         block_end = text.index("# END qborg\n") + len("# END qborg\n")
         assert text.startswith("# BEGIN qborg")
         # every line of the user's file, byte for byte, after the block
-        assert text[block_end:].rstrip("\n") == USER_SSH_CONFIG
+        assert text[block_end:] == USER_SSH_CONFIG
         resolved = lab.run(qube, ["ssh", "-G", "qborg"]).stdout.splitlines()
         assert f"user {lab.server_user}" in resolved
         assert f"port {lab.port}" in resolved
         assert "serveraliveinterval 10" in resolved
         assert lab.run(qube, ["borgbak", "list", "--short"]).returncode == 0
+        # the user moves the block below their own `Host *`: it goes back first
+        moved = text[block_end:] + "\n" + text[:block_end]
+        with open(path, "w") as f:
+            f.write(moved)
+        rc, result = apply(lab, qube)
+        assert rc == 0 and changed(result) == ["qborg-client-ssh-config"]
+        assert read_bytes(path).decode() == text[:block_end] + USER_SSH_CONFIG + "\n"
         rc, result = apply(lab, qube)
         assert rc == 0 and changed(result) == []
-        assert read_bytes(path).decode() == text
     finally:
         with open(path, "wb") as f:
             f.write(original)

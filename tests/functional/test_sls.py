@@ -36,8 +36,9 @@ def test_client_states_carry_the_rendered_values(modules):
     assert _arg(boot, "cron", "name") == \
         "/usr/local/bin/qborg-backup --scheduled --interval 30m --delay 60 --jitter 60"
     assert _arg(boot, "cron", "identifier") != _arg(schedule, "cron", "identifier")
-    ssh = _arg(high["qborg-client-ssh-config"], "file", "content")
-    assert "IdentitiesOnly yes" in ssh and "HostName de1234.rsync.net" in ssh
+    ssh = high["qborg-client-ssh-config"]
+    assert "client_ssh_config" in ssh["qborg"]
+    assert _arg(ssh, "qborg", "name") == "/root/.ssh/config"
 
 
 def test_no_secret_in_the_rendered_states(modules):
