@@ -7,8 +7,13 @@ VPY := $(VENV)/bin/python
 DEB_PACKAGES := borgbackup borgmatic openssh-server openssh-client cron sudo \
 	python3-venv python3-paramiko python3-passlib python3-cryptography python3-yaml
 PYTEST_ARGS ?=
+# the current borgmatic from PyPI, for the lab's vm-work (its /usr/local/bin):
+# a venv of Debian's /usr/bin/python3 in a world-readable place, so that the
+# lab's qube users can run it
+BORGMATIC_LATEST ?= /opt/qborg-test/borgmatic-latest
+BORGMATIC_LATEST_SPEC ?= borgmatic
 
-.PHONY: all deps venv demo test unit lint lab-up lab-down clean
+.PHONY: all deps venv borgmatic-latest demo test unit lint lab-up lab-down clean
 
 all: test
 
@@ -29,11 +34,20 @@ $(VENV)/.installed: setup.py | deps
 
 venv: $(VENV)/.installed
 
+$(BORGMATIC_LATEST)/.installed: | deps
+	install -d -m 0755 $(dir $(BORGMATIC_LATEST))
+	test -x $(BORGMATIC_LATEST)/bin/python || /usr/bin/python3 -m venv $(BORGMATIC_LATEST)
+	$(BORGMATIC_LATEST)/bin/python -m pip install -q --upgrade '$(BORGMATIC_LATEST_SPEC)'
+	chmod -R a+rX $(BORGMATIC_LATEST)
+	touch $@
+
+borgmatic-latest: $(BORGMATIC_LATEST)/.installed
+
 demo: deps venv
 	$(VPY) lab/demo.py
 
-test: deps venv
-	$(VPY) -m pytest $(PYTEST_ARGS)
+test: deps venv borgmatic-latest
+	QBORG_BORGMATIC_LATEST=$(BORGMATIC_LATEST)/bin/borgmatic $(VPY) -m pytest $(PYTEST_ARGS)
 
 unit: venv
 	$(VPY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -874,6 +874,21 @@ class Lab:
             path += ":/usr/local/sbin:/usr/sbin:/sbin"
         return self._run_as(name, cmd, check, input, env, path)
 
+    def use_borgmatic(self, qube, program):
+        """Put PROGRAM (e.g. a venv's bin/borgmatic) in the qube's prefix bin as
+        `borgmatic`, as a user installs a newer borgmatic into /usr/local/bin,
+        which comes before /usr/bin; None removes it again."""
+        link = os.path.join(self.prefix(qube), "bin", "borgmatic")
+        if os.path.lexists(link):
+            os.unlink(link)
+        if program is None:
+            return None
+        if not os.access(program, os.X_OK):
+            raise LabError("%s is not an executable borgmatic (make borgmatic-latest makes one)"
+                           % program)
+        os.symlink(program, link)
+        return link
+
     def server(self, cmd, check=True, input=None, env=None):
         """Run CMD as the borg server's login user, in its home."""
         return self._run_as(self.server_user, cmd, check, input, env,

@@ -15,9 +15,12 @@ CLI examples (inside a qube):
 import json
 import os
 import pwd
+import difflib
+import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 
 from salt.exceptions import CommandExecutionError
 
@@ -176,12 +179,29 @@ def client_install_bundle(config, test=False):
     return {"changes": changes}
 
 
-def borgmatic_version():
-    """The installed borgmatic's version string (e.g. ``1.7.7``)."""
-    exe = shutil.which("borgmatic")
-    if not exe:
-        raise CommandExecutionError("borgmatic is not installed: apply qborg to the qube's template")
-    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False)
+def borgmatic_path(config=None):
+    """
+    The borgmatic the qube's user runs: ``<prefix>/bin/borgmatic`` (where a
+    user installs a newer one; /usr/local/bin comes first on PATH) before the
+    one on PATH. qborg-backup looks in the same order.
+    """
+    candidates = []
+    if config is not None:
+        candidates.append(os.path.join(_settings(config)["paths"]["prefix"], "bin", "borgmatic"))
+    found = shutil.which("borgmatic")
+    if found:
+        candidates.append(found)
+    for exe in candidates:
+        if os.path.isfile(exe) and os.access(exe, os.X_OK):
+            return exe
+    raise CommandExecutionError("borgmatic is not installed: apply qborg to the qube's template")
+
+
+def borgmatic_version(config=None):
+    """The version string (e.g. ``1.7.7``) of the borgmatic the qube's user runs."""
+    exe = borgmatic_path(config)
+    out = subprocess.run([exe, "--version"], capture_output=True, text=True, check=False,
+                         stdin=subprocess.DEVNULL)
     return out.stdout.strip() or out.stderr.strip()
 
 
@@ -194,17 +214,35 @@ def borgmatic_config(config, version=None):
     if vm not in settings["vms"]:
         raise CommandExecutionError(f"{vm} is not configured under qborg:vms")
     paths = client_paths(config)
-    data = core.borgmatic_config(vm, settings["vms"][vm], settings["server"], paths["home"],
-                                 paths["passphrase"], version or borgmatic_version())
+    try:
+        data = core.borgmatic_config(vm, settings["vms"][vm], settings["server"], paths["home"],
+                                     paths["passphrase"], version or borgmatic_version(config))
+    except core.QborgError as exc:
+        raise CommandExecutionError(str(exc)) from None
     return "# Managed by qborg (Salt). Local edits are overwritten.\n" + yaml.safe_dump(
         data, default_flow_style=False, sort_keys=False)
 
 
-def borgmatic_validate_command():
-    """The command that validates a borgmatic config file with the installed borgmatic."""
-    if core.version_tuple(borgmatic_version()) < (1, 8):
-        return "validate-borgmatic-config -c"
-    return "borgmatic config validate -c"
+def borgmatic_validate_command(config=None):
+    """The command (text, the file to check goes last) that validates a
+    borgmatic config file with the borgmatic the qube's user runs."""
+    return " ".join(shlex.quote(part) for part in _borgmatic_validator(config))
+
+
+def _borgmatic_validator(config=None):
+    exe = borgmatic_path(config)
+    if core.version_tuple(borgmatic_version(config)) >= (1, 8):
+        return [exe, "config", "validate", "-c"]
+    # 1.7 has a separate program, installed beside borgmatic
+    for directory in (os.path.dirname(exe), os.path.dirname(os.path.realpath(exe))):
+        validator = os.path.join(directory, "validate-borgmatic-config")
+        if os.access(validator, os.X_OK):
+            return [validator, "-c"]
+    validator = shutil.which("validate-borgmatic-config")
+    if not validator:
+        raise CommandExecutionError(
+            f"validate-borgmatic-config (borgmatic < 1.8) not found beside {exe} nor on PATH")
+    return [validator, "-c"]
 
 
 def ssh_config_block(config):
@@ -212,3 +250,89 @@ def ssh_config_block(config):
     settings = _settings(config)
     paths = client_paths(config)
     return core.ssh_config_block(settings["server"], paths["ssh_key"], paths["known_hosts"])
+
+
+def client_borgmatic_config(config, test=False):
+    """
+    Render this qube's borgmatic config for the borgmatic its user runs,
+    validate it with that borgmatic's own validator (as the user) and only
+    then put it in place (atomically, 0600). A config the validator rejects
+    never replaces the one in place: the error names the pillar field.
+    Returns ``{"changes": {...}, "comment": str}``; the config holds no secret.
+    """
+    settings = _settings(config)
+    owner, home = _account(settings["user"])
+    paths = client_paths(config)
+    vm = __grains__["id"]
+    path = paths["borgmatic_config"]
+    version = borgmatic_version(config)
+    text = borgmatic_config(config, version=version)
+    current = core.read_text(path)
+    if current == text:
+        st = os.stat(path)
+        if (st.st_mode & 0o777) == 0o600 and (st.st_uid, st.st_gid) == tuple(owner):
+            return {"changes": {}, "comment": f"{path} is up to date (borgmatic {version})"}
+    validator = _borgmatic_validator(config)
+    workdir = tempfile.mkdtemp(prefix="qborg-borgmatic-")
+    try:
+        os.chown(workdir, owner[0], owner[1])
+        candidate = os.path.join(workdir, "qborg.yaml")
+        core.atomic_write(candidate, text, 0o600, owner)
+        env = {"PATH": os.pathsep.join([paths["bin_dir"], "/usr/bin", "/bin"])}
+        proc = core.run_as(validator + [candidate], owner, home, env, timeout=120)
+    finally:
+        for name in os.listdir(workdir):
+            os.unlink(os.path.join(workdir, name))
+        os.rmdir(workdir)
+    if proc.returncode != 0:
+        output = (proc.stdout + proc.stderr).replace(candidate, path)
+        lines = [l for l in output.splitlines()
+                 if l.strip() and not l.startswith(("Need some help", "summary:"))]
+        fields = core.explain_borgmatic_rejection(vm, output)
+        raise CommandExecutionError(
+            f"borgmatic {version} ({validator[0]}) rejects the config qborg rendered"
+            + (f" from {', '.join(fields)}" if fields else "")
+            + f": {' / '.join(lines[-4:])}; {path} was left as it was; "
+            f"fix the value in the qborg pillar")
+    action = "created" if current is None else "updated"
+    changes = {"config": ("would be " + action) if test else action, "borgmatic": version}
+    if current is not None:
+        diff = "".join(difflib.unified_diff(current.splitlines(True), text.splitlines(True),
+                                            "before", "after"))
+        if diff:
+            changes["diff"] = diff
+    if not test:
+        core.atomic_write(path, text, 0o600, owner)
+    return {"changes": changes,
+            "comment": f"{path} {'would be ' if test else ''}{action}, "
+                       f"valid for borgmatic {version}"}
+
+
+def client_ssh_config(config, test=False):
+    """
+    Put the managed ``Host qborg`` block first in the user's ~/.ssh/config,
+    keeping every other byte of the file; follows a symlinked config to its
+    file and keeps that file's mode. Returns ``{"changes": {...}, "comment": str}``.
+    """
+    settings = _settings(config)
+    owner, _home = _account(settings["user"])
+    path = client_paths(config)["ssh_config"]
+    target = os.path.realpath(path)
+    try:
+        with open(target, "rb") as handle:
+            raw = handle.read()
+        current = raw.decode("utf-8", "surrogateescape")
+        mode = os.stat(target).st_mode & 0o777
+    except FileNotFoundError:
+        current, mode = None, 0o600
+    text = core.render_ssh_config(current, ssh_config_block(config))
+    if text == current:
+        return {"changes": {}, "comment": f"the Host {core.SSH_ALIAS} block in {path} is up to date"}
+    action = "created" if current is None else "updated"
+    if not test:
+        st = os.stat(target) if current is not None else None
+        core.atomic_write(target, text.encode("utf-8", "surrogateescape"), mode,
+                          (st.st_uid, st.st_gid) if st else owner)
+    return {"changes": {"ssh_config": ("would be " + action) if test else action},
+            "comment": f"the Host {core.SSH_ALIAS} block {'would be' if test else 'was'} put "
+                       f"first in {path}, every other line kept"}

@@ -80,3 +80,44 @@ def client_bundle(name, config):
     else:
         ret["comment"] = "key, passphrase and host key are up to date"
     return ret
+
+
+def client_borgmatic_config(name, config):
+    """
+    This qube's borgmatic config (name: its path, for the record) is the one
+    rendered from pillar for the borgmatic the qube's user runs, checked by
+    that borgmatic's own validator before it replaces the file in place.
+    """
+    ret = _ret(name)
+    test = bool(__opts__.get("test"))
+    try:
+        out = __salt__["qborg.client_borgmatic_config"](config, test=test)
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["comment"] = str(exc)
+        return ret
+    ret["comment"] = out["comment"]
+    if out["changes"]:
+        ret["changes"] = out["changes"]
+        ret["result"] = None if test else True
+    return ret
+
+
+def client_ssh_config(name, config):
+    """
+    The managed ``Host qborg`` block comes first in the user's ~/.ssh/config
+    (name: its path, for the record); every other line stays as it was.
+    """
+    ret = _ret(name)
+    test = bool(__opts__.get("test"))
+    try:
+        out = __salt__["qborg.client_ssh_config"](config, test=test)
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["comment"] = str(exc)
+        return ret
+    ret["comment"] = out["comment"]
+    if out["changes"]:
+        ret["changes"] = out["changes"]
+        ret["result"] = None if test else True
+    return ret

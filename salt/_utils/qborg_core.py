@@ -45,7 +45,7 @@ RETENTION_KEYS = (
 )
 VM_KEYS = (
     "encryption", "compression", "source_directories", "exclude_patterns",
-    "interval", "retention", "storage_quota",
+    "interval", "retention", "storage_quota", "checks", "monitoring",
 )
 INTERVAL_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -150,6 +150,8 @@ def _vm_settings(name, defaults, overrides):
     _require(quota is None or QUOTA_RE.match(str(quota)), f"{field}:storage_quota",
              f"{quota!r} is not a size like 200G")
     vm["storage_quota"] = None if quota is None else str(quota)
+    vm["checks"] = check_consistency_checks(vm.get("checks"), f"{field}:checks")
+    vm["monitoring"] = check_monitoring(vm.get("monitoring"), f"{field}:monitoring")
     return vm
 
 
@@ -562,13 +564,18 @@ def borgmatic_config(vm, vm_settings, server, home, passphrase_path, version):
         "archive_name_format": f"{vm}-{{now:%Y-%m-%dT%H:%M:%S}}",
         "relocated_repo_access_is_ok": True,
     }
-    consistency = {"checks": [{"name": "repository", "frequency": "2 weeks"}]}
+    checks = vm_settings.get("checks") or DEFAULT_CHECKS
+    consistency = {"checks": [dict(check) for check in checks]}
+    hooks = borgmatic_monitoring_hooks(vm, vm_settings.get("monitoring") or {}, version)
     if not location["exclude_patterns"]:
         del location["exclude_patterns"]
     if version_tuple(version) < (1, 8):
-        return {"location": location, "storage": storage, "consistency": consistency}
+        sectioned = {"location": location, "storage": storage, "consistency": consistency}
+        if hooks:
+            sectioned["hooks"] = hooks
+        return sectioned
     flat = {}
-    for section in (location, storage, consistency):
+    for section in (location, storage, consistency, hooks):
         flat.update(section)
     flat["repositories"] = [{"path": r, "label": "qborg"} for r in flat["repositories"]]
     return flat
@@ -592,3 +599,176 @@ def run_as(cmd, owner, home, env_extra=None, **kwargs):
     if owner is not None and os.geteuid() == 0 and tuple(owner) != (0, 0):
         kwargs.update(user=owner[0], group=owner[1], extra_groups=[])
     return subprocess.run(cmd, env=env, cwd=home, check=False, **kwargs)
+
+
+# --------------------------------------------------------------------------
+# client side: consistency checks and monitoring (pillar -> borgmatic)
+
+# every name some supported borgmatic knows; the installed borgmatic's own
+# validator decides whether it knows this one (spot: 1.8.10 and later)
+CHECK_NAMES = ("repository", "archives", "data", "extract", "spot", "disabled")
+CHECK_FREQUENCY_RE = re.compile(
+    r"^(always|[1-9][0-9]{0,5} (second|minute|hour|day|week|month|year)s?)\Z")
+CHECK_OPTION_RE = re.compile(r"^[a-z][a-z0-9_]{0,40}\Z")
+DEFAULT_CHECKS = ({"name": "repository", "frequency": "2 weeks"},)
+MONITORING_KEYS = ("healthchecks", "ntfy", "apprise")
+HTTP_URL_RE = re.compile(r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[^\s]*)?\Z")
+NTFY_TOPIC_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}\Z")
+APPRISE_URL_RE = re.compile(r"^[a-z][a-z0-9+.-]{0,30}://[^\s]{1,2000}\Z")
+APPRISE_SINCE = (1, 8, 4)
+
+
+def check_consistency_checks(value, field):
+    """The `checks` setting: borgmatic's consistency checks, run by the client
+    after a backup, each no more often than its frequency. Returns a list of
+    plain dicts, name first."""
+    if value is None:
+        return [dict(check) for check in DEFAULT_CHECKS]
+    _require(isinstance(value, list) and value, field,
+             "must be a non-empty list like [{name: repository, frequency: 2 weeks}] "
+             "(to run none: [{name: disabled}])")
+    checks = []
+    for i, check in enumerate(value):
+        item = f"{field}[{i}]"
+        _require(isinstance(check, dict), item, "must be a mapping with a name")
+        _require(check.get("name") in CHECK_NAMES, f"{item}:name",
+                 f"{check.get('name')!r} is not a check (known: {', '.join(CHECK_NAMES)})")
+        out = {"name": check["name"]}
+        frequency = check.get("frequency")
+        if frequency is not None:
+            _require(isinstance(frequency, str) and CHECK_FREQUENCY_RE.match(frequency.strip()),
+                     f"{item}:frequency",
+                     f"{frequency!r} is not a frequency like '2 weeks', '1 month' or 'always'")
+            out["frequency"] = frequency.strip()
+        for key, option in check.items():
+            if key in ("name", "frequency"):
+                continue
+            # options of newer checks (spot's tolerances): the installed
+            # borgmatic's validator judges them
+            _require(isinstance(key, str) and CHECK_OPTION_RE.match(key)
+                     and isinstance(option, (str, int, float, bool))
+                     and "\n" not in str(option), f"{item}:{key}",
+                     "must be a lower-case option name with a single value")
+            out[key] = option
+        checks.append(out)
+    return checks
+
+
+def check_monitoring(value, field):
+    """The `monitoring` setting: where borgmatic reports each backup.
+
+    healthchecks: a ping URL; ntfy: a topic, or {topic, server}; apprise: one
+    Apprise URL or a list. Returns {} or a dict with normalised values."""
+    if value is None or value == {}:
+        return {}
+    _require(isinstance(value, dict), field,
+             "must be a mapping with healthchecks, ntfy and/or apprise")
+    for key in value:
+        _require(key in MONITORING_KEYS, f"{field}:{key}",
+                 f"unknown monitoring service (known: {', '.join(MONITORING_KEYS)})")
+    out = {}
+    url = value.get("healthchecks")
+    if url is not None:
+        _require(isinstance(url, str) and HTTP_URL_RE.match(url), f"{field}:healthchecks",
+                 f"{url!r} is not an http(s) ping URL like https://hc-ping.com/UUID")
+        out["healthchecks"] = url
+    ntfy = value.get("ntfy")
+    if ntfy is not None:
+        if isinstance(ntfy, str):
+            ntfy = {"topic": ntfy}
+        _require(isinstance(ntfy, dict), f"{field}:ntfy", "must be a topic or {topic, server}")
+        for key in ntfy:
+            _require(key in ("topic", "server"), f"{field}:ntfy:{key}",
+                     "unknown ntfy setting (known: topic, server)")
+        topic = ntfy.get("topic")
+        _require(isinstance(topic, str) and NTFY_TOPIC_RE.match(topic), f"{field}:ntfy:topic",
+                 f"{topic!r} is not an ntfy topic (1 to 64 letters, digits, '_' or '-')")
+        out["ntfy"] = {"topic": topic}
+        server = ntfy.get("server")
+        if server is not None:
+            _require(isinstance(server, str) and HTTP_URL_RE.match(server), f"{field}:ntfy:server",
+                     f"{server!r} is not an http(s) URL like https://ntfy.sh")
+            out["ntfy"]["server"] = server.rstrip("/")
+    apprise = value.get("apprise")
+    if apprise is not None:
+        urls = [apprise] if isinstance(apprise, str) else apprise
+        _require(isinstance(urls, list) and urls, f"{field}:apprise",
+                 "must be an Apprise URL or a non-empty list of them")
+        for i, url in enumerate(urls):
+            _require(isinstance(url, str) and APPRISE_URL_RE.match(url), f"{field}:apprise[{i}]",
+                     f"{url!r} is not an Apprise URL like mailtos://user:pass@example.com")
+        out["apprise"] = list(urls)
+    return out
+
+
+def borgmatic_monitoring_hooks(vm, monitoring, version):
+    """borgmatic's own monitoring hooks for the settings' `monitoring`; the
+    same keys in the 1.7 `hooks:` section and in the flat format."""
+    hooks = {}
+    if monitoring.get("healthchecks"):
+        hooks["healthchecks"] = {"ping_url": monitoring["healthchecks"]}
+    if monitoring.get("ntfy"):
+        hooks["ntfy"] = dict(monitoring["ntfy"])
+        hooks["ntfy"]["fail"] = {"title": f"qborg: backup of {vm} failed", "tags": "warning"}
+    if monitoring.get("apprise"):
+        if version_tuple(version) < APPRISE_SINCE:
+            raise QborgConfigError(
+                f"qborg:vms:{vm}:monitoring:apprise: borgmatic {version} in this qube has no "
+                f"Apprise hook (it came with 1.8.4); use healthchecks or ntfy, or install a "
+                f"newer borgmatic; fix it in the qborg pillar")
+        hooks["apprise"] = {"services": [{"url": url, "label": f"qborg-{i + 1}"}
+                                         for i, url in enumerate(monitoring["apprise"])]}
+    return hooks
+
+
+# borgmatic's top-level keys that come from a pillar setting, for errors that
+# name the field the user can fix
+BORGMATIC_KEY_SETTING = {
+    "source_directories": "source_directories", "exclude_patterns": "exclude_patterns",
+    "compression": "compression", "checks": "checks",
+    "healthchecks": "monitoring:healthchecks", "ntfy": "monitoring:ntfy",
+    "apprise": "monitoring:apprise",
+}
+
+
+def explain_borgmatic_rejection(vm, output):
+    """The pillar fields behind the fields that borgmatic's validator names in
+    its output ("At 'consistency.checks[0].name': ..."), as
+    ["qborg:vms:VM:checks (or qborg:defaults:checks)"], best first."""
+    named = re.findall(r"At '([^']+)'", output) + re.findall(r"'([a-z_]+)' was unexpected", output)
+    fields = []
+    for path in named:
+        for part in re.split(r"[.\[\]]", path):
+            setting = BORGMATIC_KEY_SETTING.get(part)
+            if setting:
+                text = f"qborg:vms:{vm}:{setting} (or qborg:defaults:{setting})"
+                if text not in fields:
+                    fields.append(text)
+                break
+    return fields
+
+
+# --------------------------------------------------------------------------
+# client side: ~/.ssh/config
+
+SSH_CONFIG_BEGIN = "# BEGIN qborg (managed by Salt; edit pillar instead)"
+
+
+def render_ssh_config(existing, block):
+    """~/.ssh/config with the managed `Host qborg` block first (ssh takes the
+    first value it meets, so a `Host *` or `Match` of the user's further down
+    cannot override it) and every other byte of the user's file after it, in
+    order. A managed block anywhere else (moved, or doubled) is taken out."""
+    lines = (existing or "").splitlines(keepends=True)
+    rest = []
+    i = 0
+    while i < len(lines):
+        if lines[i].startswith("# BEGIN qborg"):
+            end = next((k for k in range(i + 1, len(lines))
+                        if lines[k].rstrip("\r\n") == END_MARKER), None)
+            if end is not None:
+                i = end + 1
+                continue
+        rest.append(lines[i])
+        i += 1
+    return SSH_CONFIG_BEGIN + "\n" + block.rstrip("\n") + "\n" + END_MARKER + "\n" + "".join(rest)

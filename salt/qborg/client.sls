@@ -35,26 +35,15 @@ qborg-client-ssh-dir:
     - require:
       - qborg: qborg-client-pillar-valid
 
-qborg-client-ssh-config-file:
-  file.managed:
-    - name: {{ home }}/.ssh/config
-    - user: {{ qborg.user }}
-    - group: {{ group }}
-    - mode: '0600'
-    - replace: False
+{#- the Host qborg block first (ssh takes the first value it meets, so a
+    Host * or Match of the user's cannot override it); every other line of
+    the user's file kept byte for byte #}
+qborg-client-ssh-config:
+  qborg.client_ssh_config:
+    - name: {{ (home ~ "/.ssh/config") | json }}
+    - config: {{ qborg | json }}
     - require:
       - file: qborg-client-ssh-dir
-
-qborg-client-ssh-config:
-  file.blockreplace:
-    - name: {{ home }}/.ssh/config
-    - marker_start: '# BEGIN qborg (managed by Salt; edit pillar instead)'
-    - marker_end: '# END qborg'
-    - content: {{ salt["qborg.ssh_config_block"](qborg) | json }}
-    - prepend_if_not_found: True
-    - show_changes: True
-    - require:
-      - file: qborg-client-ssh-config-file
 
 qborg-client-state-dir:
   file.directory:
@@ -76,14 +65,13 @@ qborg-client-borgmatic-dir:
     - require:
       - qborg: qborg-client-pillar-valid
 
+{#- rendered for the borgmatic the user runs (prefix/bin before PATH) and
+    checked by that borgmatic's own validator before it replaces the file:
+    a config borgmatic rejects never replaces a working one #}
 qborg-client-borgmatic:
-  file.managed:
-    - name: {{ home }}/.config/borgmatic.d/qborg.yaml
-    - contents: {{ salt["qborg.borgmatic_config"](qborg) | json }}
-    - check_cmd: {{ salt["qborg.borgmatic_validate_command"]() | json }}
-    - user: {{ qborg.user }}
-    - group: {{ group }}
-    - mode: '0600'
+  qborg.client_borgmatic_config:
+    - name: {{ (home ~ "/.config/borgmatic.d/qborg.yaml") | json }}
+    - config: {{ qborg | json }}
     - require:
       - file: qborg-client-borgmatic-dir
 
@@ -115,14 +103,30 @@ qborg-client-backup-program:
     - require:
       - qborg: qborg-client-pillar-valid
 
+{#- cron fires every 5 minutes; qborg-backup backs up only when the last
+    good backup is older than the interval, after a random wait, under a
+    lock. The @reboot entry catches up soon after the qube starts. #}
+{%- set backup_cmd = prefix ~ "/bin/qborg-backup --scheduled --interval " ~ vm_settings.interval %}
 qborg-client-schedule:
   cron.present:
-    - name: {{ (prefix ~ "/bin/qborg-backup --scheduled --interval " ~ vm_settings.interval) | json }}
+    - name: {{ (backup_cmd ~ " --jitter 120") | json }}
     - identifier: qborg-backup
     - user: {{ qborg.user }}
     - minute: '*/5'
     - comment: 'qborg: backs up when the last good backup is older than the interval'
     - require:
       - file: qborg-client-backup-program
-      - file: qborg-client-borgmatic
+      - qborg: qborg-client-borgmatic
+      - qborg: qborg-client-bundle
+
+qborg-client-schedule-boot:
+  cron.present:
+    - name: {{ (backup_cmd ~ " --delay 60 --jitter 60") | json }}
+    - identifier: qborg-backup-boot
+    - user: {{ qborg.user }}
+    - special: '@reboot'
+    - comment: 'qborg: catches up soon after the qube starts'
+    - require:
+      - file: qborg-client-backup-program
+      - qborg: qborg-client-borgmatic
       - qborg: qborg-client-bundle

@@ -12,6 +12,10 @@ import tempfile
 import pytest
 
 CLIENTS = ("vm-personal", "vm-work")
+# made by `make borgmatic-latest` (a dependency of `make test`)
+LATEST_BORGMATIC = os.environ.get("QBORG_BORGMATIC_LATEST",
+                                  "/opt/qborg-test/borgmatic-latest/bin/borgmatic")
+LATEST_QUBE = "vm-work"
 ORDER = ("dom0", "backup-admin") + CLIENTS
 OUTPUTS = []  # every salt output of this module, searched for secrets
 
@@ -78,6 +82,9 @@ def world(lab):
     """Every qube applied once, a document and one backup in each VM."""
     for name in glob.glob(os.path.join(lab.policy_dir(), "*.policy")):
         os.unlink(name)  # a clean dom0: no policy but qborg's
+    # vm-work runs the current borgmatic from PyPI from its /usr/local/bin
+    # (flat config), vm-personal Debian 12's 1.7.7 (sectioned config)
+    lab.use_borgmatic(LATEST_QUBE, LATEST_BORGMATIC)
     originals = {}
     for qube in CLIENTS:
         originals[qube] = seed(lab, qube, "letter.txt", f"dear {qube}\n".encode() * 100)
@@ -248,3 +255,275 @@ def test_delete_and_compact_with_vm_key_free_nothing(lab, world):
     # append-only: nothing that was on the server is gone or rewritten
     lost = {k for k in before if k.startswith("data/") and after.get(k) != before[k]}
     assert not lost
+
+
+# --------------------------------------------------------------------------
+# the client in full: each borgmatic, the schedule, borgbak, bad values,
+# dry runs, bundle changes, the user's ssh config
+
+
+def borgmatic_conf_path(lab, qube):
+    return os.path.join(lab.home(qube), ".config", "borgmatic.d", "qborg.yaml")
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def version_of(lab, qube):
+    out = lab.run(qube, ["borgmatic", "--version"]).stdout.strip()
+    return tuple(int(x) for x in out.split(".")[:2])
+
+
+def test_each_qube_gets_the_config_its_own_borgmatic_reads(lab, world):
+    import yaml
+
+    assert os.path.realpath(os.path.join(lab.prefix(LATEST_QUBE), "bin", "borgmatic")) == \
+        os.path.realpath(LATEST_BORGMATIC)
+    assert version_of(lab, "vm-personal") == (1, 7)
+    assert version_of(lab, LATEST_QUBE) >= (1, 8)
+    sectioned = yaml.safe_load(read_bytes(borgmatic_conf_path(lab, "vm-personal")))
+    assert {"location", "storage", "consistency"} <= set(sectioned)
+    flat = yaml.safe_load(read_bytes(borgmatic_conf_path(lab, LATEST_QUBE)))
+    assert "location" not in flat
+    assert flat["repositories"][0]["path"] == "ssh://qborg/./qborg/vm-work"
+    assert flat["checks"] == [{"name": "repository", "frequency": "2 weeks"}]
+    # the salt output says which borgmatic it validated for
+    comment = next(v["comment"] for v in world["first"][LATEST_QUBE].values()
+                   if v["__id__"] == "qborg-client-borgmatic")
+    assert "valid for borgmatic " + lab.run(LATEST_QUBE, ["borgmatic", "--version"]).stdout.strip() \
+        in comment
+
+
+def crontab(lab, qube):
+    return lab.run("dom0", ["crontab", "-l", "-u", lab.user(qube)]).stdout
+
+
+def scheduled_command(lab, qube):
+    """The command of the every-few-minutes crontab entry, without its jitter."""
+    lines = [l for l in crontab(lab, qube).splitlines()
+             if l.startswith("*/5 ") and "qborg-backup --scheduled" in l]
+    assert len(lines) == 1, crontab(lab, qube)
+    argv = lines[0].split()[5:]
+    return argv + ["--jitter", "0"]
+
+
+@pytest.mark.parametrize("qube", CLIENTS)
+def test_two_ticks_at_once_back_up_once_with_the_users_borgmatic(lab, world, qube):
+    import threading
+
+    table = crontab(lab, qube)
+    assert "@reboot " in table and "--delay 60" in table
+    command = scheduled_command(lab, qube)
+    assert command[0] == os.path.join(lab.prefix(qube), "bin", "qborg-backup")
+    before = lab.run(qube, ["borgbak", "list", "--short"]).stdout.split()
+    results = []
+    # cron's own environment: PATH without /usr/local/bin
+    env = {"PATH": "/usr/bin:/bin"}
+    ticks = [threading.Thread(target=lambda: results.append(
+        lab.run(qube, command, check=False, env=env))) for _ in range(2)]
+    for t in ticks:
+        t.start()
+    for t in ticks:
+        t.join()
+    assert [r.returncode for r in results] == [0, 0], [r.stderr for r in results]
+    after = lab.run(qube, ["borgbak", "list", "--short"]).stdout.split()
+    assert len(after) == len(before) + 1
+    state = os.path.join(lab.home(qube), ".local", "state", "qborg")
+    with open(os.path.join(state, "backup.log")) as f:
+        log = f.read()
+    assert log.count("backup done") == 1 and "failed" not in log
+    # a third tick within the interval does nothing
+    assert lab.run(qube, command, env=env).returncode == 0
+    assert lab.run(qube, ["borgbak", "list", "--short"]).stdout.split() == after
+    status = lab.run(qube, ["borgbak", "status"]).stdout
+    assert "last error: none" in status
+    assert "s ago)" in status or "m " in status, status
+
+
+def test_borgbak_status_shows_the_age_and_the_last_error(lab, world):
+    qube = "vm-personal"
+    state = os.path.join(lab.home(qube), ".local", "state", "qborg")
+    stamp = os.path.join(state, "last-success")
+    with open(stamp) as f:
+        saved = f.read()
+    owner = pwd.getpwnam(lab.user(qube))
+    try:
+        import time
+        with open(stamp, "w") as f:
+            f.write("%d earlier\n" % (time.time() - (3 * 3600 + 7 * 60 + 30)))
+        out = lab.run(qube, ["borgbak", "status"]).stdout
+        assert "(3h 7m ago)" in out, out
+        assert "last error: none" in out
+    finally:
+        with open(stamp, "w") as f:
+            f.write(saved)
+        os.chown(stamp, owner.pw_uid, owner.pw_gid)
+
+
+def test_borgbak_extract_restores_only_the_path_on_borgmatic_1_7(lab, world):
+    qube = "vm-personal"
+    # the newest archive (an earlier test deleted the first one)
+    archive = lab.run(qube, ["borgbak", "list", "--short"]).stdout.split()[-1]
+    original = world["originals"][qube]
+    relpath = original.lstrip("/")
+    listed = lab.run(qube, ["borgbak", "list", archive, "--short"]).stdout.split()
+    assert relpath in listed and relpath.replace("letter", "other") in listed
+    assert "Archive name: " + archive in lab.run(qube, ["borgbak", "info", archive]).stdout
+    with tempfile.TemporaryDirectory(prefix="qborg-restore-") as tmp:
+        os.chmod(tmp, 0o777)
+        lab.run(qube, ["sh", "-c", f'cd "{tmp}" && borgbak extract "$1" "$2"', "sh", archive, relpath])
+        restored = sorted(os.path.relpath(os.path.join(d, f), tmp)
+                          for d, _dirs, files in os.walk(tmp) for f in files)
+        assert restored == [relpath]
+        assert read_bytes(os.path.join(tmp, relpath)) == read_bytes(original)
+
+
+def set_defaults(lab, **values):
+    pillar = lab.user_pillar()
+    changed_pillar = json.loads(json.dumps(pillar))
+    changed_pillar["qborg"].setdefault("defaults", {}).update(values)
+    lab.set_pillar(changed_pillar)
+    return pillar
+
+
+def test_a_value_borgmatic_rejects_fails_naming_the_field_and_keeps_the_config(lab, world):
+    # `spot` is a check qborg knows (borgmatic >= 1.8.10 has it), but 1.7.7
+    # does not, and the current borgmatic wants its tolerances set
+    before = {q: (read_bytes(borgmatic_conf_path(lab, q)), os.stat(borgmatic_conf_path(lab, q)))
+              for q in CLIENTS}
+    pillar = set_defaults(lab, checks=[{"name": "spot", "frequency": "1 week"}])
+    try:
+        for qube in CLIENTS:
+            rc, result = apply(lab, qube)
+            assert rc != 0
+            errors = failed(result)
+            assert "qborg-client-borgmatic" in errors, errors
+            comment = errors["qborg-client-borgmatic"]
+            assert f"qborg:vms:{qube}:checks" in comment, comment
+            assert "checks[0]" in comment and "left as it was" in comment
+            data, st = before[qube]
+            assert read_bytes(borgmatic_conf_path(lab, qube)) == data
+            now = os.stat(borgmatic_conf_path(lab, qube))
+            assert (now.st_ino, now.st_mtime_ns) == (st.st_ino, st.st_mtime_ns)
+            assert not [n for n in os.listdir(os.path.dirname(borgmatic_conf_path(lab, qube)))
+                        if n != "qborg.yaml"]
+    finally:
+        lab.set_pillar(pillar)
+
+
+def snapshot(lab, qube):
+    """Every file, directory and link in the qube's home and prefix, with
+    its metadata and content hash, and the user's crontab."""
+    found = {}
+    for root in (lab.home(qube), lab.prefix(qube)):
+        for d, dirs, files in os.walk(root):
+            for name in dirs + files:
+                path = os.path.join(d, name)
+                st = os.lstat(path)
+                digest = None
+                if stat.S_ISREG(st.st_mode):
+                    digest = hashlib.sha256(read_bytes(path)).hexdigest()
+                elif stat.S_ISLNK(st.st_mode):
+                    digest = os.readlink(path)
+                found[path] = (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns,
+                               st.st_ino, digest)
+    found["crontab"] = crontab(lab, qube)
+    return found
+
+
+def test_dry_run_with_pending_changes_changes_no_file(lab, world):
+    pillar = set_defaults(lab, interval="2h", compression="zstd,3",
+                          monitoring={"ntfy": {"topic": "qborg-lab-test"}})
+    try:
+        for qube in CLIENTS:
+            before = snapshot(lab, qube)
+            rc, result = apply(lab, qube, test=True)
+            assert rc == 0, failed(result)
+            pending = sorted(v["__id__"] for v in result.values() if v["result"] is None)
+            assert {"qborg-client-borgmatic", "qborg-client-schedule",
+                    "qborg-client-schedule-boot"} <= set(pending)
+            assert snapshot(lab, qube) == before
+    finally:
+        lab.set_pillar(pillar)
+
+
+def test_changed_passphrase_is_picked_up_and_reported_without_it(lab, world):
+    qube = "vm-personal"
+    path = os.path.join(keystore(lab), "vms", qube, "passphrase")
+    original = read_bytes(path)
+    client_copy = os.path.join(lab.home(qube), ".config", "qborg", "passphrase")
+    st = os.stat(path)
+    new = "x" * 20 + hashlib.sha256(original).hexdigest()[:24]
+    try:
+        with open(path, "w") as f:
+            f.write(new + "\n")
+        rc, result = apply(lab, qube)
+        assert rc == 0, failed(result)
+        bundle = next(v for v in result.values() if v["__id__"] == "qborg-client-bundle")
+        assert bundle["changes"] == {"passphrase": "updated"}
+        assert read_bytes(client_copy) == (new + "\n").encode()
+        assert new not in lab.last.stdout + lab.last.stderr
+    finally:
+        with open(path, "wb") as f:
+            f.write(original)
+        os.chown(path, st.st_uid, st.st_gid)
+    rc, result = apply(lab, qube)
+    assert rc == 0 and changed(result) == ["qborg-client-bundle"]
+    assert read_bytes(client_copy).strip() == original.strip()
+
+
+USER_SSH_CONFIG = (
+    "# my own settings\n"
+    "Include ~/.ssh/config.d/*\n"
+    "\n"
+    "Host *\n"
+    "\tUser nobody\n"
+    "    Port 2222\n"
+    "    IdentityFile ~/.ssh/id_other\n"
+    "Match host 127.0.0.1\n"
+    "    ServerAliveInterval 99\n"
+    "Host  github.com   # trailing spaces kept   \n"
+    "    HostName github.com"  # no newline at the end
+)
+
+
+def test_users_ssh_config_is_kept_and_the_qborg_block_wins(lab, world):
+    qube = "vm-personal"
+    ssh_dir = os.path.join(lab.home(qube), ".ssh")
+    path = os.path.join(ssh_dir, "config")
+    owner = pwd.getpwnam(lab.user(qube))
+    original = read_bytes(path)
+    try:
+        with open(path, "w") as f:
+            f.write(USER_SSH_CONFIG)
+        os.chown(path, owner.pw_uid, owner.pw_gid)
+        os.makedirs(os.path.join(ssh_dir, "config.d"), exist_ok=True)
+        with open(os.path.join(ssh_dir, "config.d", "extra"), "w") as f:
+            f.write("Host qborg\n    User someone-else\n")
+        rc, result = apply(lab, qube)
+        assert rc == 0, failed(result)
+        text = read_bytes(path).decode()
+        block_end = text.index("# END qborg\n") + len("# END qborg\n")
+        assert text.startswith("# BEGIN qborg")
+        # every line of the user's file, byte for byte, after the block
+        assert text[block_end:] == USER_SSH_CONFIG
+        resolved = lab.run(qube, ["ssh", "-G", "qborg"]).stdout.splitlines()
+        assert f"user {lab.server_user}" in resolved
+        assert f"port {lab.port}" in resolved
+        assert "serveraliveinterval 10" in resolved
+        assert lab.run(qube, ["borgbak", "list", "--short"]).returncode == 0
+        # the user moves the block below their own `Host *`: it goes back first
+        moved = text[block_end:] + "\n" + text[:block_end]
+        with open(path, "w") as f:
+            f.write(moved)
+        rc, result = apply(lab, qube)
+        assert rc == 0 and changed(result) == ["qborg-client-ssh-config"]
+        assert read_bytes(path).decode() == text[:block_end] + USER_SSH_CONFIG + "\n"
+        rc, result = apply(lab, qube)
+        assert rc == 0 and changed(result) == []
+    finally:
+        with open(path, "wb") as f:
+            f.write(original)
+        os.chown(path, owner.pw_uid, owner.pw_gid)

@@ -2,6 +2,7 @@
 own loader (saltfactories' Loaders) from the formula tree, minion id
 vm-personal, pillar from a temporary pillar tree."""
 
+import copy
 import pathlib
 
 import pytest
@@ -98,7 +99,8 @@ def states(loaders):
 
 @pytest.fixture
 def qborg_config(loaders):
-    """The merged settings, as map.jinja hands them to the states."""
-    return loaders.modules.pillar.get(
+    """The merged settings, as map.jinja hands them to the states (a copy:
+    pillar.get returns the loader's own pillar, which tests must not change)."""
+    return copy.deepcopy(loaders.modules.pillar.get(
         "qborg", default=yaml.safe_load((SALT_DIR / "qborg" / "defaults.yaml").read_text())["qborg"],
-        merge=True)
+        merge=True))

@@ -70,7 +70,7 @@ def test_borgmatic_config_for_an_unconfigured_minion(modules, qborg_config):
 
 
 def test_borgmatic_validate_command_matches_the_installed_version(modules):
-    assert modules.qborg.borgmatic_validate_command() == "validate-borgmatic-config -c"
+    assert modules.qborg.borgmatic_validate_command() == "/usr/bin/validate-borgmatic-config -c"
 
 
 def test_ssh_config_block(modules, qborg_config):

@@ -9,7 +9,7 @@ def test_qborg_renders_the_client_part_for_a_configured_vm(modules):
     ids = set(high)
     assert {"qborg-client-pillar-valid", "qborg-client-bundle", "qborg-client-ssh-config",
             "qborg-client-borgmatic", "qborg-client-borgbak", "qborg-client-backup-program",
-            "qborg-client-schedule"} <= ids
+            "qborg-client-schedule", "qborg-client-schedule-boot"} <= ids
     assert not any(i.startswith(("qborg-dom0-", "qborg-admin-", "qborg-template-")) for i in ids)
     assert all(i.startswith("qborg-client-") for i in ids)
 
@@ -23,15 +23,22 @@ def _arg(state, fun, key):
 
 def test_client_states_carry_the_rendered_values(modules):
     high = modules.state.show_sls("qborg")
-    conf = yaml.safe_load(_arg(high["qborg-client-borgmatic"], "file", "contents"))
-    assert conf["location"]["repositories"] == ["ssh://qborg/./qborg/vm-personal"]
-    assert _arg(high["qborg-client-borgmatic"], "file", "check_cmd") == "validate-borgmatic-config -c"
-    assert _arg(high["qborg-client-borgmatic"], "file", "mode") == "0600"
+    borgmatic = high["qborg-client-borgmatic"]
+    assert "client_borgmatic_config" in borgmatic["qborg"]
+    assert _arg(borgmatic, "qborg", "name") == "/root/.config/borgmatic.d/qborg.yaml"
+    assert _arg(borgmatic, "qborg", "config")["vms"]["vm-personal"] == {"interval": "30m"}
     schedule = high["qborg-client-schedule"]
     assert _arg(schedule, "cron", "name") == \
-        "/usr/local/bin/qborg-backup --scheduled --interval 30m"
-    ssh = _arg(high["qborg-client-ssh-config"], "file", "content")
-    assert "IdentitiesOnly yes" in ssh and "HostName de1234.rsync.net" in ssh
+        "/usr/local/bin/qborg-backup --scheduled --interval 30m --jitter 120"
+    assert _arg(schedule, "cron", "minute") == "*/5"
+    boot = high["qborg-client-schedule-boot"]
+    assert _arg(boot, "cron", "special") == "@reboot"
+    assert _arg(boot, "cron", "name") == \
+        "/usr/local/bin/qborg-backup --scheduled --interval 30m --delay 60 --jitter 60"
+    assert _arg(boot, "cron", "identifier") != _arg(schedule, "cron", "identifier")
+    ssh = high["qborg-client-ssh-config"]
+    assert "client_ssh_config" in ssh["qborg"]
+    assert _arg(ssh, "qborg", "name") == "/root/.ssh/config"
 
 
 def test_no_secret_in_the_rendered_states(modules):

@@ -136,3 +136,39 @@ def test_ssh_config_block(settings):
         assert expected in lines, expected
     # everything else is indented under the Host line
     assert all(line.startswith("    ") for line in block.splitlines()[1:])
+
+
+BLOCK = "Host qborg\n    HostName h\n    Port 22"
+MANAGED = ("# BEGIN qborg (managed by Salt; edit pillar instead)\n" + BLOCK + "\n# END qborg\n")
+
+
+@pytest.mark.parametrize("existing", [
+    None,
+    "",
+    "Host *\n    User me\n",
+    "Include ~/.ssh/config.d/*\n\nHost *\n\tUser nobody\nMatch host x\n  Port 1\nHost y   \n  HostName y",
+    "Host a\r\n  User b\r\n",
+    "# BEGIN something else\nHost z\n# END something else\n",
+])
+def test_ssh_config_block_comes_first_and_the_rest_is_kept(existing):
+    text = core.render_ssh_config(existing, BLOCK)
+    assert text == MANAGED + (existing or "")
+    assert core.render_ssh_config(text, BLOCK) == text  # nothing more to do
+
+
+def test_ssh_config_moved_or_doubled_block_goes_back_to_the_top():
+    user = "Host *\n    User me\n"
+    moved = user + MANAGED + "Host b\n"
+    assert core.render_ssh_config(moved, BLOCK) == MANAGED + user + "Host b\n"
+    doubled = MANAGED + user + MANAGED.replace("HostName h", "HostName old")
+    assert core.render_ssh_config(doubled, BLOCK) == MANAGED + user
+
+
+def test_ssh_config_updated_block_replaces_the_old_one():
+    old = MANAGED.replace("Port 22", "Port 23") + "Host *\n"
+    assert core.render_ssh_config(old, BLOCK) == MANAGED + "Host *\n"
+
+
+def test_ssh_config_unterminated_begin_stays_the_users():
+    user = "# BEGIN qborg but no end\nHost *\n"
+    assert core.render_ssh_config(user, BLOCK) == MANAGED + user

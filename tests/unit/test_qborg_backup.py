@@ -190,3 +190,130 @@ def test_garbled_stamp_counts_as_never(env):
     (env.state / "last-success").write_text("garbage\n")
     assert env.prog.main(["--scheduled", "--interval", "1h"]) == 0
     assert len(env.calls("create")) == 1
+
+
+class FakeClock:
+    """Replaces the program's clock and sleep: time moves only when told."""
+
+    def __init__(self, prog, monkeypatch, start=1_700_000_000.0):
+        self.t = start
+        self.slept = []
+        monkeypatch.setattr(prog, "now", lambda: self.t)
+        monkeypatch.setattr(prog, "sleep", self._sleep)
+
+    def _sleep(self, seconds):
+        self.slept.append(seconds)
+        self.t += seconds
+
+    def advance(self, seconds):
+        self.t += seconds
+
+
+def test_a_qube_off_for_three_intervals_catches_up_once_at_the_next_tick(env, monkeypatch):
+    clock = FakeClock(env.prog, monkeypatch)
+    tick = ["--scheduled", "--interval", "1h", "--jitter", "120"]
+    # running: a tick every 5 minutes for two hours
+    for _ in range(24):
+        assert env.prog.main(tick) == 0
+        clock.advance(300)
+    assert len(env.calls("create")) == 2  # at 0:00 and at 1:00
+    # shut down for three intervals: no ticks at all
+    clock.advance(3 * 3600)
+    # started again: the first tick catches up, once
+    tick_time = clock.t
+    assert env.prog.main(tick) == 0
+    assert len(env.calls("create")) == 3
+    assert env.prog.last_success() == int(tick_time)  # counted from the tick, not after the jitter
+    for _ in range(11):  # the rest of the hour: nothing more
+        clock.advance(300)
+        assert env.prog.main(tick) == 0
+    assert len(env.calls("create")) == 3
+    clock.advance(300)
+    assert env.prog.main(tick) == 0
+    assert len(env.calls("create")) == 4
+
+
+def test_jitter_waits_only_when_a_backup_is_due(env, monkeypatch):
+    clock = FakeClock(env.prog, monkeypatch)
+    env.prog.main(["--scheduled", "--interval", "1h", "--jitter", "120"])
+    assert len(clock.slept) == 1 and 0 <= clock.slept[0] <= 120
+    env.prog.main(["--scheduled", "--interval", "1h", "--jitter", "120"])
+    assert len(clock.slept) == 1  # not due: no wait
+
+
+def test_boot_delay_waits_before_looking(env, monkeypatch):
+    clock = FakeClock(env.prog, monkeypatch)
+    env.prog.main(["--scheduled", "--interval", "1h", "--delay", "60"])
+    assert clock.slept[0] == 60
+    assert len(env.calls("create")) == 1
+
+
+def test_a_failed_backup_is_retried_at_the_next_tick_not_after_an_interval(env, monkeypatch):
+    clock = FakeClock(env.prog, monkeypatch)
+    tick = ["--scheduled", "--interval", "1d"]
+    env.fail()
+    assert env.prog.main(tick) == 2
+    clock.advance(300)
+    env.fail(False)
+    assert env.prog.main(tick) == 0
+    assert len(env.calls("create")) == 2
+    assert env.prog.last_success() == clock.t
+
+
+BLOCKING_BORGMATIC = """#!/bin/sh
+echo "$*" >> "$QBORG_TEST_CALLS"
+if [ "$3" = "create" ]; then
+    : > "$QBORG_TEST_DIR/started"
+    # hold the run until the test lets it go
+    while [ ! -e "$QBORG_TEST_DIR/release" ]; do sleep 0.01; done
+fi
+exit 0
+"""
+
+
+def test_two_ticks_at_once_run_one_backup(env, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    fake = tmp_path / "bin" / "borgmatic"
+    fake.write_text(BLOCKING_BORGMATIC)
+    monkeypatch.setenv("QBORG_TEST_DIR", str(tmp_path))
+    tick = [sys.executable, str(SCRIPT), "--scheduled", "--interval", "1h"]
+    first = subprocess.Popen(tick)
+    try:
+        while not (tmp_path / "started").exists():
+            assert first.poll() is None, "the first tick ended before its backup started"
+            time.sleep(0.01)
+        # the first tick is inside its backup: a second one returns at once
+        second = subprocess.run(tick, timeout=60, check=False)
+        assert second.returncode == 0
+        assert len(env.calls("create")) == 1
+    finally:
+        (tmp_path / "release").touch()
+        assert first.wait(timeout=60) == 0
+    assert len(env.calls("create")) == 1
+    assert env.prog.last_success() is not None
+
+
+def test_runs_the_borgmatic_beside_it_before_the_one_on_path(tmp_path, monkeypatch):
+    """Installed in a qube's /usr/local/bin next to a newer borgmatic, it runs
+    that one, even with cron's PATH."""
+    import shutil
+    import subprocess
+
+    prefix_bin = tmp_path / "usr-local" / "bin"
+    prefix_bin.mkdir(parents=True)
+    shutil.copy(SCRIPT, prefix_bin / "qborg-backup")
+    (prefix_bin / "borgmatic").write_text(
+        '#!/bin/sh\necho "beside $*" >> "$QBORG_TEST_CALLS"\necho "PATH=$PATH" >> "$QBORG_TEST_CALLS"\n')
+    (prefix_bin / "borgmatic").chmod(0o755)
+    calls = tmp_path / "calls"
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "QBORG_TEST_CALLS": str(calls)}
+    proc = subprocess.run(["/usr/bin/python3", str(prefix_bin / "qborg-backup")], env=env,
+                          capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    lines = calls.read_text().splitlines()
+    assert lines[0] == "beside --syslog-verbosity -1 create"
+    assert lines[1] == f"PATH={prefix_bin}:/usr/bin:/bin"

@@ -1,0 +1,100 @@
+"""The client's borgmatic config state through Salt's loader, against the
+real borgmatic validators: Debian 12's 1.7.7 on PATH, and the current one
+from PyPI put in the qube's prefix bin (`make borgmatic-latest`)."""
+
+import copy
+import os
+import pwd
+from unittest import mock
+
+import pytest
+import yaml
+
+LATEST = os.environ.get("QBORG_BORGMATIC_LATEST", "/opt/qborg-test/borgmatic-latest/bin/borgmatic")
+
+
+@pytest.fixture
+def client(tmp_path, qborg_config):
+    """A qube user whose home and prefix are inside tmp_path."""
+    name = "qborgtestclient"
+    home = tmp_path / "home"
+    (home / ".config" / "borgmatic.d").mkdir(parents=True)
+    prefix = tmp_path / "usr-local"
+    (prefix / "bin").mkdir(parents=True)
+    real = pwd.getpwnam
+    entry = pwd.struct_passwd((name, "x", os.getuid(), os.getgid(), "", str(home), "/bin/sh"))
+    # a copy: the loader hands out its own pillar, which other tests read
+    qborg_config = copy.deepcopy(qborg_config)
+    qborg_config["user"] = name
+    qborg_config["paths"]["prefix"] = str(prefix)
+    with mock.patch("pwd.getpwnam", lambda n: entry if n == name else real(n)):
+        yield {"config": qborg_config, "home": home, "prefix": prefix,
+               "path": home / ".config" / "borgmatic.d" / "qborg.yaml"}
+
+
+def apply(states, client, test=False):
+    return states.qborg.client_borgmatic_config(name=str(client["path"]), config=client["config"],
+                                                test=test)
+
+
+def test_writes_a_config_the_installed_borgmatic_accepts(states, modules, client):
+    ret = apply(states, client)
+    assert ret.result is True, ret.comment
+    assert ret.changes["config"] == "created" and ret.changes["borgmatic"] == "1.7.7"
+    conf = yaml.safe_load(client["path"].read_text())
+    assert conf["location"]["repositories"] == ["ssh://qborg/./qborg/vm-personal"]
+    assert (client["path"].stat().st_mode & 0o777) == 0o600
+    again = apply(states, client)
+    assert again.result is True and again.changes == {}
+
+
+def test_test_mode_writes_nothing(states, client):
+    ret = apply(states, client, test=True)
+    assert ret.result is None
+    assert ret.changes["config"] == "would be created"
+    assert not client["path"].exists()
+    assert os.listdir(client["path"].parent) == []
+
+
+def test_a_rejected_value_names_the_field_and_keeps_the_file(states, client):
+    assert apply(states, client).result is True
+    before = client["path"].read_bytes()
+    st = client["path"].stat()
+    # passes qborg's own checks (borgmatic >= 1.8.10 knows it), not 1.7.7's
+    client["config"]["vms"]["vm-personal"]["checks"] = [{"name": "spot"}]
+    ret = apply(states, client)
+    assert ret.result is False
+    assert "qborg:vms:vm-personal:checks" in ret.comment
+    assert "consistency.checks[0].name" in ret.comment
+    assert "borgmatic 1.7.7" in ret.comment and "left as it was" in ret.comment
+    assert ret.changes == {}
+    assert client["path"].read_bytes() == before
+    assert client["path"].stat().st_mtime_ns == st.st_mtime_ns
+    assert os.listdir(client["path"].parent) == ["qborg.yaml"]
+
+
+def test_apprise_on_1_7_names_the_field(states, client):
+    client["config"]["vms"]["vm-personal"]["monitoring"] = {"apprise": "mailto://a@b"}
+    ret = apply(states, client)
+    assert ret.result is False
+    assert "qborg:vms:vm-personal:monitoring:apprise" in ret.comment
+    assert not client["path"].exists()
+
+
+def test_a_newer_borgmatic_in_the_prefix_wins_and_gets_the_flat_format(states, modules, client):
+    assert os.access(LATEST, os.X_OK), f"{LATEST} missing: run `make borgmatic-latest`"
+    assert apply(states, client).result is True  # 1.7.7 first: sectioned
+    os.symlink(LATEST, client["prefix"] / "bin" / "borgmatic")
+    assert modules.qborg.borgmatic_path(client["config"]) == str(client["prefix"] / "bin" / "borgmatic")
+    version = modules.qborg.borgmatic_version(client["config"])
+    assert tuple(int(x) for x in version.split(".")[:2]) >= (1, 8)
+    assert modules.qborg.borgmatic_validate_command(client["config"]) == \
+        f"{client['prefix']}/bin/borgmatic config validate -c"
+    client["config"]["vms"]["vm-personal"]["monitoring"] = {"apprise": ["mailto://a@b"]}
+    ret = apply(states, client)
+    assert ret.result is True, ret.comment
+    assert ret.changes["config"] == "updated" and ret.changes["borgmatic"] == version
+    assert "-location:" in ret.changes["diff"]
+    conf = yaml.safe_load(client["path"].read_text())
+    assert "location" not in conf
+    assert conf["apprise"]["services"][0]["url"] == "mailto://a@b"
