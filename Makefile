@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 # a venv of Debian's /usr/bin/python3 in a world-readable place, so that the
 # lab's qube users can run it
 BORGMATIC_LATEST ?= /opt/qborg-test/borgmatic-latest
-BORGMATIC_LATEST_SPEC ?= borgmatic
+# the newest borgmatic tested; raise it (or set BORGMATIC_LATEST_SPEC=borgmatic) to try a newer one
+BORGMATIC_LATEST_SPEC ?= borgmatic==2.1.10
 
 .PHONY: all deps venv borgmatic-latest demo test unit lint lab-up lab-down clean
 
