@@ -194,7 +194,7 @@ def borgmatic_config(config, version=None):
     if vm not in settings["vms"]:
         raise CommandExecutionError(f"{vm} is not configured under qborg:vms")
     paths = client_paths(config)
-    data = core.borgmatic_config(vm, settings["vms"][vm], settings["server"], paths["home"],
+    data = core.borgmatic_config(vm, settings["vms"][vm], core.vm_server(settings, vm), paths["home"],
                                  paths["passphrase"], version or borgmatic_version())
     return "# Managed by qborg (Salt). Local edits are overwritten.\n" + yaml.safe_dump(
         data, default_flow_style=False, sort_keys=False)
@@ -211,7 +211,9 @@ def ssh_config_block(config):
     """The managed ``Host qborg`` block for ~/.ssh/config."""
     settings = _settings(config)
     paths = client_paths(config)
-    return core.ssh_config_block(settings["server"], paths["ssh_key"], paths["known_hosts"])
+    vm = __grains__["id"]
+    server = core.vm_server(settings, vm) if vm in settings["vms"] else settings["server"]
+    return core.ssh_config_block(server, paths["ssh_key"], paths["known_hosts"])
 
 
 def admin_write_settings(config, test=False):
@@ -279,3 +281,12 @@ def dom0_push_settings(config, test=False):
                        f"exit {rc}): if {admin} is not set up yet, its own apply installs "
                        f"them (qubesctl --skip-dom0 --targets={admin} state.apply qborg); "
                        f"otherwise start {admin} and apply again. Retried on every run"}
+
+
+def client_repository(config):
+    """This qube's repository as reached through its ``Host qborg`` alias."""
+    settings = _settings(config)
+    vm = __grains__["id"]
+    if vm not in settings["vms"]:
+        raise CommandExecutionError(f"{vm} is not configured under qborg:vms")
+    return core.alias_repository_url(core.vm_server(settings, vm), vm)
