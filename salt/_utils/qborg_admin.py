@@ -353,10 +353,6 @@ def _provision(settings, home, owner, vms, test):
     if not server["upload"]:
         return _provision_without_upload(settings, vms, keystore, owner, home, changes,
                                          comments, test)
-    if missing and test:
-        comments.append(f"would add authorized_keys lines and create repositories for "
-                        f"{', '.join(missing)}")
-        return changes, comments
 
     with ServerSession(settings, paths["admin_key"], paths["known_hosts"], owner,
                        test=test) as session:
@@ -364,9 +360,11 @@ def _provision(settings, home, owner, vms, test):
         old = session.read(ServerSession.AUTHORIZED_KEYS) or ""
         lines = managed_lines(settings, keystore)
         new = core.render_authorized_keys(old, lines)
-        if new != old:
+        if new != old or (test and missing):
             _b, old_lines, _a = core.split_managed_block(old)
             diff = _line_changes(old_lines, core.split_managed_block(new)[1])
+            if test:  # the dry run has no keys for new VMs: their lines count as added
+                diff["added"] = sorted(set(diff["added"]) | {f"qborg:{vm}" for vm in missing})
             changes["authorized_keys"] = diff
             summary = ", ".join(f"{what} {' '.join(names)}" for what, names in diff.items()
                                 if names) or "rewrite the qborg block"
