@@ -341,3 +341,29 @@ def test_many_vms_cost_one_session_and_one_upload(admin_lab, monkeypatch):
             shutil.rmtree(store.vm_dir(vm))
             shutil.rmtree(os.path.join(server_home(lab), "qborg", vm))
     assert "vm-scale" not in open(lab.authorized_keys_path).read()
+
+
+def test_getbundle_answers_only_for_the_caller_and_audits_each_request(admin_lab):
+    lab = admin_lab
+    service = os.path.join(lab.rpc_dir("backup-admin"), "qborg.GetBundle")
+    audit = os.path.join(lab.home("backup-admin"), ".local", "state", "qborg", "audit.log")
+    before = len(open(audit).read().splitlines())
+    cases = [("vm-unknown", "refused: not configured"), ("dom0", "refused: invalid caller name"),
+             ("vm-personal\n", "refused: invalid caller name"), ("", "refused: invalid caller name")]
+    for caller, result in cases:
+        out = lab.run("backup-admin", [service], check=False, input="vm-work\n",
+                      env={"QREXEC_REMOTE_DOMAIN": caller})
+        assert out.returncode != 0 and out.stdout == "", caller
+    # argument and stdin name another VM: ignored, the bundle is the caller's
+    out = lab.run("backup-admin", [service], check=False, input='{"vm": "vm-work"}\n',
+                  env={"QREXEC_REMOTE_DOMAIN": "vm-personal",
+                       "QREXEC_SERVICE_ARGUMENT": "vm-work"})
+    assert out.returncode == 0
+    bundle = core.parse_bundle(out.stdout, "vm-personal")
+    lines = open(audit).read().splitlines()[before:]
+    assert len(lines) == len(cases) + 1
+    for line, (_caller, result) in zip(lines, cases):
+        assert line.endswith(f"result={result}")
+    assert lines[-1].endswith("qborg.GetBundle caller=vm-personal result=ok")
+    text = "\n".join(lines)
+    assert bundle["passphrase"] not in text and "PRIVATE" not in text
