@@ -272,6 +272,7 @@ class Lab:
         self.sudoers_path = sudoers_path(self.tag)
         self._state = None
         self.last = None  # the last apply()'s CompletedProcess, for debugging
+        self._load_extra_qubes()
 
     def __repr__(self):
         if self.tag:
@@ -523,7 +524,7 @@ class Lab:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
 
     def _install_stand_ins(self):
-        for name in ("qrexec-client-vm", "qrexec-dispatch"):
+        for name in ("qrexec-client-vm", "qrexec-dispatch", "qvm-run"):
             source = os.path.join(HERE, "bin", name)
             with open(source, encoding="utf-8") as handle:
                 _write(os.path.join(self.bin_dir, name), handle.read(), 0o755)
@@ -905,6 +906,45 @@ class Lab:
                         admin_key=self.admin_key_path)
             info["up"] = bool(info["sshd_pid"]) and all(info["users"].values())
         return info
+
+    # --- extra qubes ------------------------------------------------------------
+
+    @property
+    def extra_qubes_path(self):
+        return self._p("extra-qubes.json")
+
+    def _load_extra_qubes(self):
+        """Qubes added with add_qube() to this lab directory."""
+        try:
+            with open(self.extra_qubes_path, encoding="utf-8") as handle:
+                extra = json.load(handle)
+        except (OSError, ValueError):
+            return
+        for qube in extra:
+            if qube not in self.QUBES:
+                self.QUBES = self.QUBES + (qube,)
+                self.USERS[qube] = _tagged(self.tag, qube)
+
+    def add_qube(self, qube):
+        """Add an AppVM to the running lab: a unix user (tagged), its own
+        prefix, salt config, a place in the qrexec registry and sudoers.
+        A no-op for a qube the lab already has; `down` removes it."""
+        if not re.match(r"^[a-z][a-z0-9-]{0,20}\Z", qube or "") or qube == "dom0":
+            raise LabError("lab qube names: lower-case letters, digits and '-' (got %r)" % qube)
+        self._require_root()
+        self._load_state()
+        if qube not in self.QUBES:
+            self.QUBES = self.QUBES + (qube,)
+            self.USERS[qube] = _tagged(self.tag, qube)
+            extra = [q for q in self.QUBES if q not in Lab.QUBES]
+            _write(self.extra_qubes_path, json.dumps(extra) + "\n")
+        self._make_tree()
+        self._make_users()
+        self._install_stand_ins()
+        self._write_registry()
+        self._write_sudoers()
+        self._write_salt_config(qube)
+        return self.user(qube)
 
 
 # --- command line ---------------------------------------------------------------

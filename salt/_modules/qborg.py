@@ -215,8 +215,9 @@ def borgmatic_config(config, version=None):
         raise CommandExecutionError(f"{vm} is not configured under qborg:vms")
     paths = client_paths(config)
     try:
-        data = core.borgmatic_config(vm, settings["vms"][vm], settings["server"], paths["home"],
-                                     paths["passphrase"], version or borgmatic_version(config))
+        data = core.borgmatic_config(vm, settings["vms"][vm], core.vm_server(settings, vm),
+                                     paths["home"], paths["passphrase"],
+                                     version or borgmatic_version(config))
     except core.QborgError as exc:
         raise CommandExecutionError(str(exc)) from None
     return "# Managed by qborg (Salt). Local edits are overwritten.\n" + yaml.safe_dump(
@@ -249,7 +250,9 @@ def ssh_config_block(config):
     """The managed ``Host qborg`` block for ~/.ssh/config."""
     settings = _settings(config)
     paths = client_paths(config)
-    return core.ssh_config_block(settings["server"], paths["ssh_key"], paths["known_hosts"])
+    vm = __grains__["id"]
+    server = core.vm_server(settings, vm) if vm in settings["vms"] else settings["server"]
+    return core.ssh_config_block(server, paths["ssh_key"], paths["known_hosts"])
 
 
 def client_borgmatic_config(config, test=False):
@@ -336,3 +339,79 @@ def client_ssh_config(config, test=False):
     return {"changes": {"ssh_config": ("would be " + action) if test else action},
             "comment": f"the Host {core.SSH_ALIAS} block {'would be' if test else 'was'} put "
                        f"first in {path}, every other line kept"}
+
+
+def admin_write_settings(config, test=False):
+    """
+    Write the admin qube's settings file (prefix/etc/qborg/admin.json, owned
+    by the admin qube's user). Returns ``{"changed": bool, "path": ...}``.
+    """
+    settings = _settings(config)
+    if isinstance(config, str):
+        config = json.loads(config)
+    owner, home = _account(settings["user"])
+    path = qborg_admin.admin_paths(settings, home)["settings"]
+    changed = qborg_admin.write_settings(config, path, owner, test=bool(test))
+    return {"changed": changed, "path": path}
+
+
+def dom0_push_settings(config, test=False):
+    """
+    dom0: push the non-secret settings to the admin qube through
+    ``qvm-run --pass-io --service -- ADMIN qborg.UpdateSettings`` when they
+    differ from the last push (kept in dom0 at prefix/etc/qborg/). Only the
+    service's exit code is read back, never its output.
+
+    Returns ``{"changed": bool, "comment": str, "warning": bool}``.
+    """
+    settings = _settings(config)
+    if isinstance(config, str):
+        config = json.loads(config)
+    admin = settings["admin_vm"]
+    payload = core.settings_file_text(qborg_admin.pushed_settings(config))
+    record = os.path.join(settings["paths"]["prefix"], "etc", "qborg", f"pushed-to-{admin}.json")
+    count = len(settings["vms"])
+    if core.read_text(record) == payload:
+        return {"changed": False, "warning": False,
+                "comment": f"{admin} has the current settings ({count} VMs)"}
+    if test:
+        return {"changed": True, "warning": False,
+                "comment": f"would push the settings ({count} VMs) to {admin}"}
+    qvm_run = shutil.which("qvm-run")
+    if not qvm_run:
+        raise CommandExecutionError("qvm-run not found: the dom0 part runs in dom0")
+    try:
+        proc = subprocess.run(
+            [qvm_run, "--pass-io", "--no-gui", "--service", "--", admin, "qborg.UpdateSettings"],
+            input=payload.encode(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            timeout=600, check=False)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        rc = None
+    if rc in (qborg_admin.SETTINGS_UPDATED, qborg_admin.SETTINGS_UNCHANGED):
+        core.ensure_dir(os.path.dirname(record), 0o755)
+        core.atomic_write(record, payload, 0o644)
+        if rc == qborg_admin.SETTINGS_UPDATED:
+            return {"changed": True, "warning": False,
+                    "comment": f"pushed the settings ({count} VMs) to {admin}"}
+        return {"changed": False, "warning": False,
+                "comment": f"{admin} already had the current settings ({count} VMs)"}
+    if rc == qborg_admin.SETTINGS_REFUSED:
+        raise CommandExecutionError(
+            f"{admin} refused the settings pushed by qborg.UpdateSettings: apply qborg to "
+            f"{admin} (qubesctl --skip-dom0 --targets={admin} state.apply qborg) and see "
+            f"~/.local/state/qborg/audit.log there")
+    return {"changed": False, "warning": True,
+            "comment": f"could not push the settings to {admin} (qborg.UpdateSettings, "
+                       f"exit {rc}): if {admin} is not set up yet, its own apply installs "
+                       f"them (qubesctl --skip-dom0 --targets={admin} state.apply qborg); "
+                       f"otherwise start {admin} and apply again. Retried on every run"}
+
+
+def client_repository(config):
+    """This qube's repository as reached through its ``Host qborg`` alias."""
+    settings = _settings(config)
+    vm = __grains__["id"]
+    if vm not in settings["vms"]:
+        raise CommandExecutionError(f"{vm} is not configured under qborg:vms")
+    return core.alias_repository_url(core.vm_server(settings, vm), vm)

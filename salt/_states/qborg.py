@@ -121,3 +121,47 @@ def client_ssh_config(name, config):
         ret["changes"] = out["changes"]
         ret["result"] = None if test else True
     return ret
+
+
+def admin_settings(name, config):
+    """
+    The admin qube's settings file holds the current qborg settings (read by
+    qborg.GetBundle and qborg.UpdateSettings).
+    """
+    ret = _ret(name)
+    test = bool(__opts__.get("test"))
+    try:
+        out = __salt__["qborg.admin_write_settings"](config, test=test)
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["comment"] = str(exc)
+        return ret
+    if out["changed"]:
+        ret["changes"] = {out["path"]: "would update" if test else "updated"}
+        ret["result"] = None if test else True
+        ret["comment"] = ("would update " if test else "updated ") + out["path"]
+    else:
+        ret["comment"] = f"{out['path']} is up to date"
+    return ret
+
+
+def admin_settings_pushed(name, config):
+    """
+    dom0: the admin qube has the settings of the current pillar (pushed with
+    qborg.UpdateSettings when they changed since the last push).
+    """
+    ret = _ret(name)
+    test = bool(__opts__.get("test"))
+    try:
+        out = __salt__["qborg.dom0_push_settings"](config, test=test)
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["comment"] = str(exc)
+        return ret
+    ret["comment"] = out["comment"]
+    if out["changed"]:
+        ret["changes"] = {"settings": "would push" if test else "pushed"}
+        ret["result"] = None if test else True
+    if out.get("warning"):
+        ret.setdefault("warnings", []).append(out["comment"])
+    return ret

@@ -6,6 +6,8 @@ Used by the Salt module and by the installed qborg.GetBundle service, so it
 imports nothing from Salt.
 """
 
+import fcntl
+import json
 import os
 import posixpath
 import shlex
@@ -50,7 +52,10 @@ def pinned_known_hosts_line(settings, known_hosts_path):
 class ServerSession:
     """One SSH connection to the backup server with the full-access admin key."""
 
-    def __init__(self, settings, admin_key_path, known_hosts_path, owner=None, timeout=30):
+    def __init__(self, settings, admin_key_path, known_hosts_path, owner=None, timeout=30,
+                 test=False):
+        # test: a dry run; a host key learned on first use is not stored
+        self.test = test
         self.settings = settings
         self.server = settings["server"]
         self.admin_key_path = admin_key_path
@@ -95,11 +100,19 @@ class ServerSession:
                 pkey=pkey, allow_agent=False, look_for_keys=False, timeout=self.timeout,
                 banner_timeout=self.timeout, auth_timeout=self.timeout,
             )
-        except paramiko.BadHostKeyException:
+        except paramiko.BadHostKeyException as exc:
+            if self.server["host_key"]:
+                fix = ("If you verified the server's new key, set qborg:server:host_key in "
+                       "pillar to it (the line of the server's ssh_host_*_key.pub, "
+                       "e.g. from `ssh-keyscan -p PORT HOST` checked against the provider)")
+            else:
+                fix = (f"If you verified the server's new key, pin it with "
+                       f"qborg:server:host_key in pillar, or delete {self.known_hosts_path} "
+                       f"in the admin qube to learn it again on the next run")
             raise core.QborgServerError(
-                f"host key of {hostname} does not match the pinned key: refusing to connect. "
-                f"If the server's key really changed, set qborg:server:host_key in pillar to the "
-                f"new key (or delete {self.known_hosts_path} in the admin qube to learn it again)"
+                f"host key of {hostname} does not match the pinned key "
+                f"(server offered {exc.key.get_name()} {exc.key.get_base64()[:16]}...): "
+                f"refusing to connect, nothing was uploaded. {fix}"
             ) from None
         except paramiko.AuthenticationException:
             raise core.QborgServerError(
@@ -108,7 +121,7 @@ class ServerSession:
         except (OSError, paramiko.SSHException) as exc:
             raise core.QborgServerError(
                 f"cannot connect to {self.server['user']}@{hostname}: {exc}") from None
-        if learned:
+        if learned and not self.test:
             core.atomic_write(self.known_hosts_path, learned[0] + "\n", 0o644, self.owner)
         return client
 
@@ -239,20 +252,22 @@ def admin_public_key(admin_key_path):
 
 
 def managed_lines(settings, keystore, vms=None):
+    """One authorized_keys line per configured VM that has a key: a VM
+    configured but not provisioned yet gets its line when its key exists."""
     vms = settings["vms"] if vms is None else vms
     return [
         core.authorized_keys_line(vm, keystore.public_key(vm), settings["server"],
                                   settings["vms"][vm]["storage_quota"])
-        for vm in sorted(vms)
+        for vm in sorted(vms) if keystore.has(vm)
     ]
 
 
-def init_repository(settings, vm, keystore, known_hosts_line, owner, home):
-    """`borg init` with the VM's own key, as the admin qube's user; the
-    passphrase travels through a pass command, never argv or the environment."""
-    server = settings["server"]
+def _borg_as_vm(settings, vm, keystore, known_hosts_line, owner):
+    """Environment for borg with the VM's own key, as the admin qube's user;
+    the passphrase travels through a pass command, never argv or the environment."""
     kh_path = os.path.join(keystore.vm_dir(vm), "known_hosts")
-    core.atomic_write(kh_path, known_hosts_line + "\n", 0o644, owner)
+    if core.read_text(kh_path) != known_hosts_line + "\n":
+        core.atomic_write(kh_path, known_hosts_line + "\n", 0o644, owner)
     rsh = " ".join(shlex.quote(x) for x in [
         "ssh", "-i", keystore.key_path(vm), "-o", "IdentitiesOnly=yes",
         "-o", f"UserKnownHostsFile={kh_path}", "-o", "StrictHostKeyChecking=yes",
@@ -265,6 +280,13 @@ def init_repository(settings, vm, keystore, known_hosts_line, owner, home):
         "BORG_BASE_DIR": os.path.join(keystore.base, "borg"),
     }
     core.ensure_dir(env["BORG_BASE_DIR"], 0o700, owner)
+    return env
+
+
+def init_repository(settings, vm, keystore, known_hosts_line, owner, home):
+    """`borg init` with the VM's own key, then export the repository key."""
+    server = core.vm_server(settings, vm)
+    env = _borg_as_vm(settings, vm, keystore, known_hosts_line, owner)
     url = core.repository_url(server, vm)
     proc = core.run_as(["borg", "init", f"--encryption={settings['vms'][vm]['encryption']}",
                         "--remote-path", server["remote_path"], url], owner, home, env)
@@ -272,20 +294,46 @@ def init_repository(settings, vm, keystore, known_hosts_line, owner, home):
         raise core.QborgServerError(
             f"borg init of {url} with {vm}'s key failed (exit {proc.returncode}): "
             f"{proc.stderr.strip()[-400:]}")
+    export_repository_key(settings, vm, keystore, known_hosts_line, owner, home)
+
+
+def export_repository_key(settings, vm, keystore, known_hosts_line, owner, home):
+    """`borg key export` into the keystore (<vm>/repokey, 0600), for offline copies."""
+    server = core.vm_server(settings, vm)
+    env = _borg_as_vm(settings, vm, keystore, known_hosts_line, owner)
+    url = core.repository_url(server, vm)
     export = os.path.join(keystore.vm_dir(vm), "repokey")
+    tmp = export + ".tmp"
     proc = core.run_as(["borg", "key", "export", "--remote-path", server["remote_path"],
-                        url, export], owner, home, env)
+                        url, tmp], owner, home, env)
     if proc.returncode != 0:
         raise core.QborgServerError(
             f"borg key export of {url} failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}")
-    os.chmod(export, 0o600)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, export)
 
 
 def provision(settings, home, owner, vms=None, test=False):
     """Bring the keystore, authorized_keys and repositories in line with the
-    settings. Returns (changes, comments); neither ever holds a secret."""
+    settings. Returns (changes, comments); neither ever holds a secret.
+
+    vms=None is a full run (every configured VM; VMs gone from pillar are
+    marked retired); a list provisions only those VMs (qborg.GetBundle), while
+    the uploaded authorized_keys still carries every VM that has a key.
+    One SSH session and at most one upload, whatever the number of VMs.
+    With test=True nothing is written, locally or on the server."""
+    paths = admin_paths(settings, home)
+    if test:
+        return _provision(settings, home, owner, vms, test)
+    core.ensure_dir(paths["keystore"], 0o700, owner)
+    with KeystoreLock(paths["keystore"], owner):
+        return _provision(settings, home, owner, vms, test)
+
+
+def _provision(settings, home, owner, vms, test):
     paths = admin_paths(settings, home)
     keystore = core.Keystore(paths["keystore"], owner)
+    full_run = vms is None
     vms = sorted(settings["vms"] if vms is None else vms)
     changes, comments = {}, []
 
@@ -298,53 +346,216 @@ def provision(settings, home, owner, vms=None, test=False):
             for vm in missing:
                 keystore.ensure(vm)
             changes["keys"] = {vm: "generated ssh key and passphrase" for vm in missing}
+    if full_run:
+        _retire(settings, keystore, changes, comments, test)
 
     server = settings["server"]
     if not server["upload"]:
-        return changes, comments + [
-            f"provider {server['provider']}: add each VM's public key as an append-only key in "
-            f"the provider's interface"
-        ]
-    if missing and test:
-        comments.append("would upload authorized_keys and create repositories for new VMs")
-        return changes, comments
+        return _provision_without_upload(settings, vms, keystore, owner, home, changes,
+                                         comments, test)
 
-    with ServerSession(settings, paths["admin_key"], paths["known_hosts"], owner) as session:
+    with ServerSession(settings, paths["admin_key"], paths["known_hosts"], owner,
+                       test=test) as session:
         kh_line = pinned_known_hosts_line(settings, paths["known_hosts"])
         old = session.read(ServerSession.AUTHORIZED_KEYS) or ""
-        new = core.render_authorized_keys(old, managed_lines(settings, keystore))
-        if new != old:
+        lines = managed_lines(settings, keystore)
+        new = core.render_authorized_keys(old, lines)
+        if new != old or (test and missing):
             _b, old_lines, _a = core.split_managed_block(old)
-            _b, new_lines, _a = core.split_managed_block(new)
-            added = sorted(set(new_lines) - set(old_lines))
-            removed = sorted(set(old_lines) - set(new_lines))
-            changes["authorized_keys"] = {
-                "added": [l.rsplit(" ", 1)[-1] for l in added],
-                "removed": [l.rsplit(" ", 1)[-1] for l in removed],
-            }
+            diff = _line_changes(old_lines, core.split_managed_block(new)[1])
+            if test:  # the dry run has no keys for new VMs: their lines count as added
+                diff["added"] = sorted(set(diff["added"]) | {f"qborg:{vm}" for vm in missing})
+            changes["authorized_keys"] = diff
+            summary = ", ".join(f"{what} {' '.join(names)}" for what, names in diff.items()
+                                if names) or "rewrite the qborg block"
             if test:
-                comments.append("would upload authorized_keys")
+                comments.append(f"would upload authorized_keys ({summary})")
             else:
                 backup = session.upload_authorized_keys(new, admin_public_key(paths["admin_key"]))
-                comments.append("uploaded authorized_keys"
-                                + (f" (previous kept as {backup})" if backup else ""))
+                comments.append(f"uploaded authorized_keys ({summary})"
+                                + (f"; previous kept on the server as {backup}" if backup else ""))
+        if not test:
+            _record_uploaded(keystore, lines, owner)
         uninitialised = [vm for vm in vms if not session.exists(
             f"{core.repository_path(server, vm)}/config")]
         if uninitialised:
             if test:
                 changes["repositories"] = {vm: "would create" for vm in uninitialised}
+                comments.append(f"would create repositories for {', '.join(uninitialised)}")
             else:
                 session.makedirs(server["repos_dir"])
                 for vm in uninitialised:
                     init_repository(settings, vm, keystore, kh_line, owner, home)
                 changes["repositories"] = {vm: "created" for vm in uninitialised}
+        if not test:
+            exported = _export_missing_keys(settings, vms, keystore, kh_line, owner, home,
+                                            uninitialised)
+            if exported:
+                changes["repository_keys"] = {vm: "exported" for vm in exported}
     return changes, comments
+
+
+def _line_changes(old_lines, new_lines):
+    """Names (qborg:<vm>) of the managed lines added, removed and changed."""
+    def by_name(lines):
+        return {l.rsplit(" ", 1)[-1]: l for l in lines}
+    old, new = by_name(old_lines), by_name(new_lines)
+    return {
+        "added": sorted(set(new) - set(old)),
+        "removed": sorted(set(old) - set(new)),
+        "changed": sorted(n for n in set(old) & set(new) if old[n] != new[n]),
+    }
+
+
+UPLOADED_RECORD = "authorized_keys.qborg"
+
+
+def _record_uploaded(keystore, lines, owner):
+    """Remember the managed lines now on the server (public keys and forced
+    commands only), so qborg.GetBundle can tell without a connection whether
+    a VM still needs provisioning."""
+    path = os.path.join(keystore.base, UPLOADED_RECORD)
+    text = "".join(line + "\n" for line in lines)
+    if core.read_text(path) != text:
+        core.atomic_write(path, text, 0o600, owner)
+
+
+def _export_missing_keys(settings, vms, keystore, kh_line, owner, home, skip):
+    """`borg key export` for repositories initialised before the export existed."""
+    done = []
+    for vm in vms:
+        if vm in skip or os.path.exists(os.path.join(keystore.vm_dir(vm), "repokey")):
+            continue
+        export_repository_key(settings, vm, keystore, kh_line, owner, home)
+        done.append(vm)
+    return done
+
+
+RETIRED_MARK = "retired"
+
+
+def _retire(settings, keystore, changes, comments, test):
+    """A VM gone from pillar keeps its keystore entry (its repository stays on
+    the server, and its key opens it), marked retired with the date."""
+    vms_dir = os.path.join(keystore.base, "vms")
+    try:
+        known = sorted(n for n in os.listdir(vms_dir) if core.valid_qube_name(n))
+    except FileNotFoundError:
+        known = []
+    retire, revive = [], []
+    for vm in known:
+        mark = os.path.join(keystore.vm_dir(vm), RETIRED_MARK)
+        if vm not in settings["vms"] and not os.path.exists(mark):
+            retire.append(vm)
+            if not test:
+                core.atomic_write(mark, time.strftime("%Y-%m-%d\n", time.gmtime()), 0o600,
+                                  keystore.owner)
+        elif vm in settings["vms"] and os.path.exists(mark):
+            revive.append(vm)
+            if not test:
+                os.unlink(mark)
+    if retire:
+        changes["retired"] = {vm: ("would mark retired" if test else "marked retired")
+                              for vm in retire}
+        comments.append(f"{'would retire' if test else 'retired'} {', '.join(retire)}: "
+                        f"keys kept in the keystore, repositories kept on the server")
+    if revive:
+        changes["reactivated"] = {vm: "would reactivate" if test else "reactivated"
+                                  for vm in revive}
+
+
+def _provision_without_upload(settings, vms, keystore, owner, home, changes, comments, test):
+    """Providers whose keys are set in their own interface (BorgBase): print
+    which public key to add, append-only, to which repository; create the
+    repository with the VM's key once the provider accepts it."""
+    server = settings["server"]
+    pending = [vm for vm in vms
+               if not os.path.exists(os.path.join(keystore.vm_dir(vm), "repokey"))]
+    if not pending:
+        return changes, comments
+    if test:
+        changes["repositories"] = {vm: "would create" for vm in pending}
+        comments.append(f"would create repositories for {', '.join(pending)} once their "
+                        f"keys are added in {server['provider']}'s interface")
+        return changes, comments
+    created, todo = [], []
+    for vm in pending:
+        url = core.repository_url(core.vm_server(settings, vm), vm)
+        kh_line = core.vm_known_hosts_line(settings, vm, server["host_key"])
+        try:
+            init_repository(settings, vm, keystore, kh_line, owner, home)
+            created.append(vm)
+        except core.QborgServerError:
+            todo.append(f"add this public key to {url} as an append-only key in "
+                        f"{server['provider']}'s interface: {keystore.public_key(vm)}")
+    if created:
+        changes["repositories"] = {vm: "created" for vm in created}
+    if todo:
+        raise core.QborgServerError(
+            f"provider {server['provider']}: qborg does not upload keys there. "
+            + "; ".join(todo) + ". Then apply qborg to the admin qube again "
+            "(the keys stay as they are)")
+    return changes, comments
+
+
+def needs_provisioning(settings, vm, keystore):
+    """True unless vm has keys, an exported repository key and (where qborg
+    uploads) its current line in the last authorized_keys uploaded."""
+    if not keystore.has(vm) or not os.path.exists(os.path.join(keystore.vm_dir(vm), "repokey")):
+        return True
+    if not settings["server"]["upload"]:
+        return False
+    line = core.authorized_keys_line(vm, keystore.public_key(vm), settings["server"],
+                                     settings["vms"][vm]["storage_quota"])
+    record = core.read_text(os.path.join(keystore.base, UPLOADED_RECORD)) or ""
+    return line not in record.splitlines()
+
+
+class KeystoreLock:
+    """flock on <keystore>/lock: serialises provisioning between the Salt
+    state (root, for the admin user) and qborg.GetBundle (the admin user)."""
+
+    def __init__(self, keystore_base, owner=None):
+        self.path = os.path.join(keystore_base, "lock")
+        self.owner = owner
+        self.fd = None
+
+    def __enter__(self):
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        if self.owner is not None and os.geteuid() == 0:
+            os.fchown(self.fd, self.owner[0], self.owner[1])
+        fcntl.flock(self.fd, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc):
+        os.close(self.fd)
+        return False
+
+
+def provision_on_demand(settings, vm, home):
+    """qborg.GetBundle's provisioning: a VM that is configured but new gets its
+    key, passphrase, authorized_keys line and repository now. Returns True if
+    it provisioned something."""
+    paths = admin_paths(settings, home)
+    keystore = core.Keystore(paths["keystore"])
+    if not needs_provisioning(settings, vm, keystore):
+        return False
+    core.ensure_dir(paths["keystore"], 0o700)
+    with KeystoreLock(paths["keystore"]):
+        # another request or the Salt state may have done it meanwhile
+        if not needs_provisioning(settings, vm, keystore):
+            return False
+        _provision(settings, home, None, [vm], False)
+    return True
 
 
 def bundle_for(settings, vm, home):
     paths = admin_paths(settings, home)
     keystore = core.Keystore(paths["keystore"])
-    kh_line = pinned_known_hosts_line(settings, paths["known_hosts"])
+    if settings["vms"][vm].get("repository") and settings["server"]["host_key"]:
+        kh_line = core.vm_known_hosts_line(settings, vm, settings["server"]["host_key"])
+    else:
+        kh_line = pinned_known_hosts_line(settings, paths["known_hosts"])
     if not keystore.has(vm) or kh_line is None:
         raise core.QborgError(f"{vm} is configured but not provisioned yet: apply qborg to "
                               f"the admin qube {settings['admin_vm']}")
@@ -357,3 +568,88 @@ def audit_line(path, caller, result):
     with open(path, "a", encoding="utf-8") as handle:
         handle.write(f"{stamp} qborg.GetBundle caller={caller} result={result}\n")
     os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+
+
+def audit_event(path, service, caller, result):
+    """One audit line for any qborg qrexec service (caller, result, time)."""
+    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(f"{stamp} {service} caller={caller} result={result}\n")
+    os.chmod(path, stat.S_IRUSR | stat.S_IWUSR)
+
+
+# --------------------------------------------------------------------------
+# qborg.UpdateSettings: dom0 pushes the non-secret settings
+
+# Exit codes of qborg.UpdateSettings: the only thing dom0 reads back.
+SETTINGS_UPDATED = 0
+SETTINGS_UNCHANGED = 100
+SETTINGS_REFUSED = 101
+MAX_SETTINGS_BYTES = 8 << 20
+# what the admin qube decides itself (its own layout), never taken from a push
+LOCAL_KEYS = ("paths", "user")
+
+
+def pushed_settings(raw):
+    """What dom0 pushes: the merged qborg pillar without the admin qube's
+    own layout (paths, user), which its own apply decides."""
+    return {k: v for k, v in raw.items() if k not in LOCAL_KEYS}
+
+
+def update_settings(untrusted_data, settings_path):
+    """Install settings pushed from dom0 into the admin qube's settings file.
+    Returns SETTINGS_UPDATED or SETTINGS_UNCHANGED; raises QborgConfigError
+    (nothing written) when they are unusable."""
+    if len(untrusted_data) > MAX_SETTINGS_BYTES:
+        raise core.QborgConfigError("settings: larger than 8 MiB; refused")
+    try:
+        untrusted = json.loads(untrusted_data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        raise core.QborgConfigError("settings: not a JSON document; refused") from None
+    if not isinstance(untrusted, dict):
+        raise core.QborgConfigError("settings: not a JSON object; refused")
+    current_text = core.read_text(settings_path)
+    if current_text is None:
+        raise core.QborgConfigError(
+            f"settings: {settings_path} does not exist: apply qborg to this qube first")
+    current = json.loads(current_text)
+    raw = dict(untrusted)
+    for key in LOCAL_KEYS:
+        raw.pop(key, None)
+        if key in current:
+            raw[key] = current[key]
+    if raw.get("admin_vm") != current.get("admin_vm"):
+        raise core.QborgConfigError(
+            f"qborg:admin_vm: the settings are for {raw.get('admin_vm')!r}, this qube is "
+            f"{current.get('admin_vm')!r}; refused")
+    core.validate_settings(raw)  # raises naming the pillar field
+    text = core.settings_file_text(raw)
+    if text == current_text:
+        return SETTINGS_UNCHANGED
+    st = os.stat(settings_path)
+    owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
+    core.atomic_write(settings_path, text, 0o644, owner)
+    return SETTINGS_UPDATED
+
+
+def write_settings(raw, settings_path, owner=None, test=False):
+    """The admin's own apply: write the settings file (owned by the admin
+    qube's user, so qborg.UpdateSettings can replace it). True if it changed."""
+    text = core.settings_file_text(raw)
+    directory = os.path.dirname(settings_path)
+    current = core.read_text(settings_path)
+    st = os.stat(settings_path) if current is not None else None
+    dir_st = os.stat(directory) if os.path.isdir(directory) else None
+    ok = (current == text and (st.st_mode & 0o7777) == 0o644
+          and (owner is None or (st.st_uid, st.st_gid) == tuple(owner))
+          and dir_st is not None and (dir_st.st_mode & 0o7777) == 0o755
+          and (owner is None or (dir_st.st_uid, dir_st.st_gid) == tuple(owner)))
+    if ok:
+        return False
+    if not test:
+        core.ensure_dir(directory, 0o755, owner)
+        if current != text or st is None or (st.st_mode & 0o7777) != 0o644 or (
+                owner is not None and (st.st_uid, st.st_gid) != tuple(owner)):
+            core.atomic_write(settings_path, text, 0o644, owner)
+    return True

@@ -45,7 +45,7 @@ RETENTION_KEYS = (
 )
 VM_KEYS = (
     "encryption", "compression", "source_directories", "exclude_patterns",
-    "interval", "retention", "storage_quota", "checks", "monitoring",
+    "interval", "retention", "storage_quota", "checks", "monitoring", "repository",
 )
 INTERVAL_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -54,7 +54,8 @@ PROVIDERS = {
     "generic": {"port": 22, "remote_path": "borg", "upload": True},
     "rsync.net": {"port": 22, "remote_path": "borg14", "upload": True},
     "hetzner": {"port": 23, "remote_path": "borg-1.4", "upload": True},
-    "borgbase": {"port": 22, "remote_path": "borg", "upload": False},
+    "borgbase": {"port": 22, "remote_path": "borg", "upload": False, "per_vm_repository": True,
+                 "host": "repo.borgbase.com", "user": "borgbase"},
 }
 
 
@@ -152,6 +153,9 @@ def _vm_settings(name, defaults, overrides):
     vm["storage_quota"] = None if quota is None else str(quota)
     vm["checks"] = check_consistency_checks(vm.get("checks"), f"{field}:checks")
     vm["monitoring"] = check_monitoring(vm.get("monitoring"), f"{field}:monitoring")
+    vm["repository"] = vm.get("repository") or None
+    if vm["repository"] is not None:
+        parse_repository_url(vm["repository"], f"{field}:repository")
     return vm
 
 
@@ -171,9 +175,12 @@ def validate_settings(raw):
              f"{provider!r} is unknown (known: {', '.join(PROVIDERS)})")
     preset = PROVIDERS[provider]
     host = srv.get("host")
+    server_user = srv.get("user")
+    if preset.get("per_vm_repository") and host is None and server_user is None:
+        # BorgBase: one account per repository, set per VM (vms:<vm>:repository)
+        host, server_user = preset["host"], preset["user"]
     _require(isinstance(host, str) and HOSTNAME_RE.match(host), "qborg:server:host",
              f"{host!r} is not a host name or IPv4 address")
-    server_user = srv.get("user")
     _require(isinstance(server_user, str) and SERVER_USER_RE.match(server_user),
              "qborg:server:user", f"{server_user!r} is not a valid account name")
     port = srv.get("port") if srv.get("port") is not None else preset["port"]
@@ -210,6 +217,8 @@ def validate_settings(raw):
     for key in defaults:
         _require(key in VM_KEYS, f"qborg:defaults:{key}",
                  f"unknown setting (known: {', '.join(VM_KEYS)})")
+    _require(defaults.get("repository") is None, "qborg:defaults:repository",
+             "a repository belongs to one VM: set it under qborg:vms:<vm>:repository")
     vms_raw = raw.get("vms") or {}
     _require(isinstance(vms_raw, dict), "qborg:vms", "must be a mapping of qube names")
     vms = {}
@@ -218,6 +227,13 @@ def validate_settings(raw):
         _require(name != admin_vm, f"qborg:vms:{name}",
                  "the admin qube cannot be a backup client of itself")
         vms[name] = _vm_settings(name, defaults, vms_raw[name])
+        if preset.get("per_vm_repository"):
+            _require(vms[name]["repository"], f"qborg:vms:{name}:repository",
+                     f"provider {provider} needs each VM's repository URL, e.g. "
+                     f"ssh://abcd1234@abcd1234.repo.borgbase.com/./repo")
+            _require(host_key is not None, "qborg:server:host_key",
+                     f"provider {provider}: pin the provider's published host key "
+                     f"(qborg never logs in there with a full-access key to learn it)")
 
     return {
         "admin_vm": admin_vm,
@@ -245,7 +261,8 @@ def expand_home(path, home):
 
 
 def repository_path(server, vm):
-    return f"{server['repos_dir']}/{vm}"
+    # a per-VM repository (vm_server) carries its own path
+    return server.get("repository_path") or f"{server['repos_dir']}/{vm}"
 
 
 def repository_url(server, vm):
@@ -478,7 +495,7 @@ class Keystore:
 
 
 def make_bundle(settings, vm, keystore, known_hosts_line):
-    server = settings["server"]
+    server = vm_server(settings, vm)
     return {
         "format": BUNDLE_FORMAT,
         "vm": vm,
@@ -772,3 +789,47 @@ def render_ssh_config(existing, block):
         rest.append(lines[i])
         i += 1
     return SSH_CONFIG_BEGIN + "\n" + block.rstrip("\n") + "\n" + END_MARKER + "\n" + "".join(rest)
+
+
+# --------------------------------------------------------------------------
+# per-VM repositories (BorgBase: one account per repository)
+
+REPOSITORY_URL_RE = re.compile(
+    r"^ssh://([A-Za-z0-9_][A-Za-z0-9_.-]{0,63})@([A-Za-z0-9][A-Za-z0-9.-]{0,252})"
+    r"(?::([0-9]{1,5}))?/\./([A-Za-z0-9_][A-Za-z0-9_./-]{0,200})\Z"
+)
+
+
+def parse_repository_url(url, field="repository"):
+    """Split ssh://USER@HOST[:PORT]/./PATH; a bad URL names the pillar field."""
+    m = REPOSITORY_URL_RE.match(str(url))
+    _require(m and HOSTNAME_RE.match(m.group(2)) and ".." not in m.group(4).split("/")
+             and (m.group(3) is None or 0 < int(m.group(3)) < 65536), field,
+             f"{url!r} is not a repository URL like ssh://abcd1234@abcd1234.repo.borgbase.com/./repo")
+    return {"user": m.group(1), "host": m.group(2),
+            "port": int(m.group(3)) if m.group(3) else None, "path": m.group(4).rstrip("/")}
+
+
+def vm_server(settings, vm):
+    """The server as this VM reaches it: the shared server, or the VM's own
+    repository account when qborg:vms:<vm>:repository is set."""
+    server = dict(settings["server"])
+    url = settings["vms"][vm].get("repository")
+    if url:
+        parsed = parse_repository_url(url, f"qborg:vms:{vm}:repository")
+        server.update(user=parsed["user"], host=parsed["host"],
+                      port=parsed["port"] or server["port"], repository_path=parsed["path"])
+    return server
+
+
+def vm_known_hosts_line(settings, vm, host_key):
+    """known_hosts line for the VM's server, from a 'TYPE BASE64' host key."""
+    return f"{known_hosts_host(vm_server(settings, vm))} {host_key}"
+
+
+def settings_file_text(raw):
+    """The admin qube's settings file (prefix/etc/qborg/admin.json): the raw
+    merged qborg pillar, one canonical serialisation, so that the admin's
+    own Salt run and qborg.UpdateSettings (pushed from dom0) write the same
+    bytes for the same settings."""
+    return json.dumps(raw, indent=2, sort_keys=True, ensure_ascii=True) + "\n"

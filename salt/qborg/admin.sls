@@ -35,15 +35,11 @@ qborg-admin-lib-{{ lib }}:
       - qborg: qborg-admin-pillar-valid
 {%- endfor %}
 
+{#- owned by the admin qube's user: qborg.UpdateSettings (pushed from dom0)
+    replaces it with the same serialisation #}
 qborg-admin-settings:
-  file.serialize:
-    - name: {{ prefix }}/etc/qborg/admin.json
-    - dataset: {{ qborg | json }}
-    - serializer: json
-    - user: root
-    - group: root
-    - mode: '0644'
-    - makedirs: True
+  qborg.admin_settings:
+    - config: {{ qborg | json }}
     - require:
       - qborg: qborg-admin-pillar-valid
 
@@ -62,7 +58,24 @@ qborg-admin-getbundle-service:
     - require:
       - file: qborg-admin-lib-qborg_core
       - file: qborg-admin-lib-qborg_admin
-      - file: qborg-admin-settings
+      - qborg: qborg-admin-settings
+
+qborg-admin-updatesettings-service:
+  file.managed:
+    - name: {{ prefix }}/etc/qubes-rpc/qborg.UpdateSettings
+    - source: salt://qborg/files/admin/qborg.UpdateSettings.j2
+    - template: jinja
+    - context:
+        lib_dir: {{ (prefix ~ "/lib/qborg") | json }}
+        settings: {{ (prefix ~ "/etc/qborg/admin.json") | json }}
+    - user: root
+    - group: root
+    - mode: '0755'
+    - makedirs: True
+    - require:
+      - file: qborg-admin-lib-qborg_core
+      - file: qborg-admin-lib-qborg_admin
+      - qborg: qborg-admin-settings
 
 qborg-admin-provisioned:
   qborg.admin_provisioned:

@@ -83,7 +83,7 @@ qborg-client-borgbak:
     - context:
         conf: {{ conf | json }}
         state_dir: {{ state_dir | json }}
-        repository: {{ ("ssh://qborg/./" ~ settings.server.repos_dir ~ "/" ~ vm) | json }}
+        repository: {{ salt["qborg.client_repository"](qborg) | json }}
         remote_path: {{ settings.server.remote_path | json }}
     - user: root
     - group: root

@@ -22,3 +22,12 @@ qborg-dom0-policy:
     - makedirs: True
     - require:
       - qborg: qborg-dom0-pillar-valid
+
+{#- pushes the non-secret settings to the admin qube (qborg.UpdateSettings),
+    so a VM added to pillar and applied on its own is known there; runs
+    only when the settings differ from the last push #}
+qborg-dom0-admin-settings:
+  qborg.admin_settings_pushed:
+    - config: {{ qborg | json }}
+    - require:
+      - qborg: qborg-dom0-pillar-valid

@@ -50,7 +50,8 @@ def test_no_secret_in_the_rendered_states(modules):
 def test_dom0_gets_only_the_policy(loaders_for):
     high = loaders_for("dom0").modules.state.show_sls("qborg")
     assert isinstance(high, dict), high
-    assert set(high) == {"qborg-dom0-pillar-valid", "qborg-dom0-policy"}
+    assert {"qborg-dom0-pillar-valid", "qborg-dom0-policy", "qborg-dom0-admin-settings"} <= set(high)
+    assert all(i.startswith("qborg-dom0-") for i in high)
     policy = high["qborg-dom0-policy"]["file"]
     context = next(i["context"] for i in policy if isinstance(i, dict) and "context" in i)
     assert context == {"admin_vm": "backup-admin", "vms": ["vm-personal", "vm-work"]}

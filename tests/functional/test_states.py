@@ -1,6 +1,8 @@
 """The qborg state module through Salt's loader (state.single)."""
 
+import json
 import os
+import pathlib
 import pwd
 import socket
 from unittest import mock
@@ -60,14 +62,14 @@ def admin_config(qborg_config, admin_account):
     return qborg_config
 
 
-def test_admin_provisioned_test_mode_without_keystore(states, admin_config, admin_account):
+def test_admin_provisioned_test_mode_without_admin_key_writes_nothing(states, admin_config,
+                                                                       admin_account):
     _name, home = admin_account
     ret = states.qborg.admin_provisioned(name="qborg-admin-provisioned", config=admin_config,
                                          test=True)
-    assert ret.result is None
-    assert "would generate" in ret.comment
-    assert set(ret.changes["keys"]) == {"vm-personal", "vm-work"}
-    assert not (home / ".local" / "share" / "qborg").exists()
+    # a dry run reads the server like a real run would, and fails like it
+    assert ret.result is False
+    assert f"{home}/.ssh/qborg-admin does not exist" in ret.comment
     assert list(home.iterdir()) == []
 
 
@@ -91,3 +93,67 @@ def test_admin_provisioned_invalid_pillar(states, admin_config):
                                          test=True)
     assert ret.result is False
     assert "qborg:vms:vm work" in ret.comment
+
+
+def test_admin_settings(states, admin_config, tmp_path):
+    admin_config["paths"]["prefix"] = str(tmp_path / "prefix")
+    path = tmp_path / "prefix" / "etc" / "qborg" / "admin.json"
+    ret = states.qborg.admin_settings(name="qborg-admin-settings", config=admin_config, test=True)
+    assert ret.result is None and ret.changes == {str(path): "would update"}
+    assert not (tmp_path / "prefix").exists()
+    ret = states.qborg.admin_settings(name="qborg-admin-settings", config=admin_config)
+    assert ret.result is True and ret.changes == {str(path): "updated"}
+    assert json.loads(path.read_text())["vms"] == admin_config["vms"]
+    ret = states.qborg.admin_settings(name="qborg-admin-settings", config=admin_config)
+    assert ret.result is True and ret.changes == {}
+
+
+QVM_RUN_STUB = """#!/bin/sh
+# test double of dom0's qvm-run: records its arguments and stdin, exits as told
+printf '%s\\n' "$*" > "$0.args"
+cat > "$0.stdin"
+exit $(cat "$0.rc")
+"""
+
+
+@pytest.fixture
+def dom0_push(qborg_config, tmp_path, monkeypatch):
+    qborg_config["paths"]["prefix"] = str(tmp_path / "dom0-prefix")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stub = bin_dir / "qvm-run"
+    stub.write_text(QVM_RUN_STUB)
+    stub.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    record = tmp_path / "dom0-prefix" / "etc" / "qborg" / "pushed-to-backup-admin.json"
+    return qborg_config, stub, record
+
+
+@pytest.mark.parametrize("rc, result, changes, recorded", [
+    (0, True, {"settings": "pushed"}, True),
+    (100, True, {}, True),
+    (101, False, {}, False),
+    (127, True, {}, False),
+])
+def test_admin_settings_pushed(states, dom0_push, rc, result, changes, recorded):
+    config, stub, record = dom0_push
+    pathlib.Path(str(stub) + ".rc").write_text(str(rc))
+    ret = states.qborg.admin_settings_pushed(name="qborg-dom0-admin-settings", config=config,
+                                             test=True)
+    assert ret.result is None and "would push the settings (2 VMs) to backup-admin" in ret.comment
+    assert not pathlib.Path(str(stub) + ".args").exists()
+    ret = states.qborg.admin_settings_pushed(name="qborg-dom0-admin-settings", config=config)
+    assert ret.result is result and ret.changes == changes, ret.comment
+    assert pathlib.Path(str(stub) + ".args").read_text().split() == \
+        ["--pass-io", "--no-gui", "--service", "--", "backup-admin", "qborg.UpdateSettings"]
+    pushed = json.loads(pathlib.Path(str(stub) + ".stdin").read_text())
+    assert "paths" not in pushed and "user" not in pushed
+    assert set(pushed["vms"]) == {"vm-personal", "vm-work"}
+    assert record.exists() is recorded
+    if rc == 127:
+        assert "retried on every run" in ret.comment.lower()
+    if recorded:  # the same settings again: no call at all
+        pathlib.Path(str(stub) + ".args").unlink()
+        again = states.qborg.admin_settings_pushed(name="qborg-dom0-admin-settings", config=config)
+        assert again.result is True and again.changes == {}
+        assert not pathlib.Path(str(stub) + ".args").exists()

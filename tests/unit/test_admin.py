@@ -73,13 +73,12 @@ def test_managed_lines_one_per_vm_sorted(settings, tmp_path):
     assert all(l.startswith('restrict,command="borg serve --append-only') for l in lines)
 
 
-def test_provision_test_mode_touches_nothing_and_connects_nowhere(settings, tmp_path):
+def test_provision_test_mode_writes_nothing_even_when_it_fails(settings, tmp_path):
     home = tmp_path / "home"
     home.mkdir()
-    changes, comments = admin.provision(settings, str(home), None, test=True)
-    assert changes == {"keys": {"vm-personal": "would generate ssh key and passphrase",
-                                "vm-work": "would generate ssh key and passphrase"}}
-    assert any("would generate keys for vm-personal, vm-work" in c for c in comments)
+    # a dry run still looks at the server, read-only: here it has no admin key
+    with pytest.raises(core.QborgServerError, match="qborg-admin does not exist"):
+        admin.provision(settings, str(home), None, test=True)
     assert tree(home) == []
 
 
@@ -105,13 +104,22 @@ def test_provision_unreachable_server_fails_naming_it(settings, tmp_path):
     assert private.splitlines()[1] not in message
 
 
-def test_provision_for_borgbase_never_connects(settings, tmp_path):
-    settings["server"].update(provider="borgbase", upload=False)
-    changes, comments = admin.provision(settings, str(tmp_path), None)
-    assert set(changes["keys"]) == {"vm-personal", "vm-work"}
-    assert any("append-only key in the provider's interface" in c for c in comments)
-    again, _ = admin.provision(settings, str(tmp_path), None)
-    assert again == {}
+def test_provision_for_borgbase_uploads_nothing_and_names_each_key_to_add(settings, tmp_path):
+    settings["server"].update(provider="borgbase", upload=False, host_key=HOST_KEY)
+    with pytest.raises(core.QborgServerError) as exc:
+        admin.provision(settings, str(tmp_path), None)
+    store = core.Keystore(str(tmp_path / ".local" / "share" / "qborg"))
+    message = str(exc.value)
+    assert "admin key" not in message  # no session with the full-access key
+    for vm in ("vm-personal", "vm-work"):
+        url = core.repository_url(settings["server"], vm)
+        assert f"add this public key to {url} as an append-only key" in message
+        assert store.public_key(vm) in message
+        assert store.passphrase(vm) not in message
+    keys = {vm: store.public_key(vm) for vm in ("vm-personal", "vm-work")}
+    with pytest.raises(core.QborgServerError):
+        admin.provision(settings, str(tmp_path), None)
+    assert {vm: store.public_key(vm) for vm in keys} == keys
 
 
 def test_bundle_for(settings, tmp_path):

@@ -53,13 +53,24 @@ def test_no_vms_is_valid(merge):
 ])
 def test_provider_presets(merged, provider, port, remote_path):
     merged["server"]["provider"] = provider
+    if provider == "borgbase":
+        as_borgbase(merged)
     server = core.validate_settings(merged)["server"]
     assert server["provider"] == provider
     assert (server["port"], server["remote_path"]) == (port, remote_path)
 
 
+def as_borgbase(merged):
+    """BorgBase: one account per repository, set per VM; its host key pinned."""
+    merged["server"].update(provider="borgbase", host_key="ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB1c")
+    for i, vm in enumerate(sorted(merged["vms"])):
+        merged["vms"][vm] = dict(merged["vms"][vm] or {},
+                                 repository=f"ssh://r{i}x@r{i}x.repo.borgbase.com/./repo")
+    return merged
+
+
 def test_only_borgbase_is_not_uploaded(merged):
-    merged["server"]["provider"] = "borgbase"
+    as_borgbase(merged)
     assert core.validate_settings(merged)["server"]["upload"] is False
     merged["server"]["provider"] = "hetzner"
     assert core.validate_settings(merged)["server"]["upload"] is True

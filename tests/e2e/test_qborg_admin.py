@@ -1,0 +1,369 @@
+"""The backup-admin qube in the lab: lock-out safe upload with a real
+rollback, host-key pinning, dry runs that write nothing, a VM added to pillar
+and applied on its own, retirement, qborg.UpdateSettings' access control,
+and one upload for many VMs."""
+
+import glob
+import hashlib
+import json
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "salt", "_utils"))
+
+import qborg_admin as admin  # noqa: E402
+import qborg_core as core  # noqa: E402
+
+NEW_VM = "vm-new"
+
+
+def changed(result):
+    return sorted(v["__id__"] for v in result.values() if v.get("changes"))
+
+
+def failed(result):
+    return {v["__id__"]: v["comment"] for v in result.values() if v.get("result") is False}
+
+
+def by_id(result, state_id):
+    return next(v for v in result.values() if v["__id__"] == state_id)
+
+
+def applied_ok(lab, qube, test=False):
+    rc, result = lab.apply(qube, test=test)
+    assert rc == 0 and isinstance(result, dict) and not failed(result), \
+        (qube, failed(result) if isinstance(result, dict) else result)
+    return result
+
+
+def snapshot(*roots):
+    """{path: (sha256, mode, uid, mtime_ns)} of every file and directory under roots."""
+    found = {}
+    for root in roots:
+        for path in [root] + glob.glob(os.path.join(root, "**"), recursive=True) \
+                + glob.glob(os.path.join(root, "**", ".*"), recursive=True):
+            if os.path.islink(path) or not os.path.exists(path):
+                continue
+            st = os.stat(path)
+            digest = None
+            if os.path.isfile(path):
+                with open(path, "rb") as f:
+                    digest = hashlib.sha256(f.read()).hexdigest()
+            found[path] = (digest, st.st_mode, st.st_uid, st.st_mtime_ns)
+    return found
+
+
+def server_home(lab):
+    return lab.home(lab.server_user)
+
+
+def admin_settings(lab):
+    with open(os.path.join(lab.prefix("backup-admin"), "etc", "qborg", "admin.json")) as f:
+        return core.validate_settings(json.load(f))
+
+
+def admin_owner(lab):
+    entry = pwd.getpwnam(lab.user("backup-admin"))
+    return (entry.pw_uid, entry.pw_gid)
+
+
+def read_bytes(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture(scope="module")
+def admin_lab(lab):
+    """dom0 and backup-admin applied; the user pillar restored afterwards."""
+    pillar = lab.user_pillar()
+    for qube in ("dom0", "backup-admin"):
+        applied_ok(lab, qube)
+    yield lab
+    lab.set_pillar(pillar)
+
+
+# ------------------------------------------------------------ must-show 2
+
+
+def test_upload_dropping_the_admin_key_is_refused_before_anything_is_written(admin_lab,
+                                                                            monkeypatch):
+    lab = admin_lab
+    before = snapshot(server_home(lab))
+    real = core.render_authorized_keys
+
+    def without_admin(existing, lines):
+        text = real(existing, lines + ["# rendered by the test"])
+        return "".join(l for l in text.splitlines(keepends=True) if "qborg-lab-admin" not in l)
+
+    monkeypatch.setattr(core, "render_authorized_keys", without_admin)
+    with pytest.raises(core.QborgServerError, match="lacks the admin key.*nothing was written"):
+        admin.provision(admin_settings(lab), lab.home("backup-admin"), admin_owner(lab))
+    assert snapshot(server_home(lab)) == before
+
+
+def test_login_failure_after_upload_is_rolled_back_byte_for_byte(admin_lab, monkeypatch):
+    lab = admin_lab
+    original = read_bytes(lab.authorized_keys_path)
+    before = set(os.listdir(os.path.dirname(lab.authorized_keys_path)))
+    real = core.render_authorized_keys
+
+    def admin_only_from_elsewhere(existing, lines):
+        # still carries the admin key, but sshd no longer lets it in from 127.0.0.1
+        text = real(existing, lines)
+        return "".join('from="192.0.2.1" ' + l if "qborg-lab-admin" in l else l
+                       for l in text.splitlines(keepends=True))
+
+    monkeypatch.setattr(core, "render_authorized_keys", admin_only_from_elsewhere)
+    with pytest.raises(core.QborgServerError) as exc:
+        admin.provision(admin_settings(lab), lab.home("backup-admin"), admin_owner(lab))
+    message = str(exc.value)
+    assert "could no longer log in" in message and "refused the admin key" in message
+    assert "previous file was restored" in message
+    assert read_bytes(lab.authorized_keys_path) == original
+    # the upload really happened: its dated backup is on the server, no temp file is left
+    added = set(os.listdir(os.path.dirname(lab.authorized_keys_path))) - before
+    assert len(added) == 1 and added.pop().startswith("authorized_keys.qborg-2")
+    monkeypatch.undo()
+    changes, _ = admin.provision(admin_settings(lab), lab.home("backup-admin"), admin_owner(lab))
+    assert "authorized_keys" not in changes  # the admin logs in as before
+
+
+# ------------------------------------------------------------ must-show 3
+
+
+def test_host_key_mismatch_names_the_host_and_the_fix_and_uploads_nothing(admin_lab):
+    lab = admin_lab
+    before = snapshot(server_home(lab))
+    settings = admin_settings(lab)
+    settings["server"]["host_key"] = core.generate_ssh_key("x")[1].rsplit(" ", 1)[0]
+    with pytest.raises(core.QborgServerError) as exc:
+        admin.provision(settings, lab.home("backup-admin"), admin_owner(lab))
+    message = str(exc.value)
+    assert f"host key of [127.0.0.1]:{lab.port} does not match the pinned key" in message
+    assert "nothing was uploaded" in message and "qborg:server:host_key" in message
+    assert snapshot(server_home(lab)) == before
+
+
+def test_learned_host_key_mismatch_says_how_to_re_pin(admin_lab, tmp_path):
+    lab = admin_lab
+    before = snapshot(server_home(lab))
+    settings = admin_settings(lab)
+    settings["server"].update(host_key=None, admin_key=lab.admin_key_path)
+    settings["vms"] = {}
+    keystore = tmp_path / ".local" / "share" / "qborg"
+    keystore.mkdir(parents=True)
+    wrong = core.generate_ssh_key("x")[1].rsplit(" ", 1)[0]
+    (keystore / "known_hosts").write_text(f"[127.0.0.1]:{lab.port} {wrong}\n")
+    with pytest.raises(core.QborgServerError) as exc:
+        admin.provision(settings, str(tmp_path), None)
+    message = str(exc.value)
+    assert f"[127.0.0.1]:{lab.port}" in message and str(keystore / "known_hosts") in message
+    assert "qborg:server:host_key" in message
+    assert snapshot(server_home(lab)) == before
+    # first use on an empty keystore learns the key; the next run trusts it
+    (keystore / "known_hosts").unlink()
+    with admin.ServerSession(settings, lab.admin_key_path, str(keystore / "known_hosts")):
+        pass
+    assert (keystore / "known_hosts").read_text() == f"[127.0.0.1]:{lab.port} {lab.host_key}\n"
+
+
+# ------------------------------------------------------------ must-show 5
+
+
+def test_dry_run_after_a_pillar_change_writes_nothing_anywhere(admin_lab):
+    lab = admin_lab
+    pillar = lab.user_pillar()
+    changed_pillar = json.loads(json.dumps(pillar))
+    vms = changed_pillar["qborg"]["vms"]
+    vms["vm-extra"] = {}
+    vms["vm-personal"] = dict(vms.get("vm-personal") or {}, storage_quota="5G")
+    lab.set_pillar(changed_pillar)
+    roots = (lab.home("backup-admin"), lab.prefix("backup-admin"), server_home(lab),
+             lab.prefix("dom0"), lab.policy_dir())
+    before = snapshot(*roots)
+    try:
+        admin_result = applied_ok(lab, "backup-admin", test=True)
+        dom0_result = applied_ok(lab, "dom0", test=True)
+    finally:
+        lab.set_pillar(pillar)
+    assert snapshot(*roots) == before
+    provisioned = by_id(admin_result, "qborg-admin-provisioned")
+    assert provisioned["result"] is None
+    comment = provisioned["comment"]
+    assert "would generate keys for vm-extra" in comment
+    assert "added qborg:vm-extra" in comment and "changed qborg:vm-personal" in comment
+    assert "would create repositories for vm-extra" in comment
+    assert by_id(admin_result, "qborg-admin-settings")["result"] is None
+    assert by_id(dom0_result, "qborg-dom0-admin-settings")["result"] is None
+    assert "PRIVATE" not in json.dumps(admin_result)
+
+
+# ------------------------------------------------------------ must-show 4
+
+
+def test_vm_added_to_pillar_and_applied_alone_ends_with_a_working_backup(admin_lab):
+    lab = admin_lab
+    lab.add_qube(NEW_VM)
+    pillar = lab.user_pillar()
+    pillar["qborg"]["vms"][NEW_VM] = {"storage_quota": "10G"}
+    lab.set_pillar(pillar)
+    # qubesctl --targets=vm-new state.apply qborg: dom0 first, then the VM
+    dom0 = applied_ok(lab, "dom0")
+    assert {"qborg-dom0-policy", "qborg-dom0-admin-settings"} <= set(changed(dom0))
+    result = applied_ok(lab, NEW_VM)
+    assert "qborg-client-bundle" in changed(result)
+
+    lab.run(NEW_VM, ["sh", "-c", "mkdir -p ~/Documents && echo hello > ~/Documents/a.txt"])
+    out = lab.run(NEW_VM, ["borgmatic", "--syslog-verbosity", "-1", "create"], check=False)
+    assert out.returncode == 0, out.stdout + out.stderr
+    archives = lab.run(NEW_VM, ["borgbak", "list", "--short"]).stdout.split()
+    assert len(archives) == 1 and archives[0].startswith(NEW_VM + "-")
+
+    keystore = os.path.join(lab.home("backup-admin"), ".local", "share", "qborg")
+    pub = " ".join(open(os.path.join(keystore, "vms", NEW_VM, "ssh_key.pub")).read().split()[:2])
+    expected = ('restrict,command="borg serve --append-only --restrict-to-repository '
+                f'qborg/{NEW_VM} --storage-quota 10G" {pub} qborg:{NEW_VM}')
+    assert expected in open(lab.authorized_keys_path).read().splitlines()
+    repokey = os.path.join(keystore, "vms", NEW_VM, "repokey")
+    assert open(repokey).read().startswith("BORG_KEY ")
+    assert os.stat(repokey).st_mode & 0o777 == 0o600
+    audit = open(os.path.join(lab.home("backup-admin"), ".local", "state", "qborg",
+                              "audit.log")).read().splitlines()
+    assert f"qborg.GetBundle caller={NEW_VM} result=ok (provisioned now)" in audit[-1]
+    assert any("qborg.UpdateSettings caller=dom0 result=updated" in l for l in audit)
+    for qube in ("dom0", NEW_VM):
+        assert changed(applied_ok(lab, qube)) == [], qube
+
+
+def test_vm_removed_from_pillar_leaves_authorized_keys_and_is_retired(admin_lab):
+    lab = admin_lab
+    pillar = lab.user_pillar()
+    assert pillar["qborg"]["vms"].pop(NEW_VM, None) is not None, "runs after the previous test"
+    lab.set_pillar(pillar)
+    applied_ok(lab, "dom0")
+    result = applied_ok(lab, "backup-admin")
+    provisioned = by_id(result, "qborg-admin-provisioned")
+    assert provisioned["changes"]["retired"] == {NEW_VM: "marked retired"}
+    assert provisioned["changes"]["authorized_keys"]["removed"] == [f"qborg:{NEW_VM}"]
+    assert f"qborg:{NEW_VM}" not in open(lab.authorized_keys_path).read()
+    assert os.path.exists(os.path.join(server_home(lab), "qborg", NEW_VM, "config"))
+    vm_dir = os.path.join(lab.home("backup-admin"), ".local", "share", "qborg", "vms", NEW_VM)
+    assert os.path.exists(os.path.join(vm_dir, "retired"))
+    assert os.path.exists(os.path.join(vm_dir, "ssh_key"))
+    assert changed(applied_ok(lab, "backup-admin")) == []
+
+
+# ------------------------------------------------- qborg.UpdateSettings access
+
+
+def test_only_dom0_may_push_settings(admin_lab):
+    lab = admin_lab
+    settings_path = os.path.join(lab.prefix("backup-admin"), "etc", "qborg", "admin.json")
+    before = read_bytes(settings_path)
+    service = os.path.join(lab.rpc_dir("backup-admin"), "qborg.UpdateSettings")
+    evil = json.dumps({"admin_vm": "backup-admin", "vms": {"vm-evil": {}}})
+    # a qube: dom0's policy has no rule for it
+    out = lab.run("vm-personal", ["qrexec-client-vm", "backup-admin", "qborg.UpdateSettings"],
+                  check=False, input=evil)
+    assert out.returncode == 126
+    # even when run with another caller's identity, the service refuses
+    out = lab.run("backup-admin", [service], check=False, input=evil,
+                  env={"QREXEC_REMOTE_DOMAIN": "vm-personal"})
+    assert out.returncode == admin.SETTINGS_REFUSED
+    # dom0 with settings that do not validate
+    qvm_run = os.path.join(lab.bin_dir, "qvm-run")
+    bad = json.loads(before)
+    bad["vms"]["vm bad"] = {}
+    for data in ("{not json", json.dumps(bad)):
+        proc = subprocess.run(
+            [qvm_run, "--pass-io", "--service", "--", "backup-admin", "qborg.UpdateSettings"],
+            input=data, text=True, capture_output=True, env={"PATH": "/usr/bin:/bin"})
+        assert proc.returncode == admin.SETTINGS_REFUSED, proc.stderr
+    assert read_bytes(settings_path) == before
+    log = open(os.path.join(lab.home("backup-admin"), ".local", "state", "qborg",
+                            "audit.log")).read()
+    assert "qborg.UpdateSettings caller=vm-personal result=refused" in log
+
+
+# ------------------------------------------------------------ must-show 6
+
+
+def test_many_vms_cost_one_session_and_one_upload(admin_lab, monkeypatch):
+    lab = admin_lab
+    n = 60
+    settings = admin_settings(lab)
+    home, owner = lab.home("backup-admin"), admin_owner(lab)
+    store = core.Keystore(os.path.join(home, ".local", "share", "qborg"), owner)
+    many = [f"vm-scale{i:03d}" for i in range(n)]
+    srv = pwd.getpwnam(lab.server_user)
+    for vm in many:
+        settings["vms"][vm] = dict(settings["vms"]["vm-work"])
+        store.ensure(vm)
+        # the repositories exist already: this counts the upload, not n borg inits
+        open(os.path.join(store.vm_dir(vm), "repokey"), "w").close()
+        repo = os.path.join(server_home(lab), "qborg", vm)
+        os.makedirs(repo, exist_ok=True)
+        open(os.path.join(repo, "config"), "w").close()
+        os.chown(repo, srv.pw_uid, srv.pw_gid)
+    counts = {"connections": 0, "uploads": 0}
+    real_client, real_upload = admin.ServerSession._new_client, \
+        admin.ServerSession.upload_authorized_keys
+
+    def counting_client(self):
+        counts["connections"] += 1
+        return real_client(self)
+
+    def counting_upload(self, *args):
+        counts["uploads"] += 1
+        return real_upload(self, *args)
+
+    monkeypatch.setattr(admin.ServerSession, "_new_client", counting_client)
+    monkeypatch.setattr(admin.ServerSession, "upload_authorized_keys", counting_upload)
+    try:
+        changes, _ = admin.provision(settings, home, owner)
+        # one session, plus the fresh login that proves the admin still gets in
+        assert counts == {"connections": 2, "uploads": 1}
+        assert sorted(changes["authorized_keys"]["added"]) == [f"qborg:{vm}" for vm in many]
+        text = open(lab.authorized_keys_path).read()
+        block = core.split_managed_block(text)[1]
+        assert block == admin.managed_lines(settings, store)
+        assert len(block) == n + len(admin_settings(lab)["vms"])
+    finally:
+        monkeypatch.undo()
+        admin.provision(admin_settings(lab), home, owner)  # back to the pillar's VMs
+        for vm in many:
+            shutil.rmtree(store.vm_dir(vm))
+            shutil.rmtree(os.path.join(server_home(lab), "qborg", vm))
+    assert "vm-scale" not in open(lab.authorized_keys_path).read()
+
+
+def test_getbundle_answers_only_for_the_caller_and_audits_each_request(admin_lab):
+    lab = admin_lab
+    service = os.path.join(lab.rpc_dir("backup-admin"), "qborg.GetBundle")
+    audit = os.path.join(lab.home("backup-admin"), ".local", "state", "qborg", "audit.log")
+    before = len(open(audit).read().splitlines())
+    cases = [("vm-unknown", "refused: not configured"), ("dom0", "refused: invalid caller name"),
+             ("vm-personal\n", "refused: invalid caller name"), ("", "refused: invalid caller name")]
+    for caller, result in cases:
+        out = lab.run("backup-admin", [service], check=False, input="vm-work\n",
+                      env={"QREXEC_REMOTE_DOMAIN": caller})
+        assert out.returncode != 0 and out.stdout == "", caller
+    # argument and stdin name another VM: ignored, the bundle is the caller's
+    out = lab.run("backup-admin", [service], check=False, input='{"vm": "vm-work"}\n',
+                  env={"QREXEC_REMOTE_DOMAIN": "vm-personal",
+                       "QREXEC_SERVICE_ARGUMENT": "vm-work"})
+    assert out.returncode == 0
+    bundle = core.parse_bundle(out.stdout, "vm-personal")
+    lines = open(audit).read().splitlines()[before:]
+    assert len(lines) == len(cases) + 1
+    for line, (_caller, result) in zip(lines, cases):
+        assert line.endswith(f"result={result}")
+    assert lines[-1].endswith("qborg.GetBundle caller=vm-personal result=ok")
+    text = "\n".join(lines)
+    assert bundle["passphrase"] not in text and "PRIVATE" not in text

@@ -1,0 +1,113 @@
+"""Provider presets rendered end to end: forced command, repository URL,
+client-side alias and ssh config; and the README's table agrees with them."""
+
+import json
+import re
+
+import pytest
+
+import qborg_admin as admin
+import qborg_core as core
+
+from .conftest import REPO
+
+VM_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGn7bVbOqNvN0KkT2bNwF7WcUmM2zA0lH3c4ZLgN8Q1x"
+BORGBASE_HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOstKfBbwVOYQh3J7X4nzd6/VYgLfaucP9z5n4cpSzcZ"
+
+
+def only(merge, server, vms=None):
+    """A pillar with nothing in qborg:server but what the test names."""
+    raw = merge({"vms": vms or {"vm-personal": {}}})
+    raw["server"] = dict(server)
+    return core.validate_settings(raw)
+
+
+def test_rsync_net_preset_needs_only_host_and_user(merge):
+    s = only(merge, {"provider": "rsync.net", "host": "de1234.rsync.net", "user": "de1234"})
+    line = core.authorized_keys_line("vm-personal", VM_KEY, s["server"])
+    assert line == ('restrict,command="borg14 serve --append-only --restrict-to-repository '
+                    f'qborg/vm-personal" {VM_KEY} qborg:vm-personal')
+    assert core.repository_url(core.vm_server(s, "vm-personal"), "vm-personal") == \
+        "ssh://de1234@de1234.rsync.net:22/./qborg/vm-personal"
+    assert core.known_hosts_host(s["server"]) == "de1234.rsync.net"
+    assert s["server"]["upload"] is True
+
+
+def test_hetzner_preset_storage_box(merge):
+    s = only(merge, {"provider": "hetzner", "host": "u1234.your-storagebox.de", "user": "u1234"},
+             {"vm-personal": {"storage_quota": "100G"}})
+    line = core.authorized_keys_line(
+        "vm-personal", VM_KEY, s["server"], s["vms"]["vm-personal"]["storage_quota"])
+    assert 'command="borg-1.4 serve --append-only --restrict-to-repository qborg/vm-personal ' \
+           '--storage-quota 100G"' in line
+    assert core.repository_url(core.vm_server(s, "vm-personal"), "vm-personal") == \
+        "ssh://u1234@u1234.your-storagebox.de:23/./qborg/vm-personal"
+    assert core.known_hosts_host(s["server"]) == "[u1234.your-storagebox.de]:23"
+
+
+def borgbase(merge, **vms):
+    return only(merge, {"provider": "borgbase", "host_key": BORGBASE_HOST_KEY},
+                {vm: {"repository": url} for vm, url in vms.items()})
+
+
+def test_borgbase_one_account_per_vm_repository(merge, tmp_path):
+    s = borgbase(merge, **{"vm-personal": "ssh://a1b2c3d4@a1b2c3d4.repo.borgbase.com/./repo",
+                           "vm-work": "ssh://e5f6a7b8@e5f6a7b8.repo.borgbase.com/./repo"})
+    assert s["server"]["upload"] is False and s["server"]["remote_path"] == "borg"
+    work = core.vm_server(s, "vm-work")
+    assert core.repository_url(work, "vm-work") == "ssh://e5f6a7b8@e5f6a7b8.repo.borgbase.com:22/./repo"
+    assert core.alias_repository_url(work, "vm-work") == "ssh://qborg/./repo"
+    block = core.ssh_config_block(work, "/k", "/kh")
+    assert "HostName e5f6a7b8.repo.borgbase.com" in block and "User e5f6a7b8" in block
+    store = core.Keystore(str(tmp_path / ".local" / "share" / "qborg"))
+    store.ensure("vm-work")
+    # the bundle pins BorgBase's host key for the VM's own host
+    open(store.vm_dir("vm-work") + "/repokey", "w").close()
+    bundle = core.parse_bundle(json.dumps(admin.bundle_for(s, "vm-work", str(tmp_path))), "vm-work")
+    assert bundle["repository"] == "ssh://e5f6a7b8@e5f6a7b8.repo.borgbase.com:22/./repo"
+    assert bundle["known_hosts"] == f"e5f6a7b8.repo.borgbase.com {BORGBASE_HOST_KEY}"
+    conf = core.borgmatic_config("vm-work", s["vms"]["vm-work"], work, "/home/user", "/p", "1.7.7")
+    assert conf["location"]["repositories"] == ["ssh://qborg/./repo"]
+
+
+@pytest.mark.parametrize("vms, field", [
+    ({"vm-personal": {}}, "qborg:vms:vm-personal:repository"),
+    ({"vm-personal": {"repository": "https://borgbase.com/repo"}}, "qborg:vms:vm-personal:repository"),
+    ({"vm-personal": {"repository": "ssh://a@b.repo.borgbase.com/./../x"}},
+     "qborg:vms:vm-personal:repository"),
+])
+def test_borgbase_needs_a_valid_repository_per_vm(merge, vms, field):
+    raw = merge({"vms": vms})
+    raw["server"] = {"provider": "borgbase", "host_key": BORGBASE_HOST_KEY}
+    with pytest.raises(core.QborgConfigError, match=re.escape(field)):
+        core.validate_settings(raw)
+
+
+def test_borgbase_needs_the_pinned_host_key(merge):
+    raw = merge({"vms": {"vm-personal": {"repository": "ssh://a1@a1.repo.borgbase.com/./repo"}}})
+    raw["server"] = {"provider": "borgbase"}
+    with pytest.raises(core.QborgConfigError, match="qborg:server:host_key"):
+        core.validate_settings(raw)
+
+
+def test_a_repository_is_never_a_default(merge):
+    raw = merge({"server": {"host": "h.example", "user": "u"},
+                 "defaults": {"repository": "ssh://a1@a1.repo.borgbase.com/./repo"}})
+    with pytest.raises(core.QborgConfigError, match="qborg:defaults:repository"):
+        core.validate_settings(raw)
+
+
+def test_explicit_values_override_the_preset(merge):
+    s = only(merge, {"provider": "rsync.net", "host": "de1234.rsync.net", "user": "de1234",
+                     "port": 2222, "remote_path": "borg12"})
+    assert core.forced_command(s["server"], "vm").startswith("borg12 serve")
+    assert core.repository_url(s["server"], "vm") == "ssh://de1234@de1234.rsync.net:2222/./qborg/vm"
+
+
+def test_readme_provider_table_matches_the_presets():
+    text = (REPO / "README.md").read_text()
+    rows = re.findall(r"^\| `([a-z.]+)`[^|]*\| (\d+) \| `([^`]+)` \|", text, re.M)
+    assert {name for name, _p, _r in rows} == set(core.PROVIDERS)
+    for name, port, remote_path in rows:
+        assert (int(port), remote_path) == (core.PROVIDERS[name]["port"],
+                                           core.PROVIDERS[name]["remote_path"]), name
