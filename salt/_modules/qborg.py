@@ -27,6 +27,7 @@ from salt.exceptions import CommandExecutionError
 try:
     import qborg_admin
     import qborg_core as core
+    import qborg_maint
 except ImportError:  # salt-call before a sync: load from the formula tree
     _here = os.path.dirname(os.path.abspath(__file__))
     for _d in (os.path.join(_here, os.pardir, "utils"), os.path.join(_here, os.pardir, "_utils")):
@@ -35,6 +36,7 @@ except ImportError:  # salt-call before a sync: load from the formula tree
             break
     import qborg_admin
     import qborg_core as core
+    import qborg_maint
 
 __virtualname__ = "qborg"
 
@@ -174,6 +176,7 @@ def client_install_bundle(config, test=False):
             if not test:
                 core.ensure_dir(paths["conf_dir"], 0o700, owner)
                 core.atomic_write(path, content, 0o600, owner)
+    changes.update(_client_passphrase_next(paths, bundle, owner, test))
     if not test and not changes:
         core.ensure_dir(paths["conf_dir"], 0o700, owner)
     return {"changes": changes}
@@ -415,3 +418,79 @@ def client_repository(config):
     if vm not in settings["vms"]:
         raise CommandExecutionError(f"{vm} is not configured under qborg:vms")
     return core.alias_repository_url(core.vm_server(settings, vm), vm)
+
+
+def _client_passphrase_next(paths, bundle, owner, test):
+    """During a key rotation the bundle carries the next repository
+    passphrase: keep it beside the current one (qborg-backup tries it when
+    the current one is refused, i.e. once the admin changed it); without a
+    rotation no such file stays."""
+    path = paths["passphrase"] + ".next"
+    wanted = bundle.get("passphrase_next")
+    current = core.read_text(path)
+    if wanted is None:
+        if current is None:
+            return {}
+        if not test:
+            os.unlink(path)
+        return {"passphrase_next": "would remove" if test else "removed"}
+    if (not isinstance(wanted, str) or any(c in wanted for c in "\r\n\0")
+            or len(wanted) < 20):
+        raise CommandExecutionError("bundle field 'passphrase_next' is not a valid passphrase")
+    content = wanted.strip() + "\n"
+    if current == content and (os.stat(path).st_mode & 0o777) == 0o600:
+        return {}
+    if not test:
+        core.ensure_dir(paths["conf_dir"], 0o700, owner)
+        core.atomic_write(path, content, 0o600, owner)
+    return {"passphrase_next": "would update" if test else ("updated" if current else "created")}
+
+
+def status(config):
+    """
+    Per configured VM: the last archive's time and age, archive count,
+    repository size, audit alarm, key age, stale flag (admin qube only).
+    """
+    settings = _settings(config)
+    owner, home = _account(settings["user"])
+    try:
+        return qborg_maint.status(settings, home, owner)
+    except core.QborgError as exc:
+        raise CommandExecutionError(str(exc)) from None
+
+
+def maintain(config, vms=None, check=None):
+    """
+    Audit every repository, then prune, compact and (when due, or with
+    ``check=True``) check those whose audit is clean (admin qube only).
+    """
+    settings = _settings(config)
+    owner, home = _account(settings["user"])
+    raw = json.loads(config) if isinstance(config, str) else config
+    try:
+        maint = qborg_maint.maintenance_settings(raw)
+        return qborg_maint.run_maintenance(settings, maint, home, owner, vms=vms, check=check)
+    except core.QborgError as exc:
+        raise CommandExecutionError(str(exc)) from None
+
+
+def maintenance_settings(config):
+    """The validated ``qborg:maintenance`` settings."""
+    raw = json.loads(config) if isinstance(config, str) else config
+    try:
+        return qborg_maint.maintenance_settings(raw)
+    except core.QborgError as exc:
+        raise CommandExecutionError(str(exc)) from None
+
+
+def rotate(config, vm):
+    """
+    Start, or advance, the rotation of ``vm``'s ssh key and repository
+    passphrase (admin qube only). Returns ``{"vm", "stage", "message"}``.
+    """
+    settings = _settings(config)
+    owner, home = _account(settings["user"])
+    try:
+        return qborg_maint.rotate(settings, home, owner, vm)
+    except core.QborgError as exc:
+        raise CommandExecutionError(str(exc)) from None

@@ -165,3 +165,17 @@ def admin_settings_pushed(name, config):
     if out.get("warning"):
         ret.setdefault("warnings", []).append(out["comment"])
     return ret
+
+
+def maintenance_valid(name, config):
+    """Fail if ``qborg:maintenance`` is invalid (the admin qube's schedule reads it)."""
+    ret = _ret(name)
+    try:
+        maint = __salt__["qborg.maintenance_settings"](config)
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["comment"] = f"Invalid qborg pillar, nothing was changed: {exc}"
+        return ret
+    ret["comment"] = (f"maintenance every {maint['interval']}, borg check every "
+                      f"{maint['check_interval']}")
+    return ret

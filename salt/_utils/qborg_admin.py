@@ -254,12 +254,14 @@ def admin_public_key(admin_key_path):
 def managed_lines(settings, keystore, vms=None):
     """One authorized_keys line per configured VM that has a key: a VM
     configured but not provisioned yet gets its line when its key exists."""
+    import qborg_maint  # a VM in key rotation has its next key beside the current one
+
     vms = settings["vms"] if vms is None else vms
     return [
         core.authorized_keys_line(vm, keystore.public_key(vm), settings["server"],
                                   settings["vms"][vm]["storage_quota"])
         for vm in sorted(vms) if keystore.has(vm)
-    ]
+    ] + qborg_maint.rotation_authorized_lines(settings, keystore, vms)
 
 
 def _borg_as_vm(settings, vm, keystore, known_hosts_line, owner):
@@ -559,7 +561,10 @@ def bundle_for(settings, vm, home):
     if not keystore.has(vm) or kh_line is None:
         raise core.QborgError(f"{vm} is configured but not provisioned yet: apply qborg to "
                               f"the admin qube {settings['admin_vm']}")
-    return core.make_bundle(settings, vm, keystore, kh_line)
+    import qborg_maint  # during a key rotation: the next key and passphrase
+
+    return qborg_maint.rotation_bundle(core.make_bundle(settings, vm, keystore, kh_line),
+                                       keystore, vm)
 
 
 def audit_line(path, caller, result):

@@ -82,3 +82,54 @@ qborg-admin-provisioned:
     - config: {{ qborg | json }}
     - require:
       - file: qborg-admin-keystore
+
+{#- maintenance: the qborg command, the scheduled audit/prune/compact/check #}
+qborg-admin-maintenance-valid:
+  qborg.maintenance_valid:
+    - config: {{ qborg | json }}
+    - order: 1
+    - failhard: True
+
+qborg-admin-lib-qborg_maint:
+  file.managed:
+    - name: {{ prefix }}/lib/qborg/qborg_maint.py
+    - source: salt://_utils/qborg_maint.py
+    - user: root
+    - group: root
+    - mode: '0644'
+    - makedirs: True
+    - require:
+      - qborg: qborg-admin-pillar-valid
+    - require_in:
+      - file: qborg-admin-getbundle-service
+
+{%- for program in ["qborg", "qborg-maint"] %}
+
+qborg-admin-program-{{ program }}:
+  file.managed:
+    - name: {{ prefix }}/bin/{{ program }}
+    - source: salt://qborg/files/admin/{{ program }}.j2
+    - template: jinja
+    - context:
+        lib_dir: {{ (prefix ~ "/lib/qborg") | json }}
+        settings: {{ (prefix ~ "/etc/qborg/admin.json") | json }}
+    - user: root
+    - group: root
+    - mode: '0755'
+    - makedirs: True
+    - require:
+      - file: qborg-admin-lib-qborg_maint
+      - qborg: qborg-admin-settings
+{%- endfor %}
+
+qborg-admin-maint-schedule:
+  cron.present:
+    - name: {{ (prefix ~ "/bin/qborg-maint --scheduled") | json }}
+    - identifier: qborg-maint
+    - user: {{ qborg.user }}
+    - minute: '17'
+    - comment: 'qborg: audit, prune, compact, check when the last run is older than qborg:maintenance:interval'
+    - require:
+      - file: qborg-admin-program-qborg-maint
+      - qborg: qborg-admin-maintenance-valid
+      - qborg: qborg-admin-provisioned
