@@ -1,0 +1,215 @@
+"""The maintenance core (salt/_utils/qborg_maint.py): audit comparison,
+prune output parsing, retention, settings, status table, rotation hooks."""
+
+import json
+import os
+import stat
+import subprocess
+import sys
+
+import pytest
+
+import qborg_admin
+import qborg_core as core
+import qborg_maint as maint
+
+A = "a" * 64
+B = "b" * 64
+C = "c" * 64
+
+
+def record(*ids):
+    return {"archives": {i: {"name": f"vm-{i[0]}", "time": f"2024-01-01T0{n}:00:00"}
+                         for n, i in enumerate(ids)}}
+
+
+def test_no_record_means_nothing_vanished():
+    assert maint.vanished_archives(None, {A: {}}) == []
+
+
+def test_archive_gone_from_the_record_is_vanished():
+    gone = maint.vanished_archives(record(A, B), {B: {}, C: {}})
+    assert [g["id"] for g in gone] == [A] and gone[0]["name"] == "vm-a"
+
+
+def test_archives_qborg_pruned_are_not_vanished():
+    assert maint.vanished_archives(record(A, B), {B: {}}, {A: "vm-a"}) == []
+
+
+def test_new_archives_are_not_an_alarm():
+    assert maint.vanished_archives(record(A), {A: {}, B: {}, C: {}}) == []
+
+
+def test_pruned_ids_from_borg_log_json():
+    lines = [
+        {"type": "log_message", "message": "Keeping archive (rule: hourly #1):  vm-c  "
+                                           f"Sat, 2026-11-28 04:30:52 [{C}]"},
+        {"type": "log_message", "message": "Pruning archive (1/2):  vm-a  "
+                                           f"Mon, 2024-01-01 10:00:00 [{A}]"},
+        {"type": "log_message", "message": f"Would prune:  vm-b  [{B}]"},
+    ]
+    text = "\n".join(json.dumps(l) for l in lines) + "\nnot json\n"
+    assert maint.pruned_ids(text) == [A]
+
+
+def test_retention_args_skip_zero_and_keep_order():
+    args = maint.retention_args({"keep_daily": 7, "keep_hourly": 0, "keep_within": "2d",
+                                 "keep_yearly": 1})
+    assert args == ["--keep-within=2d", "--keep-daily=7", "--keep-yearly=1"]
+
+
+def test_maintenance_settings_defaults_and_overrides():
+    assert maint.maintenance_settings({})["interval_seconds"] == 86400
+    got = maint.maintenance_settings({"maintenance": {"interval": "6h", "check_interval": "2w"}})
+    assert got["interval_seconds"] == 6 * 3600 and got["check_interval_seconds"] == 14 * 86400
+
+
+@pytest.mark.parametrize("given, field", [
+    ({"interval": "soon"}, "qborg:maintenance:interval"),
+    ({"check_interval": 0}, "qborg:maintenance:check_interval"),
+    ({"when": "1d"}, "qborg:maintenance:when"),
+    ("daily", "qborg:maintenance"),
+])
+def test_maintenance_settings_errors_name_the_field(given, field):
+    with pytest.raises(core.QborgConfigError) as exc:
+        maint.maintenance_settings({"maintenance": given})
+    assert str(exc.value).startswith(field)
+
+
+def test_archive_timestamp_naive_and_zoned():
+    naive = maint.archive_timestamp("2024-01-01T10:00:00.000000")
+    zoned = maint.archive_timestamp("2024-01-01T10:00:00+00:00")
+    assert isinstance(naive, float) and zoned == 1704103200.0
+
+
+def _entry(vm, **kw):
+    base = {"vm": vm, "last_archive_time": "2024-01-01T10:00:00Z", "age_seconds": 7200,
+            "archives": 3, "repository_size": 5 * 1024 * 1024, "key_age_seconds": 86400 * 3,
+            "alarm": False, "alarm_archives": [], "error": None, "stale": False, "rotation": None}
+    base.update(kw)
+    return base
+
+
+def test_status_table_marks_alarm_stale_and_errors():
+    table = maint.status_table({"vms": [
+        _entry("vm-a"),
+        _entry("vm-b", stale=True),
+        _entry("vm-c", alarm=True, alarm_archives=["vm-c-1"]),
+        _entry("vm-d", archives=None, error="cannot connect", stale=True),
+        _entry("vm-e", archives=0, last_archive_time=None, age_seconds=None, stale=True),
+    ], "last_maintenance_run": None})
+    rows = {l.split()[0]: l for l in table.splitlines()[1:-1]}
+    assert rows["vm-a"].endswith("ok") and "5.0 MiB" in rows["vm-a"] and "3d 0h" in rows["vm-a"]
+    assert rows["vm-b"].endswith("STALE")
+    assert "ALARM: vanished vm-c-1" in rows["vm-c"]
+    assert "error: cannot connect" in rows["vm-d"] and "STALE" not in rows["vm-d"]
+    assert "never" in rows["vm-e"] and rows["vm-e"].endswith("STALE (no archive)")
+    assert table.splitlines()[-1] == "last maintenance run: never"
+
+
+@pytest.fixture
+def store(tmp_path, merged):
+    settings = core.validate_settings(merged)
+    ks = core.Keystore(str(tmp_path / "ks"))
+    for vm in settings["vms"]:
+        ks.ensure(vm)
+    return settings, ks
+
+
+def _stage(ks, vm, stage):
+    ndir = maint.next_dir(ks, vm)
+    core.ensure_dir(ndir, 0o700)
+    private, public = core.generate_ssh_key(f"qborg:{vm}")
+    core.atomic_write(os.path.join(ndir, "ssh_key"), private)
+    core.atomic_write(os.path.join(ndir, "ssh_key.pub"), public + "\n", 0o644)
+    core.atomic_write(os.path.join(ndir, "passphrase"), "n" * 40 + "\n")
+    maint._set_rotation(ks, vm, stage)
+    return private, public
+
+
+def test_rotation_adds_the_next_key_beside_the_current_one(store):
+    settings, ks = store
+    plain = qborg_admin.managed_lines(settings, ks)
+    _private, public = _stage(ks, "vm-work", "staged")
+    lines = qborg_admin.managed_lines(settings, ks)
+    extra = [l for l in lines if l not in plain]
+    assert len(lines) == len(plain) + 1 and len(extra) == 1
+    current = [l for l in plain if l.endswith(" qborg:vm-work")][0]
+    # the same forced command for both keys of the VM
+    assert extra[0].split('" ')[0] == current.split('" ')[0]
+    assert public.split()[1] in extra[0]
+    maint._set_rotation(ks, "vm-work", "promoted")
+    assert qborg_admin.managed_lines(settings, ks) == plain
+
+
+def test_bundle_during_rotation_carries_next_secrets_and_records_delivery(store):
+    settings, ks = store
+    kh = "[h]:22 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOv"
+    plain = core.make_bundle(settings, "vm-work", ks, kh)
+    assert maint.rotation_bundle(plain, ks, "vm-work") == plain
+    private, _public = _stage(ks, "vm-work", "staged")
+    bundle = maint.rotation_bundle(plain, ks, "vm-work")
+    assert bundle["ssh_private_key"] == private and bundle["passphrase_next"] == "n" * 40
+    assert bundle["passphrase"] == plain["passphrase"]  # the repository still wants this one
+    assert maint.rotation_state(ks, "vm-work")["stage"] == "delivered"
+    st = os.stat(maint.rotation_path(ks, "vm-work"))
+    assert stat.S_IMODE(st.st_mode) == 0o600
+
+
+def test_rotate_refuses_unknown_vm(store, tmp_path):
+    settings, _ks = store
+    with pytest.raises(core.QborgConfigError):
+        maint.rotate(settings, str(tmp_path), None, "vm-nope")
+
+
+def test_export_needs_a_master_password(store, tmp_path):
+    settings, _ks = store
+    with pytest.raises(core.QborgError):
+        maint.export_keepass(settings, {}, str(tmp_path), str(tmp_path / "x.kdbx"), "short")
+    assert not (tmp_path / "x.kdbx").exists()
+
+
+def test_read_password_from_fd_reads_one_line():
+    r, w = os.pipe()
+    os.write(w, b"secret pass\nrest\n")
+    os.close(w)
+    try:
+        assert maint.read_password(r) == "secret pass"
+    finally:
+        os.close(r)
+
+
+def test_export_roundtrip_with_system_pykeepass(tmp_path, merged):
+    """The export as the admin qube runs it: /usr/bin/python3 with Debian's
+    python3-pykeepass; every VM's secrets come back with the password."""
+    home = tmp_path / "home"
+    settings = core.validate_settings(merged)
+    paths = qborg_admin.admin_paths(settings, str(home))
+    ks = core.Keystore(paths["keystore"])
+    for vm in settings["vms"]:
+        ks.ensure(vm)
+    os.makedirs(os.path.dirname(paths["admin_key"]))
+    private, public = core.generate_ssh_key("admin")
+    core.atomic_write(paths["admin_key"], private)
+    core.atomic_write(paths["admin_key"] + ".pub", public + "\n")
+    out = tmp_path / "export.kdbx"
+    script = (
+        "import json,sys; sys.path.insert(0, sys.argv[1]); import qborg_core as core, qborg_maint as m;"
+        "raw=json.loads(sys.argv[2]); s=core.validate_settings(raw);"
+        "pw=m.read_password(0); m.export_keepass(s, raw, sys.argv[3], sys.argv[4], pw);"
+        "from pykeepass import PyKeePass; kp=PyKeePass(sys.argv[4], password=pw);"
+        "print(json.dumps({e.title: [e.password, e.get_custom_property('ssh_private_key')]"
+        " for e in kp.entries}))"
+    )
+    utils = os.path.dirname(maint.__file__)
+    proc = subprocess.run(["/usr/bin/python3", "-c", script, utils, json.dumps(merged), str(home),
+                           str(out)], input="a master password\n", capture_output=True,
+                          text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout)
+    for vm in settings["vms"]:
+        assert got[vm] == [ks.passphrase(vm), ks.private_key(vm)]
+    assert got["admin key"][1] == private
+    assert {"server", "settings"} <= set(got)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert "a master password" not in proc.stdout + proc.stderr
