@@ -557,9 +557,11 @@ class Lab:
 
     def _remove_users(self):
         for name in self._all_users():
-            entry = _user(name)
-            if entry is None:
-                continue
+            self._remove_user(name)
+
+    def _remove_user(self, name):
+        entry = _user(name)
+        if entry is not None:
             deadline = time.monotonic() + 10
             while True:
                 _quiet(["pkill", "-KILL", "-U", str(entry.pw_uid)])
@@ -924,6 +926,25 @@ class Lab:
             if qube not in self.QUBES:
                 self.QUBES = self.QUBES + (qube,)
                 self.USERS[qube] = _tagged(self.tag, qube)
+
+    def remove_qube(self, qube):
+        """Take a qube added with add_qube() out of the running lab again:
+        its unix user (and processes, crontab, home), prefix, salt config,
+        its place in the registry and in sudoers. The lab's own qubes stay."""
+        self._require_root()
+        if qube in Lab.QUBES:
+            raise LabError("%s is one of the lab's own qubes; only added ones can be removed"
+                           % qube)
+        if qube not in self.QUBES:
+            return
+        self._remove_user(self.user(qube))
+        shutil.rmtree(self.qube_dir(qube), ignore_errors=True)
+        self.QUBES = tuple(q for q in self.QUBES if q != qube)
+        del self.USERS[qube]
+        extra = [q for q in self.QUBES if q not in Lab.QUBES]
+        _write(self.extra_qubes_path, json.dumps(extra) + "\n")
+        self._write_registry()
+        self._write_sudoers()
 
     def add_qube(self, qube):
         """Add an AppVM to the running lab: a unix user (tagged), its own

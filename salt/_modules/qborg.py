@@ -148,9 +148,12 @@ def _fetch_bundle(settings):
             f"{proc.stderr.strip()[-300:]} -- is this qube allowed by dom0's policy "
             f"(apply qborg to dom0) and is the admin qube provisioned?")
     try:
-        return core.parse_bundle(proc.stdout, __grains__["id"])
+        bundle = core.parse_bundle(proc.stdout, __grains__["id"])
+        return core.check_bundle_matches(bundle, settings, __grains__["id"])
     except core.QborgError as exc:
-        raise CommandExecutionError(str(exc)) from None
+        raise CommandExecutionError(
+            f"{exc}; nothing was written: the key, passphrase and host key in place are "
+            f"kept") from None
 
 
 def client_install_bundle(config, test=False):
@@ -179,6 +182,11 @@ def client_install_bundle(config, test=False):
     changes.update(_client_passphrase_next(paths, bundle, owner, test))
     if not test and not changes:
         core.ensure_dir(paths["conf_dir"], 0o700, owner)
+    if not test:
+        # what a write killed midway left beside them (a partial copy, 0600)
+        for path in (paths["ssh_key"], paths["passphrase"], paths["known_hosts"],
+                     paths["passphrase"] + ".next"):
+            core.remove_dead_temps(path)
     return {"changes": changes}
 
 

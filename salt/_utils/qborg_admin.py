@@ -64,6 +64,10 @@ class ServerSession:
         self.timeout = timeout
         self.client = None
         self.sftp = None
+        # what the session is doing, for the message when the connection drops
+        self.step = "connecting"
+        self.replaced = False  # authorized_keys renamed into place on this session
+        self.backup = None  # where the previous authorized_keys was kept on the server
 
     # -- connection -------------------------------------------------------
     def _new_client(self):
@@ -118,23 +122,35 @@ class ServerSession:
             raise core.QborgServerError(
                 f"{self.server['user']}@{hostname} refused the admin key {self.admin_key_path}: "
                 f"register its .pub with the server account") from None
-        except (OSError, paramiko.SSHException) as exc:
+        except (OSError, paramiko.SSHException, EOFError) as exc:
             raise core.QborgServerError(
-                f"cannot connect to {self.server['user']}@{hostname}: {exc}") from None
+                f"cannot connect to {self.server['user']}@{hostname}: {_connect_reason(exc)}; "
+                f"nothing was changed (qborg reaches the server before anything else): check "
+                f"that the server is up and reachable, then apply again") from None
         if learned and not self.test:
             core.atomic_write(self.known_hosts_path, learned[0] + "\n", 0o644, self.owner)
         return client
 
     def __enter__(self):
         self.client = self._new_client()
-        self.sftp = self.client.open_sftp()
+        try:
+            self.sftp = self.client.open_sftp()
+        except Exception as exc:  # paramiko.SSHException, EOFError, OSError
+            self.client.close()
+            raise core.QborgServerError(
+                f"{self.server['user']}@{core.known_hosts_host(self.server)} accepted the admin "
+                f"key but refused SFTP ({type(exc).__name__}: {exc}); nothing was uploaded") from None
+        self.step = "reading the server's files"
         return self
 
     def __exit__(self, *exc):
-        if self.sftp:
-            self.sftp.close()
-        if self.client:
-            self.client.close()
+        # closing a connection that already dropped must not hide why it did
+        for thing in (self.sftp, self.client):
+            if thing:
+                try:
+                    thing.close()
+                except Exception:  # noqa: BLE001 - paramiko raises several kinds here
+                    pass
 
     def check_login(self):
         """Open a *new* connection with the admin key and run nothing."""
@@ -184,11 +200,20 @@ class ServerSession:
     def rename(self, src, dst):
         try:
             self.sftp.posix_rename(src, dst)
-        except (AttributeError, OSError):
-            # servers without the posix-rename extension: non-atomic fallback
-            if self.exists(dst):
-                self.sftp.remove(dst)
-            self.sftp.rename(src, dst)
+        except AttributeError:
+            self._rename_without_extension(src, dst)
+        except OSError as exc:
+            # only a server without the posix-rename extension gets the
+            # non-atomic fallback; any other failure (a dropped connection)
+            # must not go on to remove dst
+            if "unsupported" not in str(exc).lower():
+                raise
+            self._rename_without_extension(src, dst)
+
+    def _rename_without_extension(self, src, dst):
+        if self.exists(dst):
+            self.sftp.remove(dst)
+        self.sftp.rename(src, dst)
 
     # -- authorized_keys --------------------------------------------------
     AUTHORIZED_KEYS = ".ssh/authorized_keys"
@@ -201,31 +226,89 @@ class ServerSession:
                 "refusing to upload an authorized_keys that lacks the admin key "
                 f"({admin_pubkey.split()[0]} ...{admin_pubkey.split()[1][-12:]}); nothing was written")
         path = self.AUTHORIZED_KEYS
+        self.step = "reading authorized_keys"
         old = self.read(path)
         self.makedirs(".ssh")
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         backup = None
         if old is not None:
             backup = f"{path}.qborg-{stamp}"
+            self.step = f"keeping the previous authorized_keys as {backup}"
             self._write(backup, old)
         tmp = f"{path}.qborg-tmp"
+        # sshd reads only authorized_keys: a temp file cut off midway is
+        # never used, and the rename puts the whole new file in place at once
+        self.step = f"writing the new authorized_keys to {tmp}"
         self._write(tmp, new_text)
+        self.step = "renaming the new authorized_keys into place"
         self.rename(tmp, path)
+        self.replaced = True
+        self.backup = backup
+        self.step = "checking that the admin key still logs in"
         try:
             self.check_login()
         except core.QborgServerError as exc:
-            if old is not None:
-                self._write(tmp, old)
-                self.rename(tmp, path)
-                what = "the previous file was restored"
-            else:
-                self.sftp.remove(path)
-                what = "the new file was removed"
+            self.step = "restoring the previous authorized_keys"
+            try:
+                if old is not None:
+                    self._write(tmp, old)
+                    self.rename(tmp, path)
+                    what = "the previous file was restored"
+                else:
+                    self.sftp.remove(path)
+                    what = "the new file was removed"
+            except Exception as lost:  # the first connection is gone too
+                raise core.QborgServerError(
+                    f"after uploading authorized_keys the admin key could no longer log in "
+                    f"({exc}), and putting the previous file back failed as well "
+                    f"({type(lost).__name__}: {lost}): "
+                    + (f"restore {backup} as {path}" if backup else f"remove {path}")
+                    + " on the server by hand (e.g. in the provider's web interface) before "
+                    "applying again") from None
             raise core.QborgServerError(
                 f"after uploading authorized_keys the admin key could no longer log in ({exc}); "
                 f"{what} over the still-open connection. Check the server account before retrying"
             ) from None
+        self.replaced = False
+        self.step = "after the upload"
         return backup
+
+    def lost(self, exc):
+        """The QborgServerError for a connection that dropped (or an SFTP
+        request that failed) in the middle of self.step: what is on the
+        server now, and what to do."""
+        where = f"{self.server['user']}@{core.known_hosts_host(self.server)}"
+        what = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        if self.replaced:
+            state = ("the new authorized_keys is in place, but qborg could not check that the "
+                     "admin key still logs in"
+                     + (f"; the previous file is on the server as {self.backup}"
+                        if getattr(self, "backup", None) else "")
+                     + ". Apply qborg again: its first step is that login")
+        elif "authorized_keys" in self.step:
+            state = ("authorized_keys on the server was not replaced (qborg renames a complete "
+                     "temporary file into place, and that had not happened). Apply qborg again")
+        else:
+            state = "Apply qborg again once the server answers"
+        return core.QborgServerError(f"the connection to {where} failed while {self.step} "
+                                     f"({what}). {state}")
+
+
+def _connect_reason(exc):
+    """What went wrong when connecting, in words: paramiko reports a refused
+    or unreachable port as NoValidConnectionsError with the errno inside."""
+    import errno as errno_names
+
+    errors = getattr(exc, "errors", None)
+    if isinstance(errors, dict) and errors:
+        codes = {getattr(e, "errno", None) for e in errors.values()}
+        if codes == {errno_names.ECONNREFUSED}:
+            return "connection refused (nothing listens on that port: is the server down?)"
+        return "; ".join(sorted({os.strerror(c) if c else str(e) for c, e in
+                                 ((getattr(e, "errno", None), e) for e in errors.values())}))
+    if isinstance(exc, TimeoutError) or "timed out" in str(exc):
+        return f"timed out ({exc})"
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def _pkey_from_blob(ktype, blob):
@@ -339,6 +422,36 @@ def _provision(settings, home, owner, vms, test):
     vms = sorted(settings["vms"] if vms is None else vms)
     changes, comments = {}, []
 
+    server = settings["server"]
+    if not server["upload"]:
+        _generate_missing_keys(keystore, vms, changes, comments, test)
+        if full_run:
+            _retire(settings, keystore, changes, comments, test)
+        return _provision_without_upload(settings, vms, keystore, owner, home, changes,
+                                         comments, test)
+
+    # the server first: when it cannot be reached (down, host key changed,
+    # admin key refused) the run fails before anything changes here
+    session = ServerSession(settings, paths["admin_key"], paths["known_hosts"], owner, test=test)
+    with session:
+        try:
+            return _provision_in_session(settings, home, owner, vms, test, full_run, keystore,
+                                         paths, session, changes, comments)
+        except core.QborgError:
+            raise
+        except Exception as exc:  # paramiko.SSHException, EOFError, OSError: the link dropped
+            if not is_connection_error(exc):
+                raise
+            raise session.lost(exc) from None
+
+
+def is_connection_error(exc):
+    import paramiko
+
+    return isinstance(exc, (OSError, EOFError, paramiko.SSHException))
+
+
+def _generate_missing_keys(keystore, vms, changes, comments, test):
     missing = [vm for vm in vms if not keystore.has(vm)]
     if missing:
         if test:
@@ -348,52 +461,54 @@ def _provision(settings, home, owner, vms, test):
             for vm in missing:
                 keystore.ensure(vm)
             changes["keys"] = {vm: "generated ssh key and passphrase" for vm in missing}
+    return missing
+
+
+def _provision_in_session(settings, home, owner, vms, test, full_run, keystore, paths, session,
+                          changes, comments):
+    server = settings["server"]
+    missing = _generate_missing_keys(keystore, vms, changes, comments, test)
     if full_run:
         _retire(settings, keystore, changes, comments, test)
-
-    server = settings["server"]
-    if not server["upload"]:
-        return _provision_without_upload(settings, vms, keystore, owner, home, changes,
-                                         comments, test)
-
-    with ServerSession(settings, paths["admin_key"], paths["known_hosts"], owner,
-                       test=test) as session:
-        kh_line = pinned_known_hosts_line(settings, paths["known_hosts"])
-        old = session.read(ServerSession.AUTHORIZED_KEYS) or ""
-        lines = managed_lines(settings, keystore)
-        new = core.render_authorized_keys(old, lines)
-        if new != old or (test and missing):
-            _b, old_lines, _a = core.split_managed_block(old)
-            diff = _line_changes(old_lines, core.split_managed_block(new)[1])
-            if test:  # the dry run has no keys for new VMs: their lines count as added
-                diff["added"] = sorted(set(diff["added"]) | {f"qborg:{vm}" for vm in missing})
-            changes["authorized_keys"] = diff
-            summary = ", ".join(f"{what} {' '.join(names)}" for what, names in diff.items()
-                                if names) or "rewrite the qborg block"
-            if test:
-                comments.append(f"would upload authorized_keys ({summary})")
-            else:
-                backup = session.upload_authorized_keys(new, admin_public_key(paths["admin_key"]))
-                comments.append(f"uploaded authorized_keys ({summary})"
-                                + (f"; previous kept on the server as {backup}" if backup else ""))
-        if not test:
-            _record_uploaded(keystore, lines, owner)
-        uninitialised = [vm for vm in vms if not session.exists(
-            f"{core.repository_path(server, vm)}/config")]
-        if uninitialised:
-            if test:
-                changes["repositories"] = {vm: "would create" for vm in uninitialised}
-                comments.append(f"would create repositories for {', '.join(uninitialised)}")
-            else:
-                session.makedirs(server["repos_dir"])
-                for vm in uninitialised:
-                    init_repository(settings, vm, keystore, kh_line, owner, home)
-                changes["repositories"] = {vm: "created" for vm in uninitialised}
-        if not test:
-            exported = _export_missing_keys(settings, vms, keystore, kh_line, owner, home,
-                                            uninitialised)
-            if exported:
-                changes["repository_keys"] = {vm: "exported" for vm in exported}
+    kh_line = pinned_known_hosts_line(settings, paths["known_hosts"])
+    session.step = "reading authorized_keys"
+    old = session.read(ServerSession.AUTHORIZED_KEYS) or ""
+    lines = managed_lines(settings, keystore)
+    new = core.render_authorized_keys(old, lines)
+    if new != old or (test and missing):
+        _b, old_lines, _a = core.split_managed_block(old)
+        diff = _line_changes(old_lines, core.split_managed_block(new)[1])
+        if test:  # the dry run has no keys for new VMs: their lines count as added
+            diff["added"] = sorted(set(diff["added"]) | {f"qborg:{vm}" for vm in missing})
+        changes["authorized_keys"] = diff
+        summary = ", ".join(f"{what} {' '.join(names)}" for what, names in diff.items()
+                            if names) or "rewrite the qborg block"
+        if test:
+            comments.append(f"would upload authorized_keys ({summary})")
+        else:
+            backup = session.upload_authorized_keys(new, admin_public_key(paths["admin_key"]))
+            comments.append(f"uploaded authorized_keys ({summary})"
+                            + (f"; previous kept on the server as {backup}" if backup else ""))
+    if not test:
+        _record_uploaded(keystore, lines, owner)
+    session.step = "looking for the repositories"
+    uninitialised = [vm for vm in vms if not session.exists(
+        f"{core.repository_path(server, vm)}/config")]
+    if uninitialised:
+        if test:
+            changes["repositories"] = {vm: "would create" for vm in uninitialised}
+            comments.append(f"would create repositories for {', '.join(uninitialised)}")
+        else:
+            session.step = f"creating {server['repos_dir']}"
+            session.makedirs(server["repos_dir"])
+            for vm in uninitialised:
+                init_repository(settings, vm, keystore, kh_line, owner, home)
+            changes["repositories"] = {vm: "created" for vm in uninitialised}
+    if not test:
+        exported = _export_missing_keys(settings, vms, keystore, kh_line, owner, home,
+                                        uninitialised)
+        if exported:
+            changes["repository_keys"] = {vm: "exported" for vm in exported}
     return changes, comments
 
 

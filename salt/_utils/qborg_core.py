@@ -196,6 +196,14 @@ def validate_settings(raw):
     repos_dir = repos_dir.strip("/")
     host_key = srv.get("host_key") or None
     if host_key is not None:
+        # one line of the server's ssh_host_*_key.pub: its comment may stay,
+        # but a second line or any control character (a known_hosts line
+        # smuggled into the VMs' bundles) is refused, not silently cut off
+        _require(isinstance(host_key, str) and host_key.strip()
+                 and not any(ord(c) < 32 or ord(c) == 127 for c in host_key.strip()),
+                 "qborg:server:host_key",
+                 "must be one line 'TYPE BASE64' as in the server's ssh_host_*_key.pub "
+                 "(no line break or control character)")
         host_key = " ".join(str(host_key).split()[:2])
         _require(HOST_KEY_RE.match(host_key), "qborg:server:host_key",
                  "must be 'TYPE BASE64' as in the server's ssh_host_*_key.pub")
@@ -349,11 +357,17 @@ def _line_key_blobs(line):
 
 def atomic_write(path, data, mode=0o600, owner=None):
     """Write data (bytes or str) to path atomically: temp file in the same
-    directory, final mode and owner set, fsync, rename, fsync the directory."""
+    directory, final mode and owner set, fsync, rename, fsync the directory.
+
+    A writer killed midway (kill -9, power loss) leaves the previous file
+    whole and, at worst, its temp file: named after the file and the
+    writer's pid (.NAME.PID.XXXXXXXX, mode already final), so the next
+    write of the same file removes the leftovers of writers that are gone."""
     if isinstance(data, str):
         data = data.encode()
     directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix="." + os.path.basename(path) + ".")
+    base = os.path.basename(path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.{os.getpid()}.")
     try:
         os.fchmod(fd, mode)
         if owner is not None:
@@ -374,6 +388,40 @@ def atomic_write(path, data, mode=0o600, owner=None):
         os.fsync(dfd)
     finally:
         os.close(dfd)
+    remove_dead_temps(path)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
+
+
+def remove_dead_temps(path):
+    """Remove the temp files atomic_write left beside path when its writer
+    was killed before the rename (the writer's pid is in the name and no
+    longer runs). Returns the names removed."""
+    directory = os.path.dirname(os.path.abspath(path))
+    pattern = re.compile(r"^\." + re.escape(os.path.basename(path)) + r"\.([0-9]+)\.[a-z0-9_]{8}\Z")
+    removed = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for name in names:
+        m = pattern.match(name)
+        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+            continue
+        try:
+            os.unlink(os.path.join(directory, name))
+            removed.append(name)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def ensure_dir(path, mode=0o700, owner=None):
@@ -514,6 +562,10 @@ def parse_bundle(text, expected_vm):
     try:
         bundle = json.loads(text)
     except ValueError:
+        if text.lstrip().startswith("{"):
+            raise QborgBundleError(
+                f"bundle is not valid JSON: it ends after {len(text)} bytes (truncated or "
+                "damaged on the way); refusing it") from None
         raise QborgBundleError("bundle is not valid JSON (is qborg.GetBundle installed "
                                "in the admin qube and the policy allowing this qube?)") from None
     if not isinstance(bundle, dict):
@@ -542,6 +594,32 @@ def parse_bundle(text, expected_vm):
         public_key_of(bundle["ssh_private_key"])
     except Exception:  # any parse error: never echo the key itself
         raise QborgBundleError("bundle field 'ssh_private_key' is not an OpenSSH private key") from None
+    return bundle
+
+
+def check_bundle_matches(bundle, settings, vm):
+    """A parsed bundle must agree with this qube's own pillar: its repository,
+    remote_path and the server's host (and pinned host key) in known_hosts.
+    A bundle that names another server or host key was tampered with or
+    comes from an admin qube with other settings: refused before anything
+    is written. Messages never quote secrets."""
+    server = vm_server(settings, vm)
+    expected = {"repository": repository_url(server, vm), "remote_path": server["remote_path"]}
+    for field, value in expected.items():
+        if bundle[field] != value:
+            raise QborgBundleError(
+                f"bundle field {field!r} is {bundle[field]!r}, but this qube's pillar says "
+                f"{value!r}; refusing it (apply qborg to the admin qube so both have the same "
+                f"settings, and check it was not tampered with)")
+    host, key = bundle["known_hosts"].split()[0], " ".join(bundle["known_hosts"].split()[1:3])
+    if host != known_hosts_host(server):
+        raise QborgBundleError(
+            f"bundle field 'known_hosts' names {host!r}, not this qube's server "
+            f"{known_hosts_host(server)!r}; refusing it")
+    if settings["server"]["host_key"] and key != settings["server"]["host_key"]:
+        raise QborgBundleError(
+            "bundle field 'known_hosts' carries another host key than qborg:server:host_key "
+            f"pins for {known_hosts_host(server)}; refusing it")
     return bundle
 
 

@@ -374,6 +374,35 @@ def accept_vm(settings, home, owner, vm):
     return {"vm": vm, "archives": len(current)}
 
 
+def break_lock(settings, home, owner, vm):
+    """`qborg break-lock VM`: remove the lock of VM's repository on the
+    server with the full-access key. For a lock borg cannot clear itself
+    (a borg on the server that never ended after its VM went away, or one
+    that died on another host of the provider). Refused while this qube's
+    own maintenance runs: that may be the holder."""
+    _require_vm(settings, vm)
+    paths = maint_paths(home)
+    core.ensure_dir(paths["state"], 0o700, owner)
+    with open(paths["lock"], "w", encoding="utf-8") as lock:
+        if owner is not None and os.geteuid() == 0:
+            os.fchown(lock.fileno(), owner[0], owner[1])
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise core.QborgError(
+                f"maintenance is running in this qube and may hold the lock of {vm}'s "
+                f"repository: nothing was broken; wait until it ends ({paths['log']})") from None
+        borg = AdminBorg(settings, home, owner)
+        proc = borg.run(vm, ["break-lock"])
+        if proc.returncode != 0:
+            raise core.QborgServerError(
+                f"borg break-lock of {vm}'s repository failed (exit {proc.returncode}): "
+                f"{proc.stderr.strip()[-300:]}")
+        _log(home, owner, f"{vm}: repository lock broken by the user (qborg break-lock)")
+    return {"vm": vm, "message": f"the lock of {vm}'s repository was removed; {vm}'s next "
+                                 "scheduled backup runs as usual"}
+
+
 def run_maintenance(settings, maint, home, owner=None, vms=None, scheduled=False, check=None,
                     now=None):
     """Maintain every configured repository (or `vms`). With scheduled, only
@@ -568,11 +597,18 @@ def rotation_bundle(bundle, keystore, vm):
 
 def _upload_keys(settings, home, owner, paths, keystore):
     with qborg_admin.ServerSession(settings, paths["admin_key"], paths["known_hosts"], owner) as s:
-        old = s.read(qborg_admin.ServerSession.AUTHORIZED_KEYS) or ""
-        new = core.render_authorized_keys(old, qborg_admin.managed_lines(settings, keystore))
-        if new != old:
-            s.upload_authorized_keys(new, qborg_admin.admin_public_key(paths["admin_key"]))
-            return True
+        try:
+            old = s.read(qborg_admin.ServerSession.AUTHORIZED_KEYS) or ""
+            new = core.render_authorized_keys(old, qborg_admin.managed_lines(settings, keystore))
+            if new != old:
+                s.upload_authorized_keys(new, qborg_admin.admin_public_key(paths["admin_key"]))
+                return True
+        except core.QborgError:
+            raise
+        except Exception as exc:  # the connection dropped midway
+            if not qborg_admin.is_connection_error(exc):
+                raise
+            raise s.lost(exc) from None
     return False
 
 
@@ -810,6 +846,9 @@ def main(argv, settings_path, prog="qborg"):
     p = sub.add_parser("accept", help="take VM's repository as it is now as the audit baseline "
                                       "(after looking into an alarm)")
     p.add_argument("vm")
+    p = sub.add_parser("break-lock", help="remove the lock of VM's repository on the server "
+                                          "(when no backup of VM and no maintenance runs)")
+    p.add_argument("vm")
     p = sub.add_parser("rotate", help="start, or advance, the rotation of VM's key and passphrase")
     p.add_argument("vm")
     p = sub.add_parser("export", help="write every key and passphrase to a KeePass (KDBX 4) file")
@@ -834,6 +873,10 @@ def main(argv, settings_path, prog="qborg"):
         if args.command == "accept":
             res = accept_vm(settings, home, None, args.vm)
             print(f"{res['vm']}: {res['archives']} archives are the new audit baseline")
+            return 0
+        if args.command == "break-lock":
+            res = break_lock(settings, home, None, args.vm)
+            print(f"{res['vm']}: {res['message']}")
             return 0
         if args.command == "rotate":
             res = rotate(settings, home, None, args.vm)

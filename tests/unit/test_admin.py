@@ -82,14 +82,16 @@ def test_provision_test_mode_writes_nothing_even_when_it_fails(settings, tmp_pat
     assert tree(home) == []
 
 
-def test_provision_without_admin_key_generates_keys_then_names_the_key(settings, tmp_path):
+def test_provision_without_admin_key_names_the_key_and_generates_nothing(settings, tmp_path):
+    # the server comes first: a run that cannot reach it changes nothing here
     home = tmp_path / "home"
     home.mkdir()
     with pytest.raises(core.QborgServerError) as exc:
         admin.provision(settings, str(home), None)
     assert f"{home}/.ssh/qborg-admin does not exist" in str(exc.value)
     store = core.Keystore(str(home / ".local" / "share" / "qborg"))
-    assert store.has("vm-personal") and store.has("vm-work")
+    assert not store.has("vm-personal") and not store.has("vm-work")
+    assert os.listdir(store.base) == ["lock"]
 
 
 def test_provision_unreachable_server_fails_naming_it(settings, tmp_path):
@@ -243,3 +245,125 @@ def test_upload_removes_a_new_file_that_locks_the_admin_out(settings, admin_key)
     with pytest.raises(core.QborgServerError, match="new file was removed"):
         session(settings, sftp, False).upload_authorized_keys(new, admin_key)
     assert ".ssh/authorized_keys" not in sftp.files
+
+
+# ------------------------------------------- a connection that drops midway
+
+
+class DroppingSFTP(FakeSFTP):
+    """The connection drops when the upload reaches `when`."""
+
+    def __init__(self, files, when):
+        super().__init__(files)
+        self.when = when
+
+    def open(self, path, mode):
+        if self.when == "temp" and path.endswith(".qborg-tmp") and "w" in mode:
+            raise EOFError()
+        return super().open(path, mode)
+
+    def posix_rename(self, src, dst):
+        if self.when == "rename":
+            raise OSError("Socket is closed")
+        super().posix_rename(src, dst)
+
+
+@pytest.mark.parametrize("when, expected", [
+    ("temp", "failed while writing the new authorized_keys to .ssh/authorized_keys.qborg-tmp "
+             "(EOFError). authorized_keys on the server was not replaced"),
+    ("rename", "failed while renaming the new authorized_keys into place (OSError: Socket is "
+               "closed). authorized_keys on the server was not replaced"),
+])
+def test_a_drop_before_the_rename_leaves_the_old_file_and_says_so(settings, admin_key, when,
+                                                                   expected):
+    old = f"{admin_key} admin\n"
+    sftp = DroppingSFTP({".ssh/authorized_keys": old}, when)
+    sess = session(settings, sftp, True)
+    new = core.render_authorized_keys(old, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
+    with pytest.raises((EOFError, OSError)) as exc:
+        sess.upload_authorized_keys(new, admin_key)
+    message = str(sess.lost(exc.value))
+    assert expected in message and "Apply qborg again" in message
+    assert sftp.files[".ssh/authorized_keys"] == old
+
+
+def test_a_drop_during_the_login_check_says_the_new_file_is_in_place(settings, admin_key):
+    old = f"{admin_key} admin\n"
+    sftp = FakeSFTP({".ssh/authorized_keys": old})
+    sess = session(settings, sftp, True)
+
+    def dropped():
+        raise EOFError()
+    sess.check_login = dropped
+    new = core.render_authorized_keys(old, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
+    with pytest.raises(EOFError) as exc:
+        sess.upload_authorized_keys(new, admin_key)
+    message = str(sess.lost(exc.value))
+    assert "the new authorized_keys is in place, but qborg could not check" in message
+    assert "the previous file is on the server as .ssh/authorized_keys.qborg-" in message
+    assert sftp.files[".ssh/authorized_keys"] == new
+
+
+def test_a_lock_out_whose_restore_fails_too_says_to_restore_by_hand(settings, admin_key):
+    old = f"{admin_key} admin\n"
+
+    class RestoreFails(FakeSFTP):
+        def posix_rename(self, src, dst):
+            if self.files.get(dst) is not None and self.files[src] == old:
+                raise OSError("Socket is closed")
+            super().posix_rename(src, dst)
+
+    sftp = RestoreFails({".ssh/authorized_keys": old})
+    new = core.render_authorized_keys(old, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
+    with pytest.raises(core.QborgServerError) as exc:
+        session(settings, sftp, False).upload_authorized_keys(new, admin_key)
+    message = str(exc.value)
+    assert "the admin key could no longer log in" in message
+    assert "putting the previous file back failed as well" in message
+    assert "restore .ssh/authorized_keys.qborg-" in message and "as .ssh/authorized_keys on the server by hand" in message
+
+
+def test_provision_turns_a_dropped_connection_into_a_clear_error(settings, tmp_path,
+                                                                 monkeypatch, admin_key):
+    sftp = DroppingSFTP({".ssh/authorized_keys": admin_key + " admin\n"}, "temp")
+    sftp.close = lambda: None
+
+    def enter(self):
+        self.sftp = sftp
+        return self
+
+    monkeypatch.setattr(admin.ServerSession, "__enter__", enter)
+    monkeypatch.setattr(admin, "admin_public_key", lambda _path: admin_key)
+    with pytest.raises(core.QborgServerError) as exc:
+        admin.provision(settings, str(tmp_path), None)
+    assert "failed while writing the new authorized_keys" in str(exc.value)
+    assert exc.value.__cause__ is None
+    assert sftp.files[".ssh/authorized_keys"] == admin_key + " admin\n"
+    # nothing recorded as uploaded
+    assert not (tmp_path / ".local" / "share" / "qborg" / admin.UPLOADED_RECORD).exists()
+
+
+def test_a_refused_port_reads_as_such(settings, tmp_path):
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    core.atomic_write(str(home / ".ssh" / "qborg-admin"), core.generate_ssh_key("admin")[0])
+    with pytest.raises(core.QborgServerError) as exc:
+        admin.provision(settings, str(home), None)
+    assert "connection refused (nothing listens on that port: is the server down?)" in \
+        str(exc.value)
+    assert "nothing was changed" in str(exc.value)
+    assert not (home / ".local" / "share" / "qborg" / "vms").exists()
+
+
+def test_only_a_server_without_posix_rename_gets_the_fallback(settings):
+    class Unsupported(FakeSFTP):
+        def posix_rename(self, src, dst):
+            raise OSError("Operation unsupported")
+
+        def rename(self, src, dst):
+            assert dst not in self.files
+            self.files[dst] = self.files.pop(src)
+
+    sftp = Unsupported({"a": "old", "a.tmp": "new"})
+    session(settings, sftp, True).rename("a.tmp", "a")
+    assert sftp.files == {"a": "new"}

@@ -198,3 +198,55 @@ def test_passphrase_entropy():
     phrases = {core.generate_passphrase() for _ in range(5)}
     assert len(phrases) == 5
     assert all(len(p) >= 40 and p.isalnum() for p in phrases)
+
+
+# ----------------------------------------- the bundle against this qube's pillar
+
+
+@pytest.fixture
+def pillar_settings(merge):
+    return core.validate_settings(merge({
+        "server": {"provider": "rsync.net", "host": "de1234.rsync.net", "user": "de1234",
+                   "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKey"},
+        "vms": {"vm-personal": {}}}))
+
+
+def test_a_bundle_that_agrees_with_the_pillar_passes(bundle, pillar_settings):
+    assert core.check_bundle_matches(bundle, pillar_settings, "vm-personal") is bundle
+
+
+MISMATCHED = {
+    "repository on another host": (dict(repository="ssh://de1234@evil.example:22/./qborg/vm-personal"),
+                                   "bundle field 'repository' is 'ssh://de1234@evil.example"),
+    "another vm's repository": (dict(repository="ssh://de1234@de1234.rsync.net:22/./qborg/vm-work"),
+                                "bundle field 'repository'"),
+    "another borg": (dict(remote_path="/tmp/borg"), "bundle field 'remote_path' is '/tmp/borg'"),
+    "known_hosts for another host": (dict(known_hosts="evil.example ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKey"),
+                                     "names 'evil.example', not this qube's server"),
+    "another host key": (dict(known_hosts="de1234.rsync.net ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOther"),
+                         "another host key than qborg:server:host_key"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MISMATCHED))
+def test_a_bundle_that_contradicts_the_pillar_is_refused(bundle, pillar_settings, case):
+    changes, expected = MISMATCHED[case]
+    bundle.update(changes)
+    with pytest.raises(core.QborgBundleError) as exc:
+        core.check_bundle_matches(bundle, pillar_settings, "vm-personal")
+    assert expected in str(exc.value) and "refusing it" in str(exc.value)
+    assert PASSPHRASE not in str(exc.value)
+
+
+def test_without_a_pinned_key_the_learned_one_is_taken(bundle, pillar_settings):
+    pillar_settings["server"]["host_key"] = None
+    bundle["known_hosts"] = "de1234.rsync.net ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOther"
+    assert core.check_bundle_matches(bundle, pillar_settings, "vm-personal") is bundle
+
+
+def test_a_truncated_bundle_says_so(bundle):
+    text = json.dumps(bundle)
+    with pytest.raises(core.QborgBundleError) as exc:
+        core.parse_bundle(text[: len(text) // 2], "vm-personal")
+    assert f"ends after {len(text) // 2} bytes (truncated or damaged on the way)" in str(exc.value)
+    assert PASSPHRASE[:10] not in str(exc.value)

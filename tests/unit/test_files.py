@@ -96,3 +96,64 @@ def test_ensure_dir(tmp_path):
 
 def test_read_text_missing_is_none(tmp_path):
     assert core.read_text(str(tmp_path / "nope")) is None
+
+
+# ------------------------------------------- what a killed writer leaves
+
+
+def test_atomic_write_order_temp_mode_fsync_rename_then_directory(tmp_path, monkeypatch):
+    """The final mode is on the temp file before a byte is written, the data
+    reaches the disk before the rename, and the rename before the directory
+    is flushed: a writer killed at any point leaves the old file whole."""
+    path = tmp_path / "ssh_key"
+    path.write_text("old key\n")
+    calls = []
+    real = {name: getattr(os, name) for name in ("fchmod", "fsync", "replace")}
+
+    def spy(name):
+        def call(*args):
+            target = os.readlink(f"/proc/self/fd/{args[0]}") if name != "replace" else args[0]
+            calls.append((name, os.path.basename(str(target))))
+            return real[name](*args)
+        return call
+
+    for name in real:
+        monkeypatch.setattr(core.os, name, spy(name))
+    core.atomic_write(str(path), "new key\n", 0o600)
+    monkeypatch.undo()
+    temp = calls[0][1]
+    assert temp.startswith(f".ssh_key.{os.getpid()}.")
+    assert calls == [("fchmod", temp), ("fsync", temp), ("replace", temp),
+                     ("fsync", tmp_path.name)]
+    assert path.read_text() == "new key\n"
+
+
+def dead_pid():
+    import subprocess
+
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
+
+
+def test_the_next_write_removes_what_a_killed_writer_left(tmp_path):
+    path = tmp_path / "passphrase"
+    path.write_text("old\n")
+    dead = tmp_path / f".passphrase.{dead_pid()}.a1b2c3d4"
+    dead.write_text("half a new passph")
+    live = tmp_path / ".passphrase.1.a1b2c3d4"  # pid 1 runs: a write in progress
+    live.write_text("in progress")
+    other = tmp_path / ".known_hosts.999999.a1b2c3d4"  # another file's: not ours to judge
+    other.write_text("x")
+    core.atomic_write(str(path), "new\n", 0o600)
+    assert path.read_text() == "new\n"
+    assert not dead.exists()
+    assert live.exists() and other.exists()
+
+
+def test_remove_dead_temps_without_a_write(tmp_path):
+    (tmp_path / "ssh_key").write_text("key")
+    leftover = tmp_path / f".ssh_key.{dead_pid()}.zz99xx88"
+    leftover.write_text("partial")
+    assert core.remove_dead_temps(str(tmp_path / "ssh_key")) == [leftover.name]
+    assert os.listdir(tmp_path) == ["ssh_key"]

@@ -213,3 +213,28 @@ def test_export_roundtrip_with_system_pykeepass(tmp_path, merged):
     assert {"server", "settings"} <= set(got)
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     assert "a master password" not in proc.stdout + proc.stderr
+
+
+def test_break_lock_is_refused_while_maintenance_runs(store, tmp_path, monkeypatch):
+    import fcntl
+
+    settings, _ks = store
+    home = tmp_path / "home"
+    calls = []
+    monkeypatch.setattr(maint.AdminBorg, "run", lambda self, vm, command, *a, **k: calls.append(
+        (vm, command)))
+    paths = maint.maint_paths(str(home))
+    core.ensure_dir(paths["state"], 0o700)
+    with open(paths["lock"], "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with pytest.raises(core.QborgError) as exc:
+            maint.break_lock(settings, str(home), None, "vm-work")
+    assert "maintenance is running in this qube" in str(exc.value)
+    assert "nothing was broken" in str(exc.value)
+    assert calls == []
+
+
+def test_break_lock_refuses_unknown_vm(store, tmp_path):
+    settings, _ks = store
+    with pytest.raises(core.QborgConfigError, match="vm-nope is not configured"):
+        maint.break_lock(settings, str(tmp_path), None, "vm-nope")

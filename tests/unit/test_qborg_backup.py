@@ -317,3 +317,205 @@ def test_runs_the_borgmatic_beside_it_before_the_one_on_path(tmp_path, monkeypat
     lines = calls.read_text().splitlines()
     assert lines[0] == "beside --syslog-verbosity -1 create"
     assert lines[1] == f"PATH={prefix_bin}:/usr/bin:/bin"
+
+
+# ------------------------------------------------- what went wrong, in words
+
+NOISE = """--- Logging error ---
+Traceback (most recent call last):
+  File "/usr/lib/python3.11/logging/handlers.py", line 1007, in emit
+    self.socket.send(msg)
+OSError: [Errno 9] Bad file descriptor
+Call stack:
+  File "/usr/bin/borgmatic", line 33, in <module>
+Message: 'Need some help? https://torsion.org/borgmatic/#issues'
+Arguments: ()
+"""
+
+
+@pytest.mark.parametrize("output, expected", [
+    ("ssh://qborg/./qborg/vm-x: Error running actions for repository\n" + NOISE +
+     "The storage quota (10.00 MB) has been exceeded (10.09 MB). Try deleting some archives.\n"
+     "Command 'borg create x' returned non-zero exit status 2.\n" + NOISE +
+     "Need some help? https://torsion.org/borgmatic/#issues\n",
+     "the repository's storage quota on the server is full (The storage quota (10.00 MB) has "
+     "been exceeded (10.09 MB). Try deleting some archives.): nothing was added; raise "
+     "qborg:vms:vm-x:storage_quota in dom0's pillar"),
+    ("Message: CalledProcessError(-9, 'borg create x', '')\n"
+     "Command 'borg create x' died with <Signals.SIGKILL: 9>.\n",
+     "borg was killed (signal 9) before it committed the archive: the repository keeps its "
+     "last committed state; the next run retries"),
+    ("ssh: connect to host 127.0.0.1 port 2222: Connection refused\n"
+     "Connection closed by remote host. Is borg working on the server?\n",
+     "the backup server could not be reached or dropped the connection (Connection closed by "
+     "remote host. Is borg working on the server?): the repository keeps"),
+    ("Host key verification failed.\nConnection closed by remote host.\n",
+     "the server's host key is not the one pinned for it (Host key verification failed.)"),
+    ("passphrase supplied in BORG_PASSPHRASE, by BORG_PASSCOMMAND or via BORG_PASSPHRASE_FD is "
+     "incorrect.\n", "the repository refused the passphrase"),
+    ("Repository path not allowed: /srv/qborg/vm-x\n",
+     "the server does not let this qube's key at the repository qborg expects"),
+    ("something new went wrong\n" + NOISE, "something new went wrong"),
+    (NOISE, "borgmatic failed without saying why"),
+])
+def test_a_failure_is_explained_in_borgs_words_and_what_to_do(env, output, expected):
+    message = env.prog.explain(output, "vm-x")
+    assert message.startswith(expected), message
+    assert "Logging error" not in message and "Traceback" not in message
+
+
+def test_the_vm_name_comes_from_the_borgmatic_config(env):
+    assert env.prog.this_vm() == "<this qube>"
+    conf = pathlib.Path(os.environ["HOME"]) / ".config" / "borgmatic.d"
+    conf.mkdir(parents=True)
+    (conf / "qborg.yaml").write_text("storage:\n  archive_name_format: vm-x-{now:%Y-%m-%dT%H:%M:%S}\n")
+    assert env.prog.this_vm() == "vm-x"
+
+
+LOCKED_BORGMATIC = """#!/bin/sh
+echo "$*" >> "$QBORG_TEST_CALLS"
+if [ "$3" = "create" ] && [ -d "$QBORG_TEST_LOCK" ]; then
+    echo "Failed to create/acquire the lock $QBORG_TEST_LOCK (timeout)." >&2
+    exit 2
+fi
+exit 0
+"""
+
+
+@pytest.fixture
+def locked(env, tmp_path, monkeypatch):
+    """borgmatic whose create fails while the lock directory QBORG_TEST_LOCK exists."""
+    (tmp_path / "bin" / "borgmatic").write_text(LOCKED_BORGMATIC)
+
+    def lock_at(path):
+        path = pathlib.Path(path)
+        (path / "").mkdir(parents=True)
+        (path / "vm@123456.4242-0").touch()
+        (path.parent / "lock.roster").write_text('{"exclusive": [["vm@123456", 4242, 0]]}')
+        monkeypatch.setenv("QBORG_TEST_LOCK", str(path))
+        return path
+    return lock_at
+
+
+def cache_lock_path():
+    return pathlib.Path(os.environ["HOME"]) / ".cache" / "borg" / ("ab" * 32) / "lock.exclusive"
+
+
+def test_a_stale_lock_of_the_qubes_own_cache_is_removed_and_the_backup_retried(env, locked,
+                                                                                monkeypatch,
+                                                                                capsys):
+    lock = locked(cache_lock_path())
+    monkeypatch.setattr(env.prog, "own_borg_processes", lambda: [])
+    assert env.prog.main([]) == 0
+    assert not lock.exists() and not (lock.parent / "lock.roster").exists()
+    assert lock.parent.is_dir()  # the cache itself stays
+    assert len(env.calls("create")) == 2
+    log = (env.state / "backup.log").read_text()
+    assert f"removed a stale lock of this qube's borg cache ({lock})" in log
+    assert "backup done" in log
+    assert capsys.readouterr().err == ""
+
+
+def test_the_cache_lock_stays_while_a_borg_of_the_qube_runs(env, locked, monkeypatch, capsys):
+    lock = locked(cache_lock_path())
+    monkeypatch.setattr(env.prog, "own_borg_processes", lambda: [4242])
+    assert env.prog.main([]) == 2
+    assert lock.is_dir() and (lock / "vm@123456.4242-0").exists()
+    assert len(env.calls("create")) == 1
+    err = capsys.readouterr().err
+    assert f"this qube's borg cache is locked ({lock}) by a borg of its own that is still running" \
+        in err
+    assert "the next run retries" in (env.state / "last-error").read_text()
+
+
+def test_the_repository_lock_on_the_server_is_never_broken_here(env, locked, tmp_path,
+                                                                monkeypatch, capsys):
+    conf = pathlib.Path(os.environ["HOME"]) / ".config" / "borgmatic.d"
+    conf.mkdir(parents=True)
+    (conf / "qborg.yaml").write_text("archive_name_format: vm-x-{now:%Y-%m-%dT%H:%M:%S}\n")
+    lock = locked(tmp_path / "srv" / "qborg" / "vm-x" / "lock.exclusive")
+    monkeypatch.setattr(env.prog, "own_borg_processes", lambda: [])
+    assert env.prog.main([]) == 2
+    assert (lock / "vm@123456.4242-0").exists()
+    assert len(env.calls("create")) == 1
+    err = capsys.readouterr().err
+    assert f"the repository is locked on the server ({lock}) by another borg" in err
+    assert "qborg does not break a lock it cannot tell is stale" in err
+    assert "run `qborg break-lock vm-x` in the admin qube" in err
+
+
+@pytest.mark.parametrize("path, ok", [
+    ("{cache}/" + "ab" * 32 + "/lock.exclusive", True),
+    ("{cache}/" + "ab" * 32 + "/lock.roster", False),
+    ("{cache}/not-a-repo-id/lock.exclusive", False),
+    ("{cache}/" + "ab" * 32 + "/sub/lock.exclusive", False),
+    ("/home/srv/qborg/vm-x/lock.exclusive", False),
+    ("{cache}/../" + "ab" * 32 + "/lock.exclusive", False),
+])
+def test_only_a_lock_inside_the_qubes_borg_cache_counts_as_its_own(env, path, ok):
+    cache = str(pathlib.Path(os.environ["HOME"]) / ".cache" / "borg")
+    result = env.prog.own_cache_lock(path.format(cache=cache))
+    assert (result is not None) == ok
+
+
+def test_borg_processes_of_the_user_are_found(env, tmp_path):
+    import subprocess
+
+    borg = tmp_path / "borg"
+    borg.symlink_to("/bin/sleep")
+    other = tmp_path / "sleepy"
+    other.symlink_to("/bin/sleep")
+    procs = [subprocess.Popen([str(borg), "30"]), subprocess.Popen([str(other), "30"])]
+    try:
+        found = env.prog.own_borg_processes()
+        assert procs[0].pid in found and procs[1].pid not in found
+        assert os.getpid() not in found
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+
+
+# ------------------------------------------- the passphrase swap, cut short
+
+
+def conf_dir():
+    path = pathlib.Path(os.environ["HOME"]) / ".config" / "qborg"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_swap_exchanges_the_two_passphrases(env):
+    conf = conf_dir()
+    (conf / "passphrase").write_text("old\n")
+    (conf / "passphrase.next").write_text("new\n")
+    assert env.prog.swap_passphrases() is True
+    assert (conf / "passphrase").read_text() == "new\n"
+    assert (conf / "passphrase.next").read_text() == "old\n"
+    assert sorted(p.name for p in conf.iterdir()) == ["passphrase", "passphrase.next"]
+    assert (conf / "passphrase").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_swap_cut_after_the_first_rename_is_finished(env):
+    conf = conf_dir()
+    # killed between the renames: the current one is replaced, the previous
+    # one waits in passphrase.next.swap
+    (conf / "passphrase").write_text("new\n")
+    (conf / "passphrase.next").write_text("new\n")
+    (conf / "passphrase.next.swap").write_text("old\n")
+    assert env.prog.finish_swap() is True
+    assert (conf / "passphrase").read_text() == "new\n"
+    assert (conf / "passphrase.next").read_text() == "old\n"
+    assert not (conf / "passphrase.next.swap").exists()
+
+
+def test_a_swap_cut_before_the_first_rename_is_dropped(env):
+    conf = conf_dir()
+    (conf / "passphrase").write_text("old\n")
+    (conf / "passphrase.next").write_text("new\n")
+    (conf / "passphrase.next.swap").write_text("old\n")
+    assert env.prog.finish_swap() is True
+    assert (conf / "passphrase").read_text() == "old\n"
+    assert (conf / "passphrase.next").read_text() == "new\n"
+    assert not (conf / "passphrase.next.swap").exists()
+    assert env.prog.finish_swap() is False

@@ -250,3 +250,28 @@ def test_pillar_example_validates(merge):
     assert settings["vms"], "pillar.example should show at least one VM"
     for vm in settings["vms"].values():
         assert vm["interval_seconds"] > 0
+
+
+HOST_KEY_LINE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB1c"
+
+
+@pytest.mark.parametrize("value", [
+    HOST_KEY_LINE + "\n[evil.example]:22 " + HOST_KEY_LINE,  # a second known_hosts line
+    HOST_KEY_LINE + " comment\r\nx",
+    HOST_KEY_LINE + "\0",
+    'command="/bin/sh" ' + HOST_KEY_LINE,  # options in front
+    "@cert-authority * " + HOST_KEY_LINE,  # a known_hosts marker
+    "ssh-ed25519 AAAA\"quote",
+    "ssh-ed25519",
+    "",
+    123,
+], ids=["second-line", "crlf", "nul", "options", "marker", "quote", "no-key", "empty", "number"])
+def test_hostile_host_key_fails_naming_the_field(merged, value):
+    merged["server"]["host_key"] = value
+    if value == "":  # empty means "learn it on first use"
+        assert core.validate_settings(merged)["server"]["host_key"] is None
+        return
+    with pytest.raises(core.QborgConfigError) as exc:
+        core.validate_settings(merged)
+    assert str(exc.value).startswith("qborg:server:host_key:")
+    assert "fix it in the qborg pillar" in str(exc.value)
