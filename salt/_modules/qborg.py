@@ -12,6 +12,7 @@ CLI examples (inside a qube):
     salt-call qborg.borgmatic_version
 """
 
+import importlib
 import json
 import os
 import pwd
@@ -26,18 +27,30 @@ import tempfile
 from salt.exceptions import CommandExecutionError
 
 try:
-    import qborg_admin
     import qborg_core as core
-    import qborg_maint
 except ImportError:  # salt-call before a sync: load from the formula tree
     _here = os.path.dirname(os.path.abspath(__file__))
     for _d in (os.path.join(_here, os.pardir, "utils"), os.path.join(_here, os.pardir, "_utils")):
         if os.path.isfile(os.path.join(_d, "qborg_core.py")):
             sys.path.insert(0, os.path.abspath(_d))
             break
-    import qborg_admin
     import qborg_core as core
-    import qborg_maint
+
+
+class _ImportedOnFirstUse:
+    """A module imported when one of its names is first used. Under
+    salt-ssh, Salt compiles the custom modules afresh at every run, and a
+    client qube's apply never needs the admin's and maintenance's code."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def __getattr__(self, attr):
+        return getattr(importlib.import_module(self._name), attr)
+
+
+qborg_admin = _ImportedOnFirstUse("qborg_admin")
+qborg_maint = _ImportedOnFirstUse("qborg_maint")
 
 __virtualname__ = "qborg"
 
