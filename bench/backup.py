@@ -14,7 +14,10 @@ applied, and vm-personal's ~/Documents gets ~1 GB in 10,000 files
   command; then the same again with nothing changed (the re-run);
 * baseline: `borg init` of a local repository in the qube user's home (same
   encryption), then `borg create` of the same directories with the same
-  compression and excludes, and the unchanged re-run.
+  compression and excludes, and the unchanged re-run;
+* for reference (row P-c/ssh): plain `borg create` of the same directories
+  to a fresh qborg repository through the same ssh alias, key and forced
+  command, without borgmatic: what the loopback transport alone costs.
 
 Both use the borg the qube runs ($QBORG_LAB_BORG or Debian's). The data stays
 in the page cache for both (it was just written; 24 GB of memory).
@@ -131,6 +134,25 @@ def fresh_qborg_repository(lab):
         shutil.rmtree(os.path.join(home, sub), ignore_errors=True)
 
 
+def plain_borg_over_ssh(lab, conf):
+    """`borg create` of the same directories straight to the VM's repository
+    through the same ssh alias, key and forced command, without borgmatic:
+    what the transport alone costs (the repository is fresh, as for qborg)."""
+    home = lab.home(CLIENT)
+    env = {"BORG_PASSCOMMAND": "cat %s" % os.path.join(home, ".config", "qborg", "passphrase"),
+           "BORG_REMOTE_PATH": conf.get("remote_path") or "borg",
+           "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes"}
+    argv = ["borg", "create", "--compression", conf.get("compression") or "lz4"]
+    for pattern in conf.get("exclude_patterns") or []:
+        argv += ["--exclude", pattern]
+    argv.append("%s::plain-borg" % conf["repositories"][0])
+    argv += conf["source_directories"]
+    seconds, proc = b.timed(lab.run, CLIENT, argv, check=False, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError("borg create over ssh failed: %s" % proc.stderr[-3000:])
+    return seconds
+
+
 def borgmatic_create(lab):
     seconds, proc = b.timed(lab.run, CLIENT, ["borgmatic", "--syslog-verbosity", "-1", "create"],
                             check=False)
@@ -190,7 +212,7 @@ def measure(lab, megabytes, files):
     conf = client_config(lab)
     local = LocalBaseline(lab, conf)
     version = lab.run(CLIENT, ["borg", "--version"]).stdout.strip()
-    qborg_runs, local_runs, qborg_reruns, local_reruns = [], [], [], []
+    qborg_runs, local_runs, qborg_reruns, local_reruns, ssh_runs = [], [], [], [], []
     for i in range(b.runs(3, fast=2)):
         def qborg_side():
             fresh_qborg_repository(lab)
@@ -202,13 +224,20 @@ def measure(lab, megabytes, files):
             local_runs.append(local.create())
             local_reruns.append(local.create())
 
-        for side in ((qborg_side, local_side) if i % 2 == 0 else (local_side, qborg_side)):
+        def ssh_side():
+            fresh_qborg_repository(lab)
+            ssh_runs.append(plain_borg_over_ssh(lab, conf))
+
+        sides = (qborg_side, local_side, ssh_side)
+        for side in (sides if i % 2 == 0 else sides[::-1]):
             side()
-        b.log("run %d: qborg %.1f s (re-run %.2f s), local %.1f s (re-run %.2f s)"
-              % (i + 1, qborg_runs[-1], qborg_reruns[-1], local_runs[-1], local_reruns[-1]))
+        b.log("run %d: qborg %.1f s (re-run %.2f s), local %.1f s (re-run %.2f s), "
+              "plain borg over ssh %.1f s" % (i + 1, qborg_runs[-1], qborg_reruns[-1],
+                                              local_runs[-1], local_reruns[-1], ssh_runs[-1]))
     local.remove()
     mb = total / 1e6
     qborg_mbs, local_mbs = mb / b.median(qborg_runs), mb / b.median(local_runs)
+    ssh_mbs = mb / b.median(ssh_runs)
     compression = conf.get("compression")
     return [
         b.row("P-c", "backup of %d MB, %d files: qborg's borgmatic over ssh vs local borg"
@@ -217,6 +246,10 @@ def measure(lab, megabytes, files):
               qborg_mbs / local_mbs >= THROUGHPUT_TARGET,
               note="%s, compression %s; qborg %s, local %s"
               % (version, compression, b.spread(qborg_runs), b.spread(local_runs))),
+        b.row("P-c/ssh", "the same backup: qborg vs plain borg create over the same ssh",
+              qborg_mbs, ssh_mbs, "MB/s", "(the transport's share)", None,
+              note="plain borg over ssh, seconds: %s; local is %.2fx of it"
+              % (b.spread(ssh_runs), local_mbs / ssh_mbs)),
         b.row("P-c2", "unchanged re-run over %d files (qborg vs local)" % files,
               b.median(qborg_reruns), b.median(local_reruns), "s", "<= %.0f s" % RERUN_TARGET,
               b.median(qborg_reruns) <= RERUN_TARGET,

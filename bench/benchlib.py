@@ -10,7 +10,8 @@ machine-readable line (``ROWS_MARK`` + JSON) that run.py collects. A row:
 
 ``measured``/``baseline`` are numbers in ``unit`` (``baseline`` may be None),
 ``ratio`` is measured/baseline (for a throughput: the higher the better, as
-the target says), ``met`` whether the target holds.
+the target says), ``met`` whether the target holds (None: a row for
+reference, without a target of its own).
 """
 
 import contextlib
@@ -143,7 +144,8 @@ def row(id, what, measured, baseline, unit, target, met, ratio=None, note=""):
     if ratio is None and baseline:
         ratio = measured / baseline
     return {"id": id, "what": what, "measured": measured, "baseline": baseline, "unit": unit,
-            "ratio": ratio, "target": target, "met": bool(met), "note": note}
+            "ratio": ratio, "target": target, "met": None if met is None else bool(met),
+            "note": note}
 
 
 def _number(value, unit):
@@ -160,7 +162,8 @@ def table(rows):
     lines = [(r["id"], r["what"], _number(r["measured"], r["unit"]),
               _number(r["baseline"], r["unit"]),
               "-" if r["ratio"] is None else "%.2fx" % r["ratio"],
-              r["target"], "yes" if r["met"] else "NO", r.get("note", "")) for r in rows]
+              r["target"], {True: "yes", False: "NO", None: "-"}[r["met"]], r.get("note", ""))
+             for r in rows]
     widths = [max(len(str(x)) for x in column) for column in zip(head, *lines)]
     out = []
     for i, line in enumerate([head] + lines):

@@ -84,7 +84,7 @@ def main():
             json.dump(rows, handle, indent=2)
     for error in errors:
         print("FAILED: %s" % error)
-    missed = [r["id"] for r in rows if not r["met"]]
+    missed = [r["id"] for r in rows if r["met"] is False]
     if missed:
         print("target missed: %s (see bench/README.md)" % ", ".join(missed))
     if errors:
