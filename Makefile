@@ -15,7 +15,8 @@ BORGMATIC_LATEST ?= /opt/qborg-test/borgmatic-latest
 # the newest borgmatic tested; raise it (or set BORGMATIC_LATEST_SPEC=borgmatic) to try a newer one
 BORGMATIC_LATEST_SPEC ?= borgmatic==2.1.10
 
-.PHONY: all deps venv borgmatic-latest demo test unit lint lab-up lab-down clean
+.PHONY: all deps venv borgmatic-latest demo test unit lint lab-up lab-down clean \
+	matrix-deps salt-latest borg-1.4 test-matrix bench
 
 all: test
 
@@ -62,3 +63,68 @@ lab-down: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# --- the version matrix (make test-matrix) ----------------------------------
+# `make test` runs salt 3006 (the main venv), Debian 12's borg 1.2 and
+# borgmatic 1.7.7, and the newest borgmatic (vm-work). `make test-matrix` runs
+# the unit and functional tests and the lab's core end-to-end tests again with
+# the newest salt, and with borg 1.4 on the clients and the server.
+# Each lives in a venv of Debian's /usr/bin/python3 in a world-readable place,
+# so the lab's qube and server users can run it.
+SALT_LATEST ?= /opt/qborg-test/salt-latest
+# the newest salt tested (3008.5 wants a certifi newer than PyPI serves here);
+# raise it (or set SALT_LATEST_SPEC=salt) to try a newer one
+SALT_LATEST_SPEC ?= salt==3008.4
+BORG14 ?= /opt/qborg-test/borg-1.4
+# borg 1.4 has no wheel on PyPI: it compiles against these
+BORG14_SPEC ?= borgbackup==1.4.5
+MATRIX_DEB_PACKAGES := build-essential python3-dev pkg-config libacl1-dev libssl-dev \
+	liblz4-dev libzstd-dev libxxhash-dev
+MATRIX_PYTEST_ARGS ?=
+# the lab's core: backup, list, restore, append-only and repository isolation,
+# zero changes on re-apply, the admin's batch, a VM added on its own
+MATRIX_E2E := tests/e2e/test_qborg.py tests/e2e/test_qborg_admin.py
+
+matrix-deps: deps
+	@missing=""; for p in $(MATRIX_DEB_PACKAGES); do \
+		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(SALT_LATEST)/.installed: setup.py | deps
+	install -d -m 0755 $(dir $(SALT_LATEST))
+	test -x $(SALT_LATEST)/bin/python || $(PYTHON) -m venv $(SALT_LATEST)
+	$(SALT_LATEST)/bin/python -m pip install -q --upgrade pip
+	$(SALT_LATEST)/bin/python -m pip install -q --upgrade '$(SALT_LATEST_SPEC)' \
+		paramiko passlib cryptography pyyaml 'pytest>=8' 'pytest-salt-factories>=1.0'
+	touch $@
+
+salt-latest: $(SALT_LATEST)/.installed
+
+$(BORG14)/.installed: | matrix-deps
+	install -d -m 0755 $(dir $(BORG14))
+	test -x $(BORG14)/bin/python || /usr/bin/python3 -m venv $(BORG14)
+	$(BORG14)/bin/python -m pip install -q --upgrade pip
+	$(BORG14)/bin/python -m pip install -q '$(BORG14_SPEC)'
+	chmod -R a+rX $(BORG14)
+	$(BORG14)/bin/borg --version
+	touch $@
+
+borg-1.4: $(BORG14)/.installed
+
+test-matrix: deps venv borgmatic-latest salt-latest borg-1.4
+	@echo "== salt: $$($(SALT_LATEST)/bin/salt-call --version); borg 1.4 on clients and server: $$($(BORG14)/bin/borg --version)"
+	QBORG_BORGMATIC_LATEST=$(BORGMATIC_LATEST)/bin/borgmatic QBORG_LAB_BORG=$(BORG14)/bin/borg \
+		$(SALT_LATEST)/bin/python -m pytest tests/unit tests/functional $(MATRIX_E2E) $(MATRIX_PYTEST_ARGS)
+
+# --- benchmarks (make bench; BENCH_QUICK=1 for smaller data) -----------------
+# bench/run.py runs each script in bench/run.py's BENCHES in a lab of its own
+# (tag `bench`) and prints one table of ratios measured in that run.
+BENCH_QUICK ?=
+BENCH_ARGS ?=
+
+bench: deps venv
+	BENCH_QUICK=$(BENCH_QUICK) $(VPY) bench/run.py $(BENCH_ARGS)

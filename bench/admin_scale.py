@@ -48,7 +48,9 @@ def settings_for(lab, n):
     return core.validate_settings(raw)
 
 
-def run(lab, n, original):
+def prepare(lab, n, original):
+    """An empty keystore, the server's original authorized_keys and N stub
+    repositories (and exported keys); returns the settings for N VMs."""
     home = lab.home("backup-admin")
     entry = pwd.getpwnam(lab.user("backup-admin"))
     owner = (entry.pw_uid, entry.pw_gid)
@@ -69,6 +71,15 @@ def run(lab, n, original):
         open(os.path.join(repo, "config"), "w").close()
         for path in (os.path.dirname(repo), repo):
             os.chown(path, srv.pw_uid, srv.pw_gid)
+    return settings
+
+
+def run(lab, n, original):
+    home = lab.home("backup-admin")
+    entry = pwd.getpwnam(lab.user("backup-admin"))
+    owner = (entry.pw_uid, entry.pw_gid)
+    settings = prepare(lab, n, original)
+    store = core.Keystore(os.path.join(home, ".local", "share", "qborg"), owner)
     counts = {"connections": 0, "uploads": 0}
     real_client = admin.ServerSession._new_client
     real_upload = admin.ServerSession.upload_authorized_keys

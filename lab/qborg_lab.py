@@ -258,8 +258,9 @@ class Lab:
     ADMIN_QUBE = "backup-admin"
     server_user = "qborg-srv"
 
-    def __init__(self, directory=None, repo=None, tag=None):
-        """tag None: $QBORG_LAB_TAG, if set; "" (or unset): an untagged lab."""
+    def __init__(self, directory=None, repo=None, tag=None, borg=None):
+        """tag None: $QBORG_LAB_TAG, if set; "" (or unset): an untagged lab.
+        borg None: $QBORG_LAB_BORG, if set; "" (or unset): Debian's borg."""
         if tag is None:
             tag = os.environ.get("QBORG_LAB_TAG", "")
         self.tag = _check_tag(tag)
@@ -272,6 +273,9 @@ class Lab:
         self.sudoers_path = sudoers_path(self.tag)
         self._state = None
         self.last = None  # the last apply()'s CompletedProcess, for debugging
+        self.borg = self._check_borg(os.environ.get("QBORG_LAB_BORG", "") if borg is None else borg)
+        # more salt file roots after the formula's (bench/ adds its floor state)
+        self.extra_file_roots = []
         self._load_extra_qubes()
 
     def __repr__(self):
@@ -450,6 +454,7 @@ class Lab:
                 _write(self.user_pillar_path, handle.read())
         for qube in self.QUBES:
             self._write_salt_config(qube)
+        self._install_borg()
 
     def down(self):
         self._require_root()
@@ -760,7 +765,7 @@ class Lab:
                 "host": "127.0.0.1",
                 "port": self.port,
                 "user": self.server_user,
-                "remote_path": "borg",
+                "remote_path": self.remote_path,
                 "repos_dir": "qborg",
                 "host_key": self.host_key,
                 "admin_key": "~/.ssh/qborg-admin",
@@ -776,7 +781,7 @@ class Lab:
             "id": qube,
             "file_client": "local",
             "root_dir": salt_dir,
-            "file_roots": {"base": [os.path.join(self.repo, "salt")]},
+            "file_roots": {"base": [os.path.join(self.repo, "salt")] + list(self.extra_file_roots)},
             "pillar_roots": {"base": [self.pillar_dir(qube)]},
             "log_file": os.path.join(salt_dir, "minion.log"),
             "log_level_logfile": "info",
@@ -965,7 +970,53 @@ class Lab:
         self._write_registry()
         self._write_sudoers()
         self._write_salt_config(qube)
+        self._install_borg()
         return self.user(qube)
+
+    # --- which borg -------------------------------------------------------------
+
+    @staticmethod
+    def _check_borg(program):
+        """An absolute path to a borg every lab user can run, or "" (Debian's)."""
+        if not program:
+            return ""
+        if not SAFE_PATH_RE.match(program) or len(program) > 200:
+            raise LabError("QBORG_LAB_BORG %r: an absolute path of letters, digits and _.+-/"
+                           % (program,))
+        if not os.path.isfile(program) or os.stat(program).st_mode & 0o005 != 0o005:
+            raise LabError("QBORG_LAB_BORG %s is not a borg that every user may run "
+                           "(make borg-1.4 makes one)" % program)
+        return program
+
+    @property
+    def remote_path(self):
+        """The borg of the server's forced command (pillar server:remote_path)."""
+        return self.borg or "borg"
+
+    def use_borg(self, qube, program):
+        """Put PROGRAM in the qube's prefix bin as `borg`, as a user installs a
+        newer borg into /usr/local/bin: the qube's borgmatic, borgbak and
+        qborg-backup (and the admin's borg runs) take it; None removes it."""
+        link = os.path.join(self.prefix(qube), "bin", "borg")
+        if os.path.lexists(link):
+            os.unlink(link)
+        if program is None:
+            return None
+        os.symlink(self._check_borg(program), link)
+        return link
+
+    def _install_borg(self):
+        """With a lab borg, every qube runs it and the server's forced command
+        (pillar remote_path) serves with it; without, Debian's everywhere."""
+        for qube in self.QUBES:
+            if self.USERS[qube] is None:
+                continue
+            link = os.path.join(self.prefix(qube), "bin", "borg")
+            if self.borg:
+                if not (os.path.islink(link) and os.readlink(link) == self.borg):
+                    self.use_borg(qube, self.borg)
+            elif os.path.islink(link):
+                os.unlink(link)
 
 
 # --- command line ---------------------------------------------------------------

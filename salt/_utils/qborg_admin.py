@@ -363,6 +363,7 @@ def _borg_as_vm(settings, vm, keystore, known_hosts_line, owner):
         "BORG_PASSCOMMAND": f"cat {shlex.quote(keystore.passphrase_path(vm))}",
         "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
         "BORG_BASE_DIR": os.path.join(keystore.base, "borg"),
+        "PATH": core.program_path(settings),
     }
     core.ensure_dir(env["BORG_BASE_DIR"], 0o700, owner)
     return env

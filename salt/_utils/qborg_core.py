@@ -684,6 +684,14 @@ def now_utc():
     return datetime.datetime.now(datetime.timezone.utc)
 
 
+def program_path(settings):
+    """PATH for the borg (and ssh) qborg runs in a qube: the prefix's bin
+    first (in Qubes /usr/local/bin, where a newer borg is installed, as the
+    clients' qborg-backup and borgbak find it), then the system's."""
+    prefix_bin = os.path.join(settings["paths"]["prefix"], "bin")
+    return os.pathsep.join(dict.fromkeys([prefix_bin, "/usr/local/bin", "/usr/bin", "/bin"]))
+
+
 def run_as(cmd, owner, home, env_extra=None, **kwargs):
     """Run cmd as the unix user (uid, gid), with a minimal environment."""
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8"}

@@ -229,6 +229,7 @@ class AdminBorg:
             "BORG_PASSCOMMAND": f"cat {shlex.quote(passphrase_path or self.keystore.passphrase_path(vm))}",
             "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
             "BORG_BASE_DIR": base_dir,
+            "PATH": core.program_path(self.settings),
         }
 
     def url(self, vm):

@@ -103,6 +103,19 @@ qborg-admin-lib-qborg_maint:
     - require_in:
       - file: qborg-admin-getbundle-service
 
+{#- the services and programs run as the admin qube's user, who cannot write
+    __pycache__ beside these root-owned modules: compiled here once, or each
+    qborg.GetBundle request compiles all three again #}
+qborg-admin-lib-compiled:
+  cmd.run:
+    - name: {{ ("/usr/bin/python3 -m compileall -q " ~ ((prefix ~ "/lib/qborg") | quote)) | json }}
+    - onchanges:
+      - file: qborg-admin-lib-qborg_core
+      - file: qborg-admin-lib-qborg_admin
+      - file: qborg-admin-lib-qborg_maint
+    - require_in:
+      - file: qborg-admin-getbundle-service
+
 {%- for program in ["qborg", "qborg-maint"] %}
 
 qborg-admin-program-{{ program }}:

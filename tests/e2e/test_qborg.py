@@ -133,8 +133,8 @@ def test_authorized_keys_locks_each_vm_key(lab, world):
     for vm in CLIENTS:
         with open(os.path.join(keystore(lab), "vms", vm, "ssh_key.pub")) as f:
             pub = " ".join(f.read().split()[:2])
-        expected = (f'restrict,command="borg serve --append-only --restrict-to-repository '
-                    f'qborg/{vm}" {pub} qborg:{vm}')
+        expected = (f'restrict,command="{lab.remote_path} serve --append-only '
+                    f'--restrict-to-repository qborg/{vm}" {pub} qborg:{vm}')
         assert expected in text.splitlines()
     assert "cd " not in text
 
@@ -527,3 +527,15 @@ def test_users_ssh_config_is_kept_and_the_qborg_block_wins(lab, world):
         with open(path, "wb") as f:
             f.write(original)
         os.chown(path, owner.pw_uid, owner.pw_gid)
+
+
+def test_every_qube_and_the_server_run_the_labs_borg(lab, world):
+    """$QBORG_LAB_BORG (make test-matrix: borg 1.4) is the borg of the qubes
+    and of the server's forced command; without it, Debian's everywhere."""
+    wanted = lab.run("vm-personal", [lab.borg or "/usr/bin/borg", "--version"]).stdout.strip()
+    for qube in ("backup-admin",) + CLIENTS:
+        assert lab.run(qube, ["borg", "--version"]).stdout.strip() == wanted, qube
+    with open(lab.authorized_keys_path) as f:
+        commands = [line.split('"')[1] for line in f if line.startswith("restrict,command=")]
+    assert commands and all(c.startswith(lab.remote_path + " serve ") for c in commands)
+    assert lab.server([lab.remote_path, "--version"]).stdout.strip() == wanted

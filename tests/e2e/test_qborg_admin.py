@@ -227,7 +227,7 @@ def test_vm_added_to_pillar_and_applied_alone_ends_with_a_working_backup(admin_l
 
     keystore = os.path.join(lab.home("backup-admin"), ".local", "share", "qborg")
     pub = " ".join(open(os.path.join(keystore, "vms", NEW_VM, "ssh_key.pub")).read().split()[:2])
-    expected = ('restrict,command="borg serve --append-only --restrict-to-repository '
+    expected = (f'restrict,command="{lab.remote_path} serve --append-only --restrict-to-repository '
                 f'qborg/{NEW_VM} --storage-quota 10G" {pub} qborg:{NEW_VM}')
     assert expected in open(lab.authorized_keys_path).read().splitlines()
     repokey = os.path.join(keystore, "vms", NEW_VM, "repokey")

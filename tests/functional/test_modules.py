@@ -1,5 +1,9 @@
 """The qborg execution module through Salt's loader."""
 
+import copy
+import os
+import subprocess
+
 import pytest
 import yaml
 from salt.exceptions import CommandExecutionError
@@ -84,3 +88,46 @@ def test_unknown_user_is_named(modules, qborg_config):
     qborg_config["user"] = "qborg-nosuchuser"
     with pytest.raises(CommandExecutionError, match="'qborg-nosuchuser' does not exist"):
         modules.qborg.client_paths(qborg_config)
+
+
+# --- which borgmatic version, asked without importing borgmatic ---------------
+
+LATEST = os.environ.get("QBORG_BORGMATIC_LATEST", "/opt/qborg-test/borgmatic-latest/bin/borgmatic")
+
+
+def _with_borgmatic(qborg_config, prefix, script=None, link=None):
+    """The config with its prefix bin holding a borgmatic (a script or a link)."""
+    config = copy.deepcopy(qborg_config)
+    config["paths"]["prefix"] = str(prefix)
+    (prefix / "bin").mkdir(parents=True)
+    exe = prefix / "bin" / "borgmatic"
+    if link:
+        exe.symlink_to(link)
+    else:
+        exe.write_text(script)
+        exe.chmod(0o755)
+    return config
+
+
+@pytest.mark.parametrize("real", ["/usr/bin/borgmatic", LATEST], ids=["debian", "latest"])
+def test_borgmatic_version_is_what_borgmatic_version_prints(modules, qborg_config, tmp_path, real):
+    config = _with_borgmatic(qborg_config, tmp_path, link=real)
+    printed = subprocess.run([real, "--version"], capture_output=True, text=True,
+                             check=True).stdout.strip()
+    assert modules.qborg.borgmatic_version(config) == printed
+
+
+def test_borgmatic_version_comes_from_the_scripts_interpreter_metadata(modules, qborg_config,
+                                                                       tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run(["/usr/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True)
+    site = next(venv.glob("lib/python3*/site-packages"))
+    (site / "borgmatic-1.8.14-py3.11.egg-info").mkdir()
+    config = _with_borgmatic(qborg_config, tmp_path / "usr-local", script=(
+        f"#!{venv}/bin/python\nimport sys\nsys.exit('borgmatic itself must not run')\n"))
+    assert modules.qborg.borgmatic_version(config) == "1.8.14"
+
+
+def test_borgmatic_version_of_a_wrapper_script_asks_it(modules, qborg_config, tmp_path):
+    config = _with_borgmatic(qborg_config, tmp_path, script="#!/bin/sh\necho 2.0.7\n")
+    assert modules.qborg.borgmatic_version(config) == "2.0.7"
