@@ -208,3 +208,70 @@ def test_a_vm_without_netvm_is_a_warning(lab, first):
     finally:
         lab.set_netvm("vm-work", "sys-firewall")
     assert dom0_tool(lab, "qvm-prefs", "vm-work", "netvm").stdout == "sys-firewall\n"
+
+
+# --- the lab's stand-ins for dom0's qvm states and tools ---------------------------
+
+def qvm_state(lab, fun, *args, test=False):
+    proc = lab.salt_call("dom0", "--out=json", "state.single", fun, *args,
+                         *(["test=True"] if test else []))
+    data = json.loads(proc.stdout)["local"]
+    assert isinstance(data, dict), data
+    (ret,) = data.values()
+    return ret
+
+
+def test_qvm_exists_and_missing_ask_qvm_check(lab):
+    assert qvm_state(lab, "qvm.exists", "name=vm-work")["result"] is True
+    ghost = qvm_state(lab, "qvm.exists", "name=vm-ghost", test=True)
+    assert ghost["result"] is False and "vm-ghost: non-existent!" in ghost["comment"]
+    assert qvm_state(lab, "qvm.missing", "name=vm-ghost")["result"] is True
+    assert qvm_state(lab, "qvm.missing", "name=vm-work")["result"] is False
+
+
+def test_qvm_features_dry_run_then_set_then_default(lab):
+    before = dom0_state(lab)
+    ret = qvm_state(lab, "qvm.features", "name=vm-work", "enable=[qborg-probe]", test=True)
+    assert ret["result"] is None
+    assert ret["changes"] == {"qborg-probe": {"old": "Missing", "new": "Enabled"}}
+    assert dom0_state(lab) == before
+    ret = qvm_state(lab, "qvm.features", "name=vm-work", "enable=[qborg-probe]")
+    assert ret["result"] is True and lab.dom0_qube("vm-work")["features"]["qborg-probe"] == "1"
+    assert qvm_state(lab, "qvm.features", "name=vm-work", "enable=[qborg-probe]")["changes"] == {}
+    ret = qvm_state(lab, "qvm.features", "name=vm-work", "default=[qborg-probe]")
+    assert ret["changes"] == {"qborg-probe": {"old": "Enabled", "new": "Missing"}}
+    assert dom0_state(lab) == before
+
+
+def test_qvm_service_and_prefs_on_a_missing_qube_fail(lab):
+    for fun in ("qvm.service", "qvm.prefs"):
+        ret = qvm_state(lab, fun, "name=vm-ghost", "enable=[crond]" if fun == "qvm.service"
+                        else "netvm=none")
+        assert ret["result"] is False
+        assert "Virtual Machine does not exist!" in ret["comment"]
+
+
+def test_qvm_prefs_sets_and_reads_the_netvm(lab):
+    ret = qvm_state(lab, "qvm.prefs", "name=vm-personal", "netvm=none", test=True)
+    assert ret["result"] is None
+    assert ret["changes"] == {"netvm": {"old": "sys-firewall", "new": None}}
+    assert lab.dom0_qube("vm-personal")["netvm"] == "sys-firewall"
+
+
+def test_the_tools_answer_like_qubesadmin(lab):
+    proc = dom0_tool(lab, "qvm-prefs", "vm-ghost", "netvm")
+    assert proc.returncode == 2 and "qvm-prefs: error: no such domain: 'vm-ghost'" in proc.stderr
+    assert dom0_tool(lab, "qvm-check", "vm-work", "vm-ghost").returncode == 1
+    assert dom0_tool(lab, "qvm-check", "--quiet", "vm-work").returncode == 0
+    assert dom0_tool(lab, "qvm-features", "vm-work", "no-such-feature").returncode == 1
+    proc = dom0_tool(lab, "qvm-prefs", "vm-work", "netvm", "vm-personal")
+    assert proc.returncode == 1 and "does not provide network" in proc.stderr
+
+
+def test_the_tools_refuse_a_qube(lab):
+    proc = lab.run("vm-work", [os.path.join(lab.bin_dir, "qvm-check"), "vm-work"], check=False)
+    assert proc.returncode == 1 and "runs in dom0 only" in proc.stderr
+    env = dict(os.environ, QBORG_LAB_QUBE="vm-work")
+    proc = subprocess.run([os.path.join(lab.bin_dir, "qvm-service"), "vm-work", "crond", "on"],
+                          env=env, capture_output=True, text=True, check=False)
+    assert proc.returncode == 1 and "runs in dom0 only" in proc.stderr
