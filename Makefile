@@ -14,6 +14,9 @@ PYTEST_ARGS ?=
 BORGMATIC_LATEST ?= /opt/qborg-test/borgmatic-latest
 # the newest borgmatic tested; raise it (or set BORGMATIC_LATEST_SPEC=borgmatic) to try a newer one
 BORGMATIC_LATEST_SPEC ?= borgmatic==2.1.10
+# what salt-lint checks (.salt-lint); yamllint takes every plain YAML file
+# (.yamllint) and, in tests/functional/test_lint.py, each .sls as Salt renders it
+SALT_FILES := $(wildcard salt/qborg/*.sls salt/qborg/*.top salt/qborg/*.jinja)
 
 .PHONY: all deps venv borgmatic-latest demo test unit lint lab-up lab-down clean \
 	matrix-deps salt-latest borg-1.4 test-matrix bench
@@ -49,8 +52,14 @@ borgmatic-latest: $(BORGMATIC_LATEST)/.installed
 demo: deps venv
 	$(VPY) lab/demo.py
 
-test: deps venv borgmatic-latest
-	QBORG_BORGMATIC_LATEST=$(BORGMATIC_LATEST)/bin/borgmatic $(VPY) -m pytest $(PYTEST_ARGS)
+test: deps venv borgmatic-latest lint
+	QBORG_BORGMATIC_LATEST=$(BORGMATIC_LATEST)/bin/borgmatic $(VPY) -m pytest \
+		--ignore=tests/functional/test_lint.py $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/salt-lint $(SALT_FILES)
+	$(VENV)/bin/yamllint --strict .
+	$(VPY) -m pytest -q tests/functional/test_lint.py
 
 unit: venv
 	$(VPY) -m pytest tests/unit $(PYTEST_ARGS)

@@ -51,6 +51,11 @@ SSHD_CONFIG_NAME = "qborg-lab-sshd_config"
 # a tag goes in front of every unix user name; those must start with a letter
 # (useradd's and the formula's rule for qborg:user), hence no leading digit
 TAG_RE = re.compile(r"^[a-z][a-z0-9]{0,5}\Z")
+# the stand-ins for dom0's qvm-* tools (one program, lab/bin/qvm-prefs)
+DOM0_TOOLS = ("qvm-check", "qvm-prefs", "qvm-features", "qvm-service")
+# the stand-ins for dom0's qvm execution and state modules; only the lab's
+# dom0 Salt loads them
+SALT_STAND_INS = os.path.join(HERE, "salt-standins")
 # serialises useradd/userdel between labs running at the same time
 ACCOUNTS_LOCK = "/run/qborg-lab.accounts.lock"
 ADMIN_KEY_COMMENT = "qborg-lab-admin"
@@ -443,6 +448,7 @@ class Lab:
         self._make_users()
         self._make_admin_key()
         self._write_registry()
+        self._write_dom0_qubes()
         self._write_sudoers()
         port = self._start_sshd()
         state = {"dir": self.dir, "port": port, "host_key": self._host_pubkey()}
@@ -499,6 +505,8 @@ class Lab:
         for name in ("state.json", "registry.json"):
             if os.path.exists(self._p(name)):
                 os.unlink(self._p(name))
+        if os.path.exists(self.dom0_qubes_path):
+            os.unlink(self.dom0_qubes_path)
 
     def _remove_tree(self):
         if not os.path.isdir(self.dir):
@@ -529,7 +537,7 @@ class Lab:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
 
     def _install_stand_ins(self):
-        for name in ("qrexec-client-vm", "qrexec-dispatch", "qvm-run"):
+        for name in ("qrexec-client-vm", "qrexec-dispatch", "qvm-run") + DOM0_TOOLS:
             source = os.path.join(HERE, "bin", name)
             with open(source, encoding="utf-8") as handle:
                 _write(os.path.join(self.bin_dir, name), handle.read(), 0o755)
@@ -788,6 +796,8 @@ class Lab:
             # reverse lookups of every address only slow each call down
             "enable_fqdns_grains": False,
         }
+        if qube == "dom0":
+            minion.update(self._dom0_salt_stand_ins())
         _write(os.path.join(salt_dir, "minion"), json.dumps(minion, indent=2) + "\n", 0o600)
         _write(os.path.join(self.pillar_dir(qube), "top.sls"),
                json.dumps({"base": {"*": ["qborg", "lab"]}}, indent=2) + "\n", 0o600)
@@ -935,7 +945,8 @@ class Lab:
     def remove_qube(self, qube):
         """Take a qube added with add_qube() out of the running lab again:
         its unix user (and processes, crontab, home), prefix, salt config,
-        its place in the registry and in sudoers. The lab's own qubes stay."""
+        its place in the registry, in sudoers and in dom0's record of qubes.
+        The lab's own qubes stay."""
         self._require_root()
         if qube in Lab.QUBES:
             raise LabError("%s is one of the lab's own qubes; only added ones can be removed"
@@ -950,6 +961,8 @@ class Lab:
         _write(self.extra_qubes_path, json.dumps(extra) + "\n")
         self._write_registry()
         self._write_sudoers()
+        if os.path.exists(self.dom0_qubes_path):
+            self._edit_dom0_qubes(lambda data: data["qubes"].pop(qube, None))
 
     def add_qube(self, qube):
         """Add an AppVM to the running lab: a unix user (tagged), its own
@@ -968,6 +981,7 @@ class Lab:
         self._make_users()
         self._install_stand_ins()
         self._write_registry()
+        self._write_dom0_qubes()
         self._write_sudoers()
         self._write_salt_config(qube)
         self._install_borg()
@@ -1017,6 +1031,91 @@ class Lab:
                     self.use_borg(qube, self.borg)
             elif os.path.islink(link):
                 os.unlink(link)
+
+    # --- dom0's qubes: the record behind the qvm-* stand-ins ---------------------
+
+    # the qubes every Qubes system has besides the lab's own; the lab's qubes
+    # get DEFAULT_NETVM, as Qubes gives a new AppVM the default netvm
+    DEFAULT_NETVM = "sys-firewall"
+    SYSTEM_QUBES = {
+        "dom0": {"klass": "AdminVM", "netvm": None},
+        "sys-net": {"klass": "AppVM", "netvm": None, "provides_network": True},
+        "sys-firewall": {"klass": "AppVM", "netvm": "sys-net", "provides_network": True},
+    }
+
+    @property
+    def dom0_qubes_path(self):
+        """What dom0's qubes.xml is in Qubes: per qube its class, netvm and
+        features, read and written by the qvm-* stand-ins."""
+        return os.path.join(self._p("qubes", "dom0"), "qubes.json")
+
+    def _dom0_salt_stand_ins(self):
+        """Minion options that load the qvm module stand-ins in dom0's Salt only."""
+        return {"module_dirs": [os.path.join(SALT_STAND_INS, "_modules")],
+                "states_dirs": [os.path.join(SALT_STAND_INS, "_states")]}
+
+    def _edit_dom0_qubes(self, change):
+        """Apply CHANGE(data) to the record under the stand-ins' own lock."""
+        path = self.dom0_qubes_path
+        lock = os.open(path + ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    data = json.load(handle)
+            except (OSError, ValueError):
+                data = {}
+            data.setdefault("qubes", {})
+            data.setdefault("default_netvm", self.DEFAULT_NETVM)
+            change(data)
+            _write(path, json.dumps(data, indent=2, sort_keys=True) + "\n", 0o644)
+        finally:
+            os.close(lock)
+
+    def _write_dom0_qubes(self):
+        """Every qube of the lab exists in dom0 (kept as it is when already there)."""
+        def change(data):
+            qubes = data["qubes"]
+            for name, entry in self.SYSTEM_QUBES.items():
+                if name not in qubes:
+                    qubes[name] = dict(entry, features={}, netvm_is_default=False)
+            for qube in self.QUBES:
+                if qube not in qubes:
+                    qubes[qube] = {"klass": "AppVM", "netvm": data["default_netvm"],
+                                   "netvm_is_default": True, "features": {}}
+        self._edit_dom0_qubes(change)
+
+    def register_qube(self, qube, netvm=DEFAULT_NETVM, klass="AppVM"):
+        """Make QUBE exist in dom0 only (qvm-check finds it), without a unix
+        user: a qube that qborg's dom0 part may name but the lab runs nothing in."""
+        if not re.match(r"^[a-zA-Z][a-zA-Z0-9_.-]{0,30}\Z", qube or "") or qube == "dom0":
+            raise LabError("not a qube name: %r" % (qube,))
+        self._load_state()
+
+        def change(data):
+            entry = data["qubes"].setdefault(qube, {"features": {}})
+            entry.update(klass=klass, netvm=netvm, netvm_is_default=False)
+        self._edit_dom0_qubes(change)
+
+    def unregister_qube(self, qube):
+        """Remove QUBE from dom0's record (qvm-check no longer finds it)."""
+        if qube in self.QUBES:
+            raise LabError("%s is one of the lab's qubes; it stays in dom0" % qube)
+        self._edit_dom0_qubes(lambda data: data["qubes"].pop(qube, None))
+
+    def dom0_qube(self, qube):
+        """The record of QUBE in dom0 ({klass, netvm, features}), None if none."""
+        with open(self.dom0_qubes_path, encoding="utf-8") as handle:
+            return json.load(handle)["qubes"].get(qube)
+
+    def set_netvm(self, qube, netvm):
+        """Set the qube's netvm with dom0's qvm-prefs (None: no netvm)."""
+        self._load_state()
+        env = {k: v for k, v in os.environ.items() if k != "QBORG_LAB_QUBE"}
+        _checked(subprocess.run(
+            [os.path.join(self.bin_dir, "qvm-prefs"), qube, "netvm", netvm or "none"],
+            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False),
+            True)
 
 
 # --- command line ---------------------------------------------------------------

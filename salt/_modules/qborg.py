@@ -569,3 +569,57 @@ def rotate(config, vm):
         return qborg_maint.rotate(settings, home, owner, vm)
     except core.QborgError as exc:
         raise CommandExecutionError(str(exc)) from None
+
+
+def _dom0_tool(name):
+    path = shutil.which(name)
+    if not path:
+        raise CommandExecutionError(f"{name} not found: the dom0 part runs in dom0")
+    return path
+
+
+def dom0_missing_qubes(names):
+    """
+    dom0: which of ``names`` are no qube here (``qvm-check`` each; reads only).
+
+    CLI example (dom0):
+
+    .. code-block:: bash
+
+        qubesctl qborg.dom0_missing_qubes '[backup-admin, vm-personal]'
+    """
+    qvm_check = _dom0_tool("qvm-check")
+    missing = []
+    for name in names:
+        try:
+            core.check_qube_name(name, "qube")
+        except core.QborgError as exc:
+            raise CommandExecutionError(str(exc)) from None
+        proc = subprocess.run([qvm_check, name], stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=120, check=False)
+        if proc.returncode == 0:
+            continue
+        # exit 1 and "NAME: non-existent!" is qvm-check's answer for a qube
+        # that is not there; anything else (qubesd down, ...) is an error
+        if proc.returncode == 1 and ("non-existent" in proc.stderr or not proc.stderr.strip()):
+            missing.append(name)
+            continue
+        raise CommandExecutionError(
+            f"qvm-check {name} failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
+    return missing
+
+
+def dom0_netvm(vm):
+    """
+    dom0: the qube's netvm (``qvm-prefs VM netvm``), or None when it has none.
+    """
+    try:
+        core.check_qube_name(vm, "qube")
+    except core.QborgError as exc:
+        raise CommandExecutionError(str(exc)) from None
+    proc = subprocess.run([_dom0_tool("qvm-prefs"), vm, "netvm"], stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=120, check=False)
+    if proc.returncode != 0:
+        raise CommandExecutionError(
+            f"qvm-prefs {vm} netvm failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
+    return proc.stdout.strip() or None

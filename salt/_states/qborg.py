@@ -179,3 +179,50 @@ def maintenance_valid(name, config):
     ret["comment"] = (f"maintenance every {maint['interval']}, borg check every "
                       f"{maint['check_interval']}")
     return ret
+
+
+def qubes_exist(name, qubes):
+    """
+    dom0: every qube qborg names exists (``qvm-check``; nothing is changed,
+    also under test=True the check runs). ``qubes`` maps each qube to the
+    pillar field that names it, so a failure says what to fix.
+    """
+    ret = _ret(name)
+    try:
+        missing = __salt__["qborg.dom0_missing_qubes"](sorted(qubes))
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["comment"] = str(exc)
+        return ret
+    if missing:
+        ret["result"] = False
+        ret["comment"] = "; ".join(
+            f"{qube} ({qubes[qube]}) does not exist in dom0 (qvm-check {qube}): create it, "
+            f"or change {qubes[qube]} in the qborg pillar" for qube in missing
+        ) + "; nothing was changed"
+        return ret
+    ret["comment"] = f"{len(qubes)} qubes exist: {', '.join(sorted(qubes))}"
+    return ret
+
+
+def vm_netvm(name):
+    """
+    dom0: the qube has a netvm, so it can reach the backup server. Without
+    one the result stays True and the comment (and ``warnings``) says so:
+    the qube may be offline on purpose, but then it never backs up.
+    """
+    ret = _ret(name)
+    try:
+        netvm = __salt__["qborg.dom0_netvm"](name)
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["comment"] = str(exc)
+        return ret
+    if netvm is None:
+        warning = (f"WARNING: {name} has no netvm, so it cannot reach the backup server "
+                   f"and will not back up; give it one (qvm-prefs {name} netvm sys-firewall)")
+        ret["comment"] = warning
+        ret.setdefault("warnings", []).append(warning)
+        return ret
+    ret["comment"] = f"{name} reaches the network through {netvm}"
+    return ret

@@ -212,6 +212,8 @@ def validate_settings(raw):
              and (admin_key.startswith("/") or admin_key.startswith("~/")),
              "qborg:server:admin_key", "must be an absolute path or start with ~/")
 
+    check_templates(raw)
+
     paths = raw.get("paths") or {}
     _require(isinstance(paths, dict), "qborg:paths", "must be a mapping")
     prefix = paths.get("prefix") or "/usr/local"
@@ -254,6 +256,16 @@ def validate_settings(raw):
         "paths": {"prefix": prefix.rstrip("/") or "/", "policy_dir": policy_dir},
         "vms": vms,
     }
+
+
+def check_templates(raw):
+    """qborg:templates is a list of qube names, qborg:admin_template one or null."""
+    templates = raw.get("templates") or []
+    _require(isinstance(templates, list), "qborg:templates", "must be a list of template names")
+    for i, name in enumerate(templates):
+        check_qube_name(name, f"qborg:templates[{i}]")
+    if raw.get("admin_template") is not None:
+        check_qube_name(raw["admin_template"], "qborg:admin_template")
 
 
 def expand_home(path, home):

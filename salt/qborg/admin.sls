@@ -1,5 +1,8 @@
 {#- admin part (the admin qube): keystore, the qborg.GetBundle service and
     the programs it runs, then keys, authorized_keys and repositories. #}
+{%- if grains["id"] == "dom0" %}
+{{- raise("qborg's admin part never runs in dom0: apply qborg, which picks dom0's own part") }}
+{%- endif %}
 {%- from "qborg/map.jinja" import qborg with context %}
 {%- set account = salt["user.info"](qborg.user) or {} %}
 {%- set home = account.get("home", "/home/" ~ qborg.user) %}

@@ -2,6 +2,9 @@
     the borgmatic config, the schedule and the borgbak helper. Everything
     lands in the user's home or under the prefix (/usr/local), which persist
     in an AppVM. #}
+{%- if grains["id"] == "dom0" %}
+{{- raise("qborg's client part never runs in dom0: apply qborg, which picks dom0's own part") }}
+{%- endif %}
 {%- from "qborg/map.jinja" import qborg with context %}
 {%- set vm = grains["id"] %}
 {%- set account = salt["user.info"](qborg.user) or {} %}

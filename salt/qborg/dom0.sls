@@ -1,6 +1,15 @@
 {#- dom0 part: the qrexec policy that lets each configured VM ask the admin
-    qube for its own bundle, and nothing else. Never writes into a home. #}
+    qube for its own bundle, the crond service on the qubes that back up or
+    run maintenance, and the non-secret settings pushed to the admin qube.
+    Never writes into a home, never reads a VM's output. #}
 {%- from "qborg/map.jinja" import qborg with context %}
+{%- set admin_vm = qborg.admin_vm %}
+{%- set vms = (qborg.vms or {}) | list | sort %}
+{#- every qube qborg names, with the pillar field that names it #}
+{%- set named = {admin_vm: "qborg:admin_vm"} %}
+{%- for vm in vms %}
+{%-   do named.update({vm: "qborg:vms:" ~ vm}) %}
+{%- endfor %}
 
 qborg-dom0-pillar-valid:
   qborg.settings_valid:
@@ -8,20 +17,48 @@ qborg-dom0-pillar-valid:
     - order: 1
     - failhard: True
 
+{#- a qube missing in dom0 fails the run before anything changes #}
+qborg-dom0-qubes-exist:
+  qborg.qubes_exist:
+    - qubes: {{ named | json }}
+    - require:
+      - qborg: qborg-dom0-pillar-valid
+
+{#- fully managed: a VM removed from pillar loses its line #}
 qborg-dom0-policy:
   file.managed:
     - name: {{ qborg.paths.policy_dir }}/70-qborg.policy
     - source: salt://qborg/files/dom0/70-qborg.policy.j2
     - template: jinja
     - context:
-        admin_vm: {{ qborg.admin_vm | json }}
-        vms: {{ (qborg.vms or {}) | list | sort | json }}
+        admin_vm: {{ admin_vm | json }}
+        vms: {{ vms | json }}
     - user: root
     - group: root
     - mode: '0644'
     - makedirs: True
     - require:
-      - qborg: qborg-dom0-pillar-valid
+      - qborg: qborg-dom0-qubes-exist
+
+{#- the VMs' backup schedule and the admin qube's maintenance are crontab
+    entries: cron runs in a qube only with the crond service enabled #}
+{%- for qube in [admin_vm] + vms %}
+
+qborg-dom0-crond-{{ qube }}:
+  qvm.service:
+    - name: {{ qube | json }}
+    - enable:
+      - crond
+    - require:
+      - qborg: qborg-dom0-qubes-exist
+
+{#- a qube without a netvm cannot reach the server: a warning, not a failure #}
+qborg-dom0-netvm-{{ qube }}:
+  qborg.vm_netvm:
+    - name: {{ qube | json }}
+    - require:
+      - qborg: qborg-dom0-qubes-exist
+{%- endfor %}
 
 {#- pushes the non-secret settings to the admin qube (qborg.UpdateSettings),
     so a VM added to pillar and applied on its own is known there; runs
@@ -30,4 +67,4 @@ qborg-dom0-admin-settings:
   qborg.admin_settings_pushed:
     - config: {{ qborg | json }}
     - require:
-      - qborg: qborg-dom0-pillar-valid
+      - qborg: qborg-dom0-qubes-exist

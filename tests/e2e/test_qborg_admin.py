@@ -184,6 +184,7 @@ def test_dry_run_after_a_pillar_change_writes_nothing_anywhere(admin_lab):
     vms["vm-extra"] = {}
     vms["vm-personal"] = dict(vms.get("vm-personal") or {}, storage_quota="5G")
     lab.set_pillar(changed_pillar)
+    lab.register_qube("vm-extra")  # a qube in dom0 the lab runs nothing in
     roots = (lab.home("backup-admin"), lab.prefix("backup-admin"), server_home(lab),
              lab.prefix("dom0"), lab.policy_dir())
     before = snapshot(*roots)
@@ -192,6 +193,7 @@ def test_dry_run_after_a_pillar_change_writes_nothing_anywhere(admin_lab):
         dom0_result = applied_ok(lab, "dom0", test=True)
     finally:
         lab.set_pillar(pillar)
+        lab.unregister_qube("vm-extra")
     assert snapshot(*roots) == before
     provisioned = by_id(admin_result, "qborg-admin-provisioned")
     assert provisioned["result"] is None

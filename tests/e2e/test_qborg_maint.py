@@ -105,6 +105,7 @@ def world(lab):
         vms[vm] = {"retention": {"keep_hourly": 1}}
     vms[STALE_VM] = {}
     lab.set_pillar(pillar)
+    lab.register_qube(STALE_VM)  # exists in dom0; the lab runs nothing in it
     try:
         path = os.path.join(lab.home("vm-personal"), "Documents", "letter.txt")
         lab.run("vm-personal", ["/usr/bin/python3", "-c",
@@ -121,6 +122,7 @@ def world(lab):
         yield {"letter": path, "first": first}
     finally:
         lab.set_pillar(original)
+        lab.unregister_qube(STALE_VM)
 
 
 def test_admin_schedule_runs_the_installed_program(lab, world):

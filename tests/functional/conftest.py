@@ -51,25 +51,27 @@ def loaders_for(salt_factories, pillar_tree):
     """Loaders for a minion with the given id (one per id and session)."""
     made = {}
 
-    def make(minion_id):
-        if minion_id not in made:
-            factory = salt_factories.salt_minion_daemon(
-                minion_id,
-                overrides={
-                    "file_client": "local",
-                    "file_roots": {"base": [str(SALT_DIR)]},
-                    "pillar_roots": {"base": [str(pillar_tree)]},
-                    "module_dirs": [str(SALT_DIR / "_modules")],
-                    "states_dirs": [str(SALT_DIR / "_states")],
-                    "utils_dirs": [str(SALT_DIR / "_utils")],
-                },
-            )
+    def make(minion_id, grains=None):
+        """grains: static grains over the host's (e.g. {"os_family": "RedHat"})."""
+        key = (minion_id, tuple(sorted((grains or {}).items())))
+        if key not in made:
+            overrides = {
+                "file_client": "local",
+                "file_roots": {"base": [str(SALT_DIR)]},
+                "pillar_roots": {"base": [str(pillar_tree)]},
+                "module_dirs": [str(SALT_DIR / "_modules")],
+                "states_dirs": [str(SALT_DIR / "_states")],
+                "utils_dirs": [str(SALT_DIR / "_utils")],
+            }
+            if grains:
+                overrides["grains"] = dict(grains)
+            factory = salt_factories.salt_minion_daemon(minion_id, overrides=overrides)
             # Salt buffers log records in a handler that it flushes at exit, into
             # the stream pytest has closed by then; hand them to pytest instead.
             salt._logging.shutdown_temp_handler()
-            made[minion_id] = Loaders(factory.config.copy(),
-                                      loaded_base_name=f"qborg_functional.{minion_id}")
-        return made[minion_id]
+            made[key] = Loaders(factory.config.copy(),
+                                loaded_base_name=f"qborg_functional.{minion_id}.{len(made)}")
+        return made[key]
 
     return make
 

@@ -275,3 +275,23 @@ def test_hostile_host_key_fails_naming_the_field(merged, value):
         core.validate_settings(merged)
     assert str(exc.value).startswith("qborg:server:host_key:")
     assert "fix it in the qborg pillar" in str(exc.value)
+
+def test_templates_and_admin_template_are_qube_names(merged):
+    merged["templates"] = ["debian-12-xfce", "fedora-41"]
+    merged["admin_template"] = "debian-12-xfce"
+    core.validate_settings(merged)
+    merged["admin_template"] = None
+    core.validate_settings(merged)
+
+
+@pytest.mark.parametrize("key,value,field", [
+    ("templates", "debian-12-xfce", "qborg:templates"),
+    ("templates", ["debian-12-xfce", "bad name"], r"qborg:templates\[1\]"),
+    ("templates", ["dom0"], r"qborg:templates\[0\]"),
+    ("admin_template", "debian 12", "qborg:admin_template"),
+    ("admin_template", ["debian-12-xfce"], "qborg:admin_template"),
+])
+def test_bad_templates_name_the_field(merged, key, value, field):
+    merged[key] = value
+    with pytest.raises(core.QborgConfigError, match="^" + field):
+        core.validate_settings(merged)
