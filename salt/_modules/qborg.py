@@ -24,16 +24,53 @@ import tempfile
 
 from salt.exceptions import CommandExecutionError
 
+_CORE_MODULES = ("qborg_core", "qborg_admin", "qborg_maint")  # in import order
+
+
+def _load_core_beside(directory):
+    """Load _qborg_core.py, _qborg_admin.py, _qborg_maint.py from DIRECTORY
+    under their plain names, so that their own `import qborg_core` finds the
+    same module objects.
+
+    salt-ssh (what qubesctl runs for every qube) ships only _modules and
+    _states to the target, never _utils; the formula keeps a copy of each
+    core module in _modules under a name with a leading underscore, which
+    Salt's loader skips as a private file."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+
+    for name in _CORE_MODULES:
+        if name in sys.modules:
+            continue
+        path = os.path.join(directory, "_" + name + ".py")
+        if not os.path.isfile(path):
+            raise ImportError(
+                f"qborg: {name} is neither importable nor shipped as {path}: install "
+                f"qborg from its release tarball (make dist), which has _modules/_{name}.py "
+                "as a file, and run saltutil.sync_all")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+
+
 try:
     import qborg_admin
     import qborg_core as core
     import qborg_maint
-except ImportError:  # salt-call before a sync: load from the formula tree
+except ImportError:
     _here = os.path.dirname(os.path.abspath(__file__))
+    # salt-call before a sync: the formula tree's _utils; after a sync: extmods/utils
     for _d in (os.path.join(_here, os.pardir, "utils"), os.path.join(_here, os.pardir, "_utils")):
         if os.path.isfile(os.path.join(_d, "qborg_core.py")):
             sys.path.insert(0, os.path.abspath(_d))
             break
+    else:
+        # salt-ssh: the copies shipped beside this module
+        _load_core_beside(_here)
     import qborg_admin
     import qborg_core as core
     import qborg_maint
