@@ -531,3 +531,29 @@ def rotate(config, vm):
         return qborg_maint.rotate(settings, home, owner, vm)
     except core.QborgError as exc:
         raise CommandExecutionError(str(exc)) from None
+
+
+def client_context(config):
+    """
+    Everything the client part renders with, in one call, never raising for a
+    bad pillar: ``{"valid": True, "interval", "remote_path", "repository"}``,
+    or ``{"valid": False, "error"}`` naming the field.
+
+    Under salt-ssh (how qubesctl reaches a qube) every ``salt[...]`` call in
+    an SLS is a round trip to the qube, and in Salt 3006 an error there comes
+    back as data, not as an exception: the SLS checks ``valid`` instead.
+    """
+    try:
+        settings = _settings(config)
+        vm = __grains__["id"]
+        if vm not in settings["vms"]:
+            raise CommandExecutionError(f"{vm} is not configured under qborg:vms")
+        server = core.vm_server(settings, vm)
+        return {
+            "valid": True,
+            "interval": settings["vms"][vm]["interval"],
+            "remote_path": settings["server"]["remote_path"],
+            "repository": core.alias_repository_url(server, vm),
+        }
+    except (CommandExecutionError, core.QborgError) as exc:
+        return {"valid": False, "error": str(exc)}
