@@ -917,6 +917,8 @@ class Lab:
             info.update(port=self.port, host_key=self.host_key,
                         sshd_pid=self.sshd_pid(), sshd_log=self.sshd_log,
                         admin_key=self.admin_key_path)
+            # the qube sshd for salt-ssh starts with the first apply-ssh
+            info["qubes_sshd_pid"] = self.qubes_sshd_pid()
             info["up"] = bool(info["sshd_pid"]) and all(info["users"].values())
         return info
 
@@ -1087,9 +1089,12 @@ class Lab:
 
     def stage_srv(self):
         """dom0's /srv from this checkout, as `make dist` lays it out (every
-        link a file). Returns the directory."""
+        link a file), afresh: nothing of an earlier staging lingers. Returns
+        the directory."""
         tool = os.path.join(self.repo, "tools", "qborg_dist.py")
         srv = self.srv_dir()
+        if os.path.isdir(srv):
+            shutil.rmtree(srv)
         _mkdir(srv)
         _must([sys.executable, tool, "--stage", srv])
         return srv

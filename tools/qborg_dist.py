@@ -9,8 +9,8 @@ The tree, relative to /srv:
     salt/qborg/                 the formula (init.sls dispatches on the minion id,
                                 init.top for `qubesctl top.enable qborg`)
     salt/_modules/qborg.py      the execution module, and beside it
-    salt/_modules/_qborg_*.py   copies of the core modules: salt-ssh ships
-                                _modules and _states to a qube, never _utils
+    salt/_modules/_qborg_*.py   copies of the core modules: salt-ssh gives a
+                                qube's loader _modules and _states, never _utils
     salt/_states/qborg.py
     salt/_utils/qborg_*.py      the core, for dom0's own salt-call and the
                                 programs the admin part installs

@@ -32,8 +32,8 @@ def _load_core_beside(directory):
     under their plain names, so that their own `import qborg_core` finds the
     same module objects.
 
-    salt-ssh (what qubesctl runs for every qube) ships only _modules and
-    _states to the target, never _utils; the formula keeps a copy of each
+    salt-ssh (what qubesctl runs for every qube) gives the target's loader
+    only _modules and _states, never _utils; the formula keeps a copy of each
     core module in _modules under a name with a leading underscore, which
     Salt's loader skips as a private file."""
     import importlib.util  # pylint: disable=import-outside-toplevel

@@ -158,7 +158,7 @@ def test_sync_all_picks_up_the_modules_and_they_load_without_utils(srv, tmp_path
     assert {"_%s.py" % m for m in CORE} <= set(os.listdir(extmods / "modules"))
     example = yaml.safe_load((srv / "pillar" / "qborg" / "init.sls").read_text())["qborg"]
     assert salt_call(conf, "qborg.minion_role", json.dumps(example)) == "client"
-    # as salt-ssh ships them to a qube: _modules and _states, no _utils
+    # as salt-ssh ships them to a qube's loader: _modules and _states, no _utils
     shutil.rmtree(extmods / "utils")
     assert salt_call(conf, "qborg.minion_role", json.dumps(example)) == "client"
     assert salt_call(conf, "sys.list_state_functions", "qborg")

@@ -2,7 +2,7 @@
 
 qubesctl applies qborg to a qube through salt-ssh: the SLS files render with
 pillar from dom0, file templates render in the qube from `context:` alone,
-and only _modules and _states reach the qube (no _utils). The real salt-ssh
+and only _modules and _states reach the qube's loader (no _utils). The real salt-ssh
 run is tests/e2e/test_salt_ssh.py."""
 
 import os
