@@ -6,7 +6,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 DEB_PACKAGES := borgbackup borgmatic openssh-server openssh-client cron sudo \
 	python3-venv python3-paramiko python3-passlib python3-cryptography python3-yaml \
-	python3-pykeepass keepassxc
+	python3-pykeepass keepassxc rpm
 PYTEST_ARGS ?=
 # the current borgmatic from PyPI, for the lab's vm-work (its /usr/local/bin):
 # a venv of Debian's /usr/bin/python3 in a world-readable place, so that the
@@ -18,7 +18,7 @@ BORGMATIC_LATEST_SPEC ?= borgmatic==2.1.10
 # (.yamllint) and, in tests/functional/test_lint.py, each .sls as Salt renders it
 SALT_FILES := $(wildcard salt/qborg/*.sls salt/qborg/*.top salt/qborg/*.jinja)
 
-.PHONY: all deps venv borgmatic-latest demo test unit lint lab-up lab-down clean \
+.PHONY: all deps venv borgmatic-latest demo test unit lint lab-up lab-down clean dist rpm \
 	matrix-deps salt-latest borg-1.4 test-matrix bench
 
 all: test
@@ -71,7 +71,7 @@ lab-down: venv
 	$(VPY) lab/qborg_lab.py down
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache dist
 
 # --- the version matrix (make test-matrix) ----------------------------------
 # `make test` runs salt 3006 (the main venv), Debian 12's borg 1.2 and
@@ -137,3 +137,17 @@ BENCH_ARGS ?=
 
 bench: deps venv
 	BENCH_QUICK=$(BENCH_QUICK) $(VPY) bench/run.py $(BENCH_ARGS)
+
+# dom0's install: dist/qborg-VERSION.tar.gz (paths relative to /srv: unpack
+# with `tar -xzf ... -C /srv`) and dist/qborg.spec (rpm/qborg.spec.in)
+DIST ?= dist
+SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null)
+export SOURCE_DATE_EPOCH
+
+dist:
+	$(PYTHON) tools/qborg_dist.py --out $(DIST)
+
+rpm: dist | deps
+	rpmbuild -bb --define "_topdir $(abspath $(DIST))/rpmbuild" \
+		--define "_sourcedir $(abspath $(DIST))" --define "_rpmdir $(abspath $(DIST))" \
+		$(DIST)/qborg.spec

@@ -26,14 +26,55 @@ import tempfile
 
 from salt.exceptions import CommandExecutionError
 
+_CORE_MODULES = ("qborg_core", "qborg_admin", "qborg_maint")  # in import order
+_HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _beside(directory, name):
+    return os.path.join(directory, "_" + name + ".py")
+
+
+def _load_core_beside(directory, names=_CORE_MODULES):
+    """Load _qborg_core.py (_qborg_admin.py, _qborg_maint.py) from DIRECTORY
+    under their plain names, so that their own `import qborg_core` finds the
+    same module objects.
+
+    salt-ssh (what qubesctl runs for every qube) gives the target's loader
+    only _modules and _states, never _utils; the formula keeps a copy of each
+    core module in _modules under a name with a leading underscore, which
+    Salt's loader skips as a private file."""
+    import importlib.util  # pylint: disable=import-outside-toplevel
+
+    for name in names:
+        if name in sys.modules:
+            continue
+        path = _beside(directory, name)
+        if not os.path.isfile(path):
+            raise ImportError(
+                f"qborg: {name} is neither importable nor shipped as {path}: install "
+                f"qborg from its release tarball (make dist), which has _modules/_{name}.py "
+                "as a file, and run saltutil.sync_all")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            raise
+
+
 try:
     import qborg_core as core
-except ImportError:  # salt-call before a sync: load from the formula tree
-    _here = os.path.dirname(os.path.abspath(__file__))
-    for _d in (os.path.join(_here, os.pardir, "utils"), os.path.join(_here, os.pardir, "_utils")):
+except ImportError:
+    # salt-call before a sync: the formula tree's _utils; after a sync: extmods/utils
+    for _d in (os.path.join(_HERE, os.pardir, "utils"), os.path.join(_HERE, os.pardir, "_utils")):
         if os.path.isfile(os.path.join(_d, "qborg_core.py")):
             sys.path.insert(0, os.path.abspath(_d))
             break
+    else:
+        # salt-ssh: the copies shipped beside this module
+        _load_core_beside(_HERE, ("qborg_core",))
     import qborg_core as core
 
 
@@ -46,7 +87,15 @@ class _ImportedOnFirstUse:
         self._name = name
 
     def __getattr__(self, attr):
-        return getattr(importlib.import_module(self._name), attr)
+        try:
+            module = importlib.import_module(self._name)
+        except ImportError:
+            if not os.path.isfile(_beside(_HERE, self._name)):
+                raise
+            # salt-ssh: the copies shipped beside this module
+            _load_core_beside(_HERE, _CORE_MODULES[:_CORE_MODULES.index(self._name) + 1])
+            module = sys.modules[self._name]
+        return getattr(module, attr)
 
 
 qborg_admin = _ImportedOnFirstUse("qborg_admin")
@@ -623,3 +672,29 @@ def dom0_netvm(vm):
         raise CommandExecutionError(
             f"qvm-prefs {vm} netvm failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}")
     return proc.stdout.strip() or None
+
+
+def client_context(config):
+    """
+    Everything the client part renders with, in one call, never raising for a
+    bad pillar: ``{"valid": True, "interval", "remote_path", "repository"}``,
+    or ``{"valid": False, "error"}`` naming the field.
+
+    Under salt-ssh (how qubesctl reaches a qube) every ``salt[...]`` call in
+    an SLS is a round trip to the qube, and in Salt 3006 an error there comes
+    back as data, not as an exception: the SLS checks ``valid`` instead.
+    """
+    try:
+        settings = _settings(config)
+        vm = __grains__["id"]
+        if vm not in settings["vms"]:
+            raise CommandExecutionError(f"{vm} is not configured under qborg:vms")
+        server = core.vm_server(settings, vm)
+        return {
+            "valid": True,
+            "interval": settings["vms"][vm]["interval"],
+            "remote_path": settings["server"]["remote_path"],
+            "repository": core.alias_repository_url(server, vm),
+        }
+    except (CommandExecutionError, core.QborgError) as exc:
+        return {"valid": False, "error": str(exc)}

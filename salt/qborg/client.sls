@@ -13,15 +13,33 @@
 {%- set prefix = qborg.paths.prefix %}
 {%- set conf = home ~ "/.config/qborg" %}
 {%- set state_dir = home ~ "/.local/state/qborg" %}
-{#- validated at render time: a bad pillar stops the run before any state #}
-{%- set settings = salt["qborg.validate"](qborg) %}
-{%- set vm_settings = settings.vms[vm] %}
+{#- one call for every value computed from the pillar: under salt-ssh each
+    salt[...] here is a round trip to the qube, and an error there comes back
+    as data (Salt 3006), so the result says whether the pillar is valid #}
+{%- set context = salt["qborg.client_context"](qborg) %}
 
 qborg-client-pillar-valid:
   qborg.settings_valid:
     - config: {{ qborg | json }}
     - order: 1
     - failhard: True
+{%- if context is not mapping or "valid" not in context %}
+
+{#- the module gave no answer: nothing but this failure runs #}
+qborg-client-module-answered:
+  test.fail_without_changes:
+    - comment: {{ ("qborg's execution module did not answer in this qube; install qborg from its release tarball into dom0's /srv/salt and run `qubesctl saltutil.sync_all`: " ~ (context | string)[:300]) | json }}
+    - failhard: True
+{%- elif not context.valid %}
+
+{#- qborg-client-pillar-valid fails naming the field; if the pillar is
+    valid, this qube is not one of qborg:vms #}
+qborg-client-configured:
+  test.fail_without_changes:
+    - comment: {{ context.error | json }}
+    - require:
+      - qborg: qborg-client-pillar-valid
+{%- else %}
 
 qborg-client-bundle:
   qborg.client_bundle:
@@ -86,8 +104,8 @@ qborg-client-borgbak:
     - context:
         conf: {{ conf | json }}
         state_dir: {{ state_dir | json }}
-        repository: {{ salt["qborg.client_repository"](qborg) | json }}
-        remote_path: {{ settings.server.remote_path | json }}
+        repository: {{ context.repository | json }}
+        remote_path: {{ context.remote_path | json }}
     - user: root
     - group: root
     - mode: '0755'
@@ -109,7 +127,7 @@ qborg-client-backup-program:
 {#- cron fires every 5 minutes; qborg-backup backs up only when the last
     good backup is older than the interval, after a random wait, under a
     lock. The @reboot entry catches up soon after the qube starts. #}
-{%- set backup_cmd = prefix ~ "/bin/qborg-backup --scheduled --interval " ~ vm_settings.interval %}
+{%- set backup_cmd = prefix ~ "/bin/qborg-backup --scheduled --interval " ~ context.interval %}
 qborg-client-schedule:
   cron.present:
     - name: {{ (backup_cmd ~ " --jitter 120") | json }}
@@ -133,3 +151,4 @@ qborg-client-schedule-boot:
       - file: qborg-client-backup-program
       - qborg: qborg-client-borgmatic
       - qborg: qborg-client-bundle
+{%- endif %}

@@ -1,0 +1,1 @@
+../_utils/qborg_maint.py
