@@ -82,6 +82,8 @@ def minion_role(config, minion_id=None, template=False):
         return "dom0"
     if minion_id == config.get("admin_vm"):
         return "admin"
+    if config.get("relay_vm") and minion_id == config["relay_vm"]:
+        return "relay"
     if minion_id in (config.get("vms") or {}):
         return "client"
     if template or minion_id in (config.get("templates") or []):
@@ -255,7 +257,8 @@ def ssh_config_block(config):
     paths = client_paths(config)
     vm = __grains__["id"]
     server = core.vm_server(settings, vm) if vm in settings["vms"] else settings["server"]
-    return core.ssh_config_block(server, paths["ssh_key"], paths["known_hosts"])
+    relay_vm = core.vm_relay(settings, vm) if vm in settings["vms"] else None
+    return core.ssh_config_block(server, paths["ssh_key"], paths["known_hosts"], relay_vm)
 
 
 def client_borgmatic_config(config, test=False):
@@ -494,3 +497,23 @@ def rotate(config, vm):
         return qborg_maint.rotate(settings, home, owner, vm)
     except core.QborgError as exc:
         raise CommandExecutionError(str(exc)) from None
+
+
+def relayed_vms(config):
+    """
+    The VMs that reach the server through qborg:relay_vm (``via: relay``),
+    for dom0's policy. An invalid pillar gives none: the validation state
+    reports it and stops the run before the policy is written.
+    """
+    try:
+        return core.relayed_vms(_settings(config))
+    except CommandExecutionError:
+        return []
+
+
+def relay_config_text(config):
+    """
+    The relay qube's configuration file: per relayed VM, the one server
+    (host, port) its connection may go to. No secret.
+    """
+    return core.relay_config_text(_settings(config))

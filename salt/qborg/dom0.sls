@@ -16,6 +16,8 @@ qborg-dom0-policy:
     - context:
         admin_vm: {{ qborg.admin_vm | json }}
         vms: {{ (qborg.vms or {}) | list | sort | json }}
+        relay_vm: {{ qborg.relay_vm | json }}
+        relayed_vms: {{ salt["qborg.relayed_vms"](qborg) | json }}
     - user: root
     - group: root
     - mode: '0644'
