@@ -521,6 +521,10 @@ class Lab:
                 _stop_pid(pid)
         self._stop_sshd()
         self._stop_broker()
+        for pid, directory in _lab_broker_pids().items():
+            # a broker whose lab directory is gone serves nobody
+            if not os.path.isdir(directory):
+                _stop_pid(pid)
         self._remove_users()
         self._remove_owner_record()
         for name in ("state.json", "registry.json"):
