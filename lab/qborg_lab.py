@@ -6,14 +6,19 @@
 * one unix user per qube (``backup-admin``, ``vm-personal``, ``vm-work``); dom0
   has none, its Salt runs as root;
 * with a tag T (``QBORG_LAB_TAG`` or ``--tag``) the unix users are ``T-qborg-srv``,
-  ``T-backup-admin``, ... and the sudoers drop-in is ``qborg-lab-T``, so labs with
-  different tags (and one untagged lab) live side by side on one host; the qube
-  names stay the same in every lab;
+  ``T-backup-admin``, ... and the owner record is ``/etc/qborg-lab/owner-T``, so
+  labs with different tags (and one untagged lab) live side by side on one host;
+  the qube names stay the same in every lab;
 * per qube a stand-in for ``/usr/local`` (``LAB/qubes/<qube>/usr-local``) and a
   ``salt-call --local`` setup with the qube's name as minion id and its pillar;
-* dom0's policy directory (``LAB/qubes/dom0/policy.d``) and a qrexec stand-in
-  (``LAB/bin/qrexec-client-vm``) that takes the caller from the unix user running
-  it, checks that policy and runs the target's service as the target's user.
+* dom0's policy directory (``LAB/qubes/dom0/policy.d``) and a qrexec stand-in:
+  a broker run as root (``LAB/bin/qrexec-broker``, socket
+  ``LAB/qrexec/broker.sock``) that learns the caller from the kernel
+  (SO_PEERCRED), checks that policy and runs the target's service as the
+  target's user, streaming both ways to ``LAB/bin/qrexec-client-vm``;
+* qubes without network (``add_qube(name, network=False)``): everything the lab
+  runs for them, their Salt included, runs in a network namespace of its own
+  with no interface up.
 
 Usable as a module (``Lab``) and as a command::
 
@@ -46,7 +51,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_DIR = "/var/lib/qborg-lab"
+# where an older lab kept the record of which directory owns a tag's users
 SUDOERS = "/etc/sudoers.d/qborg-lab"
+# which lab directory owns the unix users of a tag
+OWNER_RECORD = "/etc/qborg-lab/owner"
 MARKER = ".qborg-lab"
 SSHD_CONFIG_NAME = "qborg-lab-sshd_config"
 # a tag goes in front of every unix user name; those must start with a letter
@@ -61,7 +69,7 @@ SALT_STAND_INS = os.path.join(HERE, "salt-standins")
 ACCOUNTS_LOCK = "/run/qborg-lab.accounts.lock"
 ADMIN_KEY_COMMENT = "qborg-lab-admin"
 STD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-# sudoers and sshd_config take these paths unquoted
+# sshd_config takes these paths unquoted
 SAFE_PATH_RE = re.compile(r"^/[A-Za-z0-9_./+-]+$")
 
 try:
@@ -167,9 +175,27 @@ def sshd_config_name(tag=""):
 
 
 def sudoers_path(tag=""):
-    """The sudoers drop-in of the labs with this tag."""
+    """The sudoers drop-in an older lab of this tag used (removed on sight)."""
     _check_tag(tag)
     return SUDOERS + ("-" + tag if tag else "")
+
+
+def owner_record_path(tag=""):
+    """The record of which lab directory owns the unix users of this tag."""
+    _check_tag(tag)
+    return OWNER_RECORD + ("-" + tag if tag else "")
+
+
+def _lab_broker_pids():
+    """{pid: lab directory} of every running qrexec broker of any lab."""
+    found = {}
+    pattern = re.compile(r"/bin/qrexec-broker --lab (\S+)")
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            match = pattern.search(_cmdline(int(entry)))
+            if match:
+                found[int(entry)] = match.group(1)
+    return found
 
 
 def default_dir(tag=""):
@@ -285,12 +311,14 @@ class Lab:
                       for qube, user in Lab.USERS.items()}
         self.server_user = _tagged(self.tag, Lab.server_user)
         self.sudoers_path = sudoers_path(self.tag)
+        self.owner_record_path = owner_record_path(self.tag)
         self._state = None
         self.last = None  # the last apply()'s CompletedProcess, for debugging
         self.borg = self._check_borg(os.environ.get("QBORG_LAB_BORG", "") if borg is None else borg)
         # more salt file roots after the formula's (bench/ adds its floor state)
         self.extra_file_roots = []
         self._load_extra_qubes()
+        self._load_offline_qubes()
 
     def __repr__(self):
         if self.tag:
@@ -426,14 +454,16 @@ class Lab:
             raise LabError("the qborg lab needs root (it creates users and runs sshd)")
 
     def recorded_lab(self):
-        """The directory of the lab that owns the lab users of this tag, if any."""
-        try:
-            with open(self.sudoers_path, encoding="utf-8") as handle:
-                for line in handle:
-                    if line.startswith("# qborg-lab-dir: "):
-                        return line.split(":", 1)[1].strip()
-        except OSError:
-            pass
+        """The directory of the lab that owns the lab users of this tag, if any
+        (an older lab recorded it in its sudoers drop-in)."""
+        for path in (self.owner_record_path, self.sudoers_path):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    for line in handle:
+                        if line.startswith("# qborg-lab-dir: "):
+                            return line.split(":", 1)[1].strip()
+            except OSError:
+                pass
         return None
 
     def _all_users(self):
@@ -458,7 +488,8 @@ class Lab:
         self._make_admin_key()
         self._write_registry()
         self._write_dom0_qubes()
-        self._write_sudoers()
+        self._write_owner_record()
+        self._start_broker()
         port = self._start_sshd()
         state = {"dir": self.dir, "port": port, "host_key": self._host_pubkey()}
         _write(self.state_path, json.dumps(state, indent=2) + "\n")
@@ -476,12 +507,12 @@ class Lab:
         self._state = None
         self._stop_sshd()
         self._stop_qubes_sshd()
+        self._stop_broker()
         recorded = self.recorded_lab()
         if recorded in (None, self.dir):
             # the lab users of our tag are ours (or nobody's): remove them
             self._remove_users()
-            if os.path.exists(self.sudoers_path):
-                os.unlink(self.sudoers_path)
+            self._remove_owner_record()
         self._remove_tree()
 
     def _check_traversable(self):
@@ -504,6 +535,7 @@ class Lab:
         if recorded and recorded != self.dir:
             Lab(recorded, tag=self.tag)._stop_sshd()
             Lab(recorded, tag=self.tag)._stop_qubes_sshd()
+            Lab(recorded, tag=self.tag)._stop_broker()
             if os.path.exists(os.path.join(recorded, MARKER)):
                 shutil.rmtree(recorded, ignore_errors=True)
         for name in (sshd_config_name(self.tag), qubes_sshd_config_name(self.tag)):
@@ -512,9 +544,13 @@ class Lab:
                     _stop_pid(pid)
         self._stop_sshd()
         self._stop_qubes_sshd()
+        self._stop_broker()
+        for pid, directory in _lab_broker_pids().items():
+            # a broker whose lab directory is gone serves nobody
+            if not os.path.isdir(directory):
+                _stop_pid(pid)
         self._remove_users()
-        if os.path.exists(self.sudoers_path):
-            os.unlink(self.sudoers_path)
+        self._remove_owner_record()
         for name in ("state.json", "registry.json"):
             if os.path.exists(self._p(name)):
                 os.unlink(self._p(name))
@@ -550,10 +586,13 @@ class Lab:
         os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
 
     def _install_stand_ins(self):
-        for name in ("qrexec-client-vm", "qrexec-dispatch", "qvm-run", "qube-root-shell") + DOM0_TOOLS:
+        for name in ("qrexec-client-vm", "qrexec-broker", "qvm-run", "qube-root-shell") + DOM0_TOOLS:
             source = os.path.join(HERE, "bin", name)
             with open(source, encoding="utf-8") as handle:
                 _write(os.path.join(self.bin_dir, name), handle.read(), 0o755)
+        # an older lab's sudo-based dispatcher
+        if os.path.lexists(os.path.join(self.bin_dir, "qrexec-dispatch")):
+            os.unlink(os.path.join(self.bin_dir, "qrexec-dispatch"))
         client = os.path.join(self.bin_dir, "qrexec-client-vm")
         for qube in self.QUBES:
             if self.USERS[qube] is None:
@@ -651,27 +690,86 @@ class Lab:
         registry = {"dir": self.dir, "policy_dir": self.policy_dir(), "qubes": qubes}
         _write(self.registry_path, json.dumps(registry, indent=2) + "\n", 0o644)
 
-    def _write_sudoers(self):
-        dispatch = os.path.join(self.bin_dir, "qrexec-dispatch")
-        users = ", ".join(u for u in self.USERS.values() if u)
-        text = (
-            "# qborg-lab-dir: %(dir)s\n"
-            "# Lets each lab qube user start the qrexec stand-in as another lab qube user;\n"
-            "# sudo sets SUDO_USER, from which qrexec-dispatch learns the caller.\n"
-            "Defaults!%(dispatch)s !use_pty, !pam_session, !lecture\n"
-            "%(users)s ALL = (%(users)s) NOPASSWD: %(dispatch)s\n"
-        ) % {"dir": self.dir, "dispatch": dispatch, "users": users}
-        # sudo skips files whose name has a dot, so the temporary one is inert
-        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(self.sudoers_path), prefix=".qborg-lab.")
+    def _write_owner_record(self):
+        text = ("# qborg-lab-dir: %s\n"
+                "# This lab directory owns the lab's unix users (%s);\n"
+                "# `qborg_lab.py down` removes them and this file.\n"
+                % (self.dir, ", ".join(self._all_users())))
+        _mkdir(os.path.dirname(self.owner_record_path), 0o755)
+        _write(self.owner_record_path, text, 0o644)
+        # the sudo rule of an older lab of this tag: the broker replaced it
+        if os.path.exists(self.sudoers_path):
+            os.unlink(self.sudoers_path)
+
+    def _remove_owner_record(self):
+        for path in (self.owner_record_path, self.sudoers_path):
+            if os.path.exists(path):
+                os.unlink(path)
+
+    # --- the qrexec broker (dom0's qrexec daemon) ------------------------------
+
+    @property
+    def broker_socket(self):
+        return self._p("qrexec", "broker.sock")
+
+    @property
+    def broker_pidfile(self):
+        return self._p("qrexec", "broker.pid")
+
+    @property
+    def broker_log(self):
+        return self._p("qrexec", "broker.log")
+
+    def broker_pid(self):
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                handle.write(text)
-            os.chmod(tmp, 0o440)
-            _must(["visudo", "-cf", tmp])
-            os.replace(tmp, self.sudoers_path)
+            with open(self.broker_pidfile, encoding="utf-8") as handle:
+                pid = int(handle.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        program = os.path.join(self.bin_dir, "qrexec-broker") + " --lab " + self.dir
+        if _pid_alive(pid) and program in _cmdline(pid):
+            return pid
+        return None
+
+    def _broker_answers(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(2)
+        try:
+            sock.connect(self.broker_socket)
+            return True
+        except OSError:
+            return False
         finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            sock.close()
+
+    def _start_broker(self):
+        """Start the qrexec broker of this lab (root, a daemon), unless it runs."""
+        if len(self.broker_socket.encode()) > 107:
+            raise LabError("lab directory %s is too long for a unix socket path "
+                           "(choose a shorter --dir)" % self.dir)
+        if self.broker_pid() and self._broker_answers():
+            return self.broker_pid()
+        self._stop_broker()
+        _mkdir(self._p("qrexec"), 0o755)
+        program = os.path.join(self.bin_dir, "qrexec-broker")
+        _must(["/usr/bin/python3", "-I", program, "--lab", self.dir, "--daemon"])
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.broker_pid() and self._broker_answers():
+                return self.broker_pid()
+            time.sleep(0.05)
+        raise LabError("the qrexec broker did not start (see %s)" % self.broker_log)
+
+    def _stop_broker(self):
+        pid = self.broker_pid()
+        if pid:
+            _stop_pid(pid)
+        for other, directory in _lab_broker_pids().items():
+            if directory == self.dir:
+                _stop_pid(other)
+        for path in (self.broker_pidfile, self.broker_socket):
+            if os.path.lexists(path):
+                os.unlink(path)
 
     # --- sshd -------------------------------------------------------------------
 
@@ -848,6 +946,8 @@ class Lab:
         # root's qrexec calls from this Salt run come from this qube
         env["QBORG_LAB_QUBE"] = qube
         argv = [self.salt_call_path(), "--local", "-c", self.salt_dir(qube)] + list(args)
+        if self.is_offline(qube):
+            argv = self._without_network(argv)
         return argv, env
 
     def salt_call(self, qube, *args, check=False):
@@ -882,13 +982,15 @@ class Lab:
 
     # --- running things as qube users -----------------------------------------
 
-    def _run_as(self, name, cmd, check, input, env, path):
+    def _run_as(self, name, cmd, check, input, env, path, network=True):
         entry = pwd.getpwnam(name)
         base = {"HOME": entry.pw_dir, "USER": name, "LOGNAME": name,
                 "SHELL": entry.pw_shell or "/bin/sh", "PATH": path, "LANG": "C.UTF-8"}
         base.update(env or {})
         kwargs = {}
-        if entry.pw_uid != os.geteuid():
+        if not network:
+            cmd = self._without_network(cmd, name)
+        elif entry.pw_uid != os.geteuid():
             kwargs = {"user": entry.pw_uid, "group": entry.pw_gid,
                       "extra_groups": os.getgrouplist(name, entry.pw_gid)}
         proc = subprocess.run(list(cmd), env=base, cwd=entry.pw_dir, input=input,
@@ -903,7 +1005,8 @@ class Lab:
         path = "%s/bin:/usr/local/bin:/usr/bin:/bin" % self.prefix(qube)
         if name == "root":
             path += ":/usr/local/sbin:/usr/sbin:/sbin"
-        return self._run_as(name, cmd, check, input, env, path)
+        return self._run_as(name, cmd, check, input, env, path,
+                            network=not self.is_offline(qube))
 
     def use_borgmatic(self, qube, program):
         """Put PROGRAM (e.g. a venv's bin/borgmatic) in the qube's prefix bin as
@@ -933,10 +1036,12 @@ class Lab:
         if os.path.exists(self.state_path):
             info.update(port=self.port, host_key=self.host_key,
                         sshd_pid=self.sshd_pid(), sshd_log=self.sshd_log,
-                        admin_key=self.admin_key_path)
+                        admin_key=self.admin_key_path, broker_pid=self.broker_pid(),
+                        broker_log=self.broker_log, offline_qubes=sorted(self.offline))
             # the qube sshd for salt-ssh starts with the first apply-ssh
             info["qubes_sshd_pid"] = self.qubes_sshd_pid()
-            info["up"] = bool(info["sshd_pid"]) and all(info["users"].values())
+            info["up"] = (bool(info["sshd_pid"]) and bool(info["broker_pid"])
+                          and all(info["users"].values()))
         return info
 
     # --- salt-ssh: how qubesctl reaches a qube --------------------------------------
@@ -1240,7 +1345,7 @@ class Lab:
     def remove_qube(self, qube):
         """Take a qube added with add_qube() out of the running lab again:
         its unix user (and processes, crontab, home), prefix, salt config,
-        its place in the registry, in sudoers and in dom0's record of qubes.
+        its place in the registry, the owner record and dom0's record of qubes.
         The lab's own qubes stay."""
         self._require_root()
         if qube in Lab.QUBES:
@@ -1255,14 +1360,18 @@ class Lab:
         extra = [q for q in self.QUBES if q not in Lab.QUBES]
         _write(self.extra_qubes_path, json.dumps(extra) + "\n")
         self._write_registry()
-        self._write_sudoers()
+        self._write_owner_record()
         if os.path.exists(self.dom0_qubes_path):
             self._edit_dom0_qubes(lambda data: data["qubes"].pop(qube, None))
 
-    def add_qube(self, qube):
+    def add_qube(self, qube, network=True):
         """Add an AppVM to the running lab: a unix user (tagged), its own
-        prefix, salt config, a place in the qrexec registry and sudoers.
-        A no-op for a qube the lab already has; `down` removes it."""
+        prefix, salt config and a place in the qrexec registry. A no-op for a
+        qube the lab already has; `down` removes it.
+
+        network=False makes it a qube without network (netvm none): what the
+        lab runs for it (`run`, its Salt) runs in a network namespace of its
+        own with no interface up; qrexec still reaches it."""
         if not re.match(r"^[a-z][a-z0-9-]{0,20}\Z", qube or "") or qube == "dom0":
             raise LabError("lab qube names: lower-case letters, digits and '-' (got %r)" % qube)
         self._require_root()
@@ -1272,12 +1381,14 @@ class Lab:
             self.USERS[qube] = _tagged(self.tag, qube)
             extra = [q for q in self.QUBES if q not in Lab.QUBES]
             _write(self.extra_qubes_path, json.dumps(extra) + "\n")
+        self.set_network(qube, network)
         self._make_tree()
         self._make_users()
         self._install_stand_ins()
         self._write_registry()
         self._write_dom0_qubes()
-        self._write_sudoers()
+        self._write_owner_record()
+        self._start_broker()
         self._write_salt_config(qube)
         self._install_borg()
         return self.user(qube)
@@ -1378,6 +1489,8 @@ class Lab:
                 if qube not in qubes:
                     qubes[qube] = {"klass": "AppVM", "netvm": data["default_netvm"],
                                    "netvm_is_default": True, "features": {}}
+                if qube in self.offline:  # a qube without network: netvm none
+                    qubes[qube].update(netvm=None, netvm_is_default=False)
         self._edit_dom0_qubes(change)
 
     def register_qube(self, qube, netvm=DEFAULT_NETVM, klass="AppVM"):
@@ -1411,6 +1524,62 @@ class Lab:
             [os.path.join(self.bin_dir, "qvm-prefs"), qube, "netvm", netvm or "none"],
             env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, check=False),
             True)
+
+    # --- qubes without network ------------------------------------------------
+
+    @property
+    def offline_qubes_path(self):
+        return self._p("offline-qubes.json")
+
+    def _load_offline_qubes(self):
+        try:
+            with open(self.offline_qubes_path, encoding="utf-8") as handle:
+                self.offline = set(json.load(handle))
+        except (OSError, ValueError):
+            self.offline = set()
+
+    def is_offline(self, qube):
+        """True for a qube without network (see set_network)."""
+        return qube in self.offline
+
+    def set_network(self, qube, network):
+        """Give a qube network (as its netvm does) or none: without, `run`
+        and its Salt run in a network namespace of their own where no
+        interface is up; the qrexec broker still reaches it (a file socket)."""
+        self._check_qube(qube)
+        if qube == "dom0":
+            raise LabError("dom0 has no network in Qubes anyway; the lab keeps root's")
+        offline = set(self.offline)
+        if network:
+            offline.discard(qube)
+        else:
+            offline.add(qube)
+        regained = network and qube in self.offline
+        if offline != self.offline or not network:
+            self.offline = offline
+            _write(self.offline_qubes_path, json.dumps(sorted(offline)) + "\n")
+        if os.path.exists(self.dom0_qubes_path):
+            # dom0's record says the same: netvm none, or the default netvm
+            def change(data):
+                entry = data["qubes"].get(qube)
+                if entry is None:
+                    return
+                if not network:
+                    entry.update(netvm=None, netvm_is_default=False)
+                elif regained and entry.get("netvm") is None:
+                    entry.update(netvm=data["default_netvm"], netvm_is_default=True)
+            self._edit_dom0_qubes(change)
+
+    @staticmethod
+    def _without_network(argv, user=None):
+        """argv run in a new network namespace (only a loopback, down), as
+        root, then as USER when given (unshare needs root, hence setpriv)."""
+        wrapped = ["/usr/bin/unshare", "--net", "--"]
+        if user is not None:
+            entry = pwd.getpwnam(user)
+            wrapped += ["/usr/bin/setpriv", "--reuid", str(entry.pw_uid),
+                        "--regid", str(entry.pw_gid), "--init-groups", "--"]
+        return wrapped + list(argv)
 
 
 # --- command line ---------------------------------------------------------------

@@ -145,6 +145,8 @@ def minion_role(config, minion_id=None, template=False):
         return "dom0"
     if minion_id == config.get("admin_vm"):
         return "admin"
+    if config.get("relay_vm") and minion_id == config["relay_vm"]:
+        return "relay"
     if minion_id in (config.get("vms") or {}):
         return "client"
     if template or minion_id in (config.get("templates") or []):
@@ -379,7 +381,8 @@ def ssh_config_block(config):
     paths = client_paths(config)
     vm = __grains__["id"]
     server = core.vm_server(settings, vm) if vm in settings["vms"] else settings["server"]
-    return core.ssh_config_block(server, paths["ssh_key"], paths["known_hosts"])
+    relay_vm = core.vm_relay(settings, vm) if vm in settings["vms"] else None
+    return core.ssh_config_block(server, paths["ssh_key"], paths["known_hosts"], relay_vm)
 
 
 def client_borgmatic_config(config, test=False):
@@ -698,3 +701,23 @@ def client_context(config):
         }
     except (CommandExecutionError, core.QborgError) as exc:
         return {"valid": False, "error": str(exc)}
+
+
+def relayed_vms(config):
+    """
+    The VMs that reach the server through qborg:relay_vm (``via: relay``),
+    for dom0's policy. An invalid pillar gives none: the validation state
+    reports it and stops the run before the policy is written.
+    """
+    try:
+        return core.relayed_vms(_settings(config))
+    except CommandExecutionError:
+        return []
+
+
+def relay_config_text(config):
+    """
+    The relay qube's configuration file: per relayed VM, the one server
+    (host, port) its connection may go to. No secret.
+    """
+    return core.relay_config_text(_settings(config))

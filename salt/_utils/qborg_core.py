@@ -46,7 +46,10 @@ RETENTION_KEYS = (
 VM_KEYS = (
     "encryption", "compression", "source_directories", "exclude_patterns",
     "interval", "retention", "storage_quota", "checks", "monitoring", "repository",
+    "via",
 )
+# how a VM reaches the server: its own network, or through qborg:relay_vm
+VIA_CHOICES = ("direct", "relay")
 INTERVAL_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 # Presets per provider. Values the user sets explicitly in pillar win.
@@ -156,6 +159,13 @@ def _vm_settings(name, defaults, overrides):
     vm["repository"] = vm.get("repository") or None
     if vm["repository"] is not None:
         parse_repository_url(vm["repository"], f"{field}:repository")
+    via = vm.get("via") or "direct"
+    via_field = f"{field}:via" if "via" in overrides else "qborg:defaults:via"
+    _require(via in VIA_CHOICES, via_field,
+             f"{via!r} is not one of {', '.join(VIA_CHOICES)} (relay: through qborg:relay_vm, "
+             f"for a qube without network)")
+    vm["via"] = via
+    vm["via_field"] = via_field
     return vm
 
 
@@ -231,6 +241,12 @@ def validate_settings(raw):
              "a repository belongs to one VM: set it under qborg:vms:<vm>:repository")
     vms_raw = raw.get("vms") or {}
     _require(isinstance(vms_raw, dict), "qborg:vms", "must be a mapping of qube names")
+    relay_vm = raw.get("relay_vm") or None
+    if relay_vm is not None:
+        check_qube_name(relay_vm, "qborg:relay_vm")
+        _require(relay_vm != admin_vm, "qborg:relay_vm",
+                 "the relay must be a qube of its own, not the admin qube (any relayed VM "
+                 "may call its service; the admin qube holds every key)")
     vms = {}
     for name in sorted(vms_raw, key=str):
         check_qube_name(name, f"qborg:vms:{name}")
@@ -244,6 +260,15 @@ def validate_settings(raw):
             _require(host_key is not None, "qborg:server:host_key",
                      f"provider {provider}: pin the provider's published host key "
                      f"(qborg never logs in there with a full-access key to learn it)")
+        if vms[name]["via"] == "relay":
+            _require(relay_vm is not None, vms[name]["via_field"],
+                     f"'relay' (for {name}) needs qborg:relay_vm, the networked qube that "
+                     f"carries the connection, e.g. relay_vm: sys-qborg-relay")
+        vms[name].pop("via_field")
+    if relay_vm is not None:
+        _require(relay_vm not in vms, "qborg:relay_vm",
+                 f"{relay_vm!r} is also under qborg:vms; the relay qube gets the relay part "
+                 f"only: use a qube of its own for the relay")
 
     return {
         "admin_vm": admin_vm,
@@ -255,6 +280,7 @@ def validate_settings(raw):
         },
         "paths": {"prefix": prefix.rstrip("/") or "/", "policy_dir": policy_dir},
         "vms": vms,
+        "relay_vm": relay_vm,
     }
 
 
@@ -639,9 +665,14 @@ def check_bundle_matches(bundle, settings, vm):
 # client side rendering
 
 
-def ssh_config_block(server, key_path, known_hosts_path):
-    """The body of the managed `Host qborg` block in ~/.ssh/config."""
-    return "\n".join([
+def ssh_config_block(server, key_path, known_hosts_path, relay_vm=None):
+    """The body of the managed `Host qborg` block in ~/.ssh/config.
+
+    With relay_vm, ssh reaches the server through the relay qube's
+    qborg.SshRelay service (a byte pipe over qrexec) instead of the network;
+    HostName and Port still name the server, so ssh checks the same pinned
+    host key and the relay sees only ciphertext."""
+    lines = [
         f"Host {SSH_ALIAS}",
         f"    HostName {server['host']}",
         f"    Port {server['port']}",
@@ -652,7 +683,10 @@ def ssh_config_block(server, key_path, known_hosts_path):
         "    StrictHostKeyChecking yes",
         "    ServerAliveInterval 10",
         "    ServerAliveCountMax 30",
-    ])
+    ]
+    if relay_vm is not None:
+        lines.append(f"    ProxyCommand {relay_proxy_command(relay_vm)}")
+    return "\n".join(lines)
 
 
 def borgmatic_config(vm, vm_settings, server, home, passphrase_path, version):
@@ -931,3 +965,47 @@ def settings_file_text(raw):
     own Salt run and qborg.UpdateSettings (pushed from dom0) write the same
     bytes for the same settings."""
     return json.dumps(raw, indent=2, sort_keys=True, ensure_ascii=True) + "\n"
+
+
+# --------------------------------------------------------------------------
+# offline qubes: the relay (qborg:relay_vm, per VM `via: relay`)
+
+RELAY_SERVICE = "qborg.SshRelay"
+RELAY_CONFIG_FORMAT = 1
+
+
+def relay_proxy_command(relay_vm):
+    """The client's ProxyCommand: ssh's bytes go to the relay qube's
+    qborg.SshRelay over qrexec. The qube name is validated (no spaces, no
+    ssh % tokens), so it needs no quoting."""
+    check_qube_name(relay_vm, "qborg:relay_vm")
+    return f"qrexec-client-vm {relay_vm} {RELAY_SERVICE}"
+
+
+def vm_relay(settings, vm):
+    """The relay qube this VM goes through, or None when it connects directly."""
+    if settings["vms"][vm].get("via") == "relay":
+        return settings["relay_vm"]
+    return None
+
+
+def relayed_vms(settings):
+    """The VMs that reach the server through the relay, sorted."""
+    return sorted(vm for vm in settings["vms"] if vm_relay(settings, vm))
+
+
+def relay_config(settings):
+    """The relay qube's own configuration: for each relayed VM the one
+    server (host, port) its connection may go to. The relay picks the route
+    by the caller's qube name (QREXEC_REMOTE_DOMAIN, set by dom0), never by
+    anything the caller sends."""
+    routes = {}
+    for vm in relayed_vms(settings):
+        server = vm_server(settings, vm)
+        routes[vm] = {"host": server["host"], "port": server["port"]}
+    return {"format": RELAY_CONFIG_FORMAT, "relay_vm": settings["relay_vm"], "routes": routes}
+
+
+def relay_config_text(settings):
+    """relay_config as the file the relay part installs (one serialisation)."""
+    return json.dumps(relay_config(settings), indent=2, sort_keys=True) + "\n"

@@ -1,5 +1,5 @@
 {#- dom0 part: the qrexec policy that lets each configured VM ask the admin
-    qube for its own bundle, the crond service on the qubes that back up or
+    qube for its own bundle (and each offline VM reach the relay qube), the crond service on the qubes that back up or
     run maintenance, and the non-secret settings pushed to the admin qube.
     Never writes into a home, never reads a VM's output. #}
 {%- from "qborg/map.jinja" import qborg with context %}
@@ -10,6 +10,12 @@
 {%- for vm in vms %}
 {%-   do named.update({vm: "qborg:vms:" ~ vm}) %}
 {%- endfor %}
+{#- offline qubes (via: relay) reach the server through the relay qube #}
+{%- set relay_vm = qborg.relay_vm %}
+{%- set relayed = salt["qborg.relayed_vms"](qborg) %}
+{%- if relay_vm %}
+{%-   do named.update({relay_vm: "qborg:relay_vm"}) %}
+{%- endif %}
 
 qborg-dom0-pillar-valid:
   qborg.settings_valid:
@@ -33,6 +39,8 @@ qborg-dom0-policy:
     - context:
         admin_vm: {{ admin_vm | json }}
         vms: {{ vms | json }}
+        relay_vm: {{ relay_vm | json }}
+        relayed_vms: {{ relayed | json }}
     - user: root
     - group: root
     - mode: '0644'
@@ -52,7 +60,12 @@ qborg-dom0-crond-{{ qube }}:
     - require:
       - qborg: qborg-dom0-qubes-exist
 
-{#- a qube without a netvm cannot reach the server: a warning, not a failure #}
+{%- endfor %}
+
+{#- a qube without a netvm cannot reach the server: a warning, not a failure;
+    a VM with `via: relay` is offline on purpose, the relay qube needs one #}
+{%- for qube in ([admin_vm] + vms + ([relay_vm] if relay_vm else [])) if qube not in relayed %}
+
 qborg-dom0-netvm-{{ qube }}:
   qborg.vm_netvm:
     - name: {{ qube | json }}

@@ -10,6 +10,9 @@
 {%- set part = "dom0" %}
 {%- elif minion == qborg.admin_vm %}
 {%- set part = "admin" %}
+{%- elif qborg.relay_vm and minion == qborg.relay_vm %}
+{#- the networked qube that carries offline VMs' ssh (qborg:relay_vm) #}
+{%- set part = "relay" %}
 {%- elif minion in (qborg.vms or {}) %}
 {%- set part = "client" %}
 {%- elif is_template %}

@@ -4,7 +4,7 @@ They need root. Without it they fail (not skip), so a CI that lost its root
 does not turn green by running nothing.
 
 QBORG_LAB_TAG=T runs them in a lab whose unix users are T-backup-admin, ...,
-T-qborg-srv (sudoers drop-in qborg-lab-T), beside the untagged lab and labs with
+T-qborg-srv (owner record /etc/qborg-lab/owner-T), beside the untagged lab and labs with
 other tags: several runs at once on one host, one per tag.
 """
 
@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.join(REPO, "lab"))
 import qborg_lab  # noqa: E402
 from qborg_lab import Lab  # noqa: E402
 
-NEED_ROOT = ("the e2e tests need root: the lab creates unix users, a sudoers drop-in "
+NEED_ROOT = ("the e2e tests need root: the lab creates unix users, a qrexec broker "
              "and an sshd (run them as root, e.g. in CI or a throwaway VM)")
 
 
@@ -48,8 +48,12 @@ def _leftovers(lab):
             pass
         if os.path.exists("/home/" + name):
             problems.append("/home/%s still exists" % name)
-    if os.path.exists(lab.sudoers_path):
-        problems.append("%s still exists" % lab.sudoers_path)
+    for path in (lab.sudoers_path, lab.owner_record_path):
+        if os.path.exists(path):
+            problems.append("%s still exists" % path)
+    for pid, directory in qborg_lab._lab_broker_pids().items():
+        if directory == lab.dir:
+            problems.append("qrexec broker %d still running" % pid)
     if os.path.exists(lab.dir):
         problems.append("%s still exists" % lab.dir)
     return problems
@@ -62,7 +66,7 @@ def lab():
 
     `up()` runs twice: the second run must be a no-op that keeps sshd (checked
     in test_lab.py through `lab.sshd_pids_at_up`). Teardown checks that `down()`
-    left no sshd, user, sudoers drop-in or directory behind.
+    left no sshd, qrexec broker, user, owner record or directory behind.
     """
     if os.geteuid() != 0:
         pytest.fail(NEED_ROOT, pytrace=False)

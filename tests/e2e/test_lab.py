@@ -104,7 +104,7 @@ def test_lab_layout_and_modes(lab):
 
 
 def test_names_carry_the_tag(lab):
-    """Unix users, sudoers drop-in and sshd config carry the lab's tag (none
+    """Unix users, the owner record and sshd config carry the lab's tag (none
     by default); qube names are the same in every lab."""
     prefix = lab.tag + "-" if lab.tag else ""
     assert lab.tag == os.environ.get("QBORG_LAB_TAG", "")
@@ -118,12 +118,12 @@ def test_names_carry_the_tag(lab):
     assert lab.home(lab.server_user) == "/home/" + prefix + "qborg-srv"
     assert lab.authorized_keys_path == "/home/%sqborg-srv/.ssh/authorized_keys" % prefix
     suffix = "-" + lab.tag if lab.tag else ""
-    assert lab.sudoers_path == "/etc/sudoers.d/qborg-lab" + suffix
-    with open(lab.sudoers_path, encoding="utf-8") as handle:
-        sudoers = handle.read()
-    assert "# qborg-lab-dir: %s\n" % lab.dir in sudoers
-    users = ", ".join(lab.user(q) for q in ("backup-admin", "vm-personal", "vm-work"))
-    assert "\n%s ALL = (%s) NOPASSWD: " % (users, users) in sudoers
+    assert lab.owner_record_path == "/etc/qborg-lab/owner" + suffix
+    with open(lab.owner_record_path, encoding="utf-8") as handle:
+        record = handle.read()
+    assert "# qborg-lab-dir: %s\n" % lab.dir in record
+    # the qrexec broker needs no sudo rule: none is left behind
+    assert not os.path.exists(lab.sudoers_path)
     assert os.path.basename(lab.sshd_config) == (
         "qborg-lab-%s-sshd_config" % lab.tag if lab.tag else "qborg-lab-sshd_config")
     assert lab.recorded_lab() == lab.dir
@@ -135,7 +135,7 @@ def test_names_carry_the_tag(lab):
     if not os.environ.get("QBORG_LAB_DIR"):
         assert Lab(tag="x1").dir == "/var/lib/qborg-lab-x1"
         assert Lab(tag="").dir == "/var/lib/qborg-lab"
-    assert Lab(lab.dir, tag="x1").sudoers_path == "/etc/sudoers.d/qborg-lab-x1"
+    assert Lab(lab.dir, tag="x1").owner_record_path == "/etc/qborg-lab/owner-x1"
     assert Lab(lab.dir, tag="x1").user("vm-work") == "x1-vm-work"
     assert Lab(lab.dir, tag="").user("vm-work") == "vm-work"
     for bad in ("T2", "toolong", "a-b", "a.b", "1ab", " ", "../x"):
@@ -280,20 +280,92 @@ def test_caller_cannot_forge_identity(lab, rpc):
     assert "SUDO_USER" not in out["env"]
 
 
-def test_dispatch_needs_sudo_and_root_for_root_of(lab, rpc):
+def raw_broker_call(lab, qube, request):
+    """Speak the broker's protocol directly, as the qube's user, sending
+    whatever REQUEST says; returns what came back (stdout+stderr) and the exit code."""
+    script = r"""
+import json, socket, struct, sys
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect(sys.argv[1])
+sock.sendall(sys.argv[2].encode() + b"\n" + struct.pack(">BI", 0, 0))
+data = b""
+while True:
+    more = sock.recv(65536)
+    if not more:
+        break
+    data += more
+out, code, i = b"", None, 0
+while i + 5 <= len(data):
+    kind, length = struct.unpack(">BI", data[i:i + 5])
+    body = data[i + 5:i + 5 + length]
+    i += 5 + length
+    if kind == 3:
+        code = struct.unpack(">i", body)[0]
+    else:
+        out += body
+print(json.dumps({"out": out.decode(), "code": code}))
+"""
+    proc = lab.run(qube, ["/usr/bin/python3", "-c", script, lab.broker_socket,
+                          json.dumps(request)])
+    return json.loads(proc.stdout)
+
+
+def test_broker_takes_the_caller_from_the_kernel(lab, rpc):
     rpc("%s * vm-personal @anyvm allow\n" % SERVICE)
-    dispatch = os.path.join(lab.bin_dir, "qrexec-dispatch")
-    # run directly, with a made-up SUDO_USER
-    proc = lab.run("vm-work", [dispatch, "vm-work", SERVICE], check=False,
-                   env={"SUDO_USER": lab.user("vm-personal")})
+    # vm-work claims to be root of vm-personal: only uid 0 may say that
+    got = raw_broker_call(lab, "vm-work", {"target": "vm-work", "call": SERVICE,
+                                           "root_of": "vm-personal", "debug": True})
+    assert got["code"] == 126 and "Request refused" in got["out"]
+    assert "caller=" not in got["out"]
+    # extra fields naming another caller change nothing: vm-work is vm-work
+    got = raw_broker_call(lab, "vm-work", {"target": "vm-work", "call": SERVICE,
+                                           "caller": "vm-personal", "source": "vm-personal",
+                                           "QREXEC_REMOTE_DOMAIN": "vm-personal"})
+    assert got["code"] == 126 and "caller=" not in got["out"]
+    # the same request from vm-personal's own uid goes through, as vm-personal
+    got = raw_broker_call(lab, "vm-personal", {"target": "vm-work", "call": SERVICE})
+    assert got["code"] == 0
+    assert parse(got["out"])["caller"] == "vm-personal"
+    # a unix user that is no lab qube gets nothing
+    proc = lab.server(["/usr/bin/python3", "-I", os.path.join(lab.bin_dir, "qrexec-client-vm"),
+                       "vm-work", SERVICE], check=False)
     assert proc.returncode == 126 and proc.stdout == ""
-    # through sudo, but claiming to be root of another qube
-    proc = lab.run("vm-work", ["sudo", "-n", "-u", lab.user("vm-work"), dispatch, "--root-of",
-                               "vm-personal", "vm-work", SERVICE], check=False)
-    assert proc.returncode == 126 and proc.stdout == ""
-    # sudo allows only the dispatcher
-    proc = lab.run("vm-work", ["sudo", "-n", "-u", lab.user(ADMIN), "/bin/true"], check=False)
-    assert proc.returncode != 0
+    # the broker runs as root, owned by the lab; the socket is a file any
+    # qube reaches, the log is root's
+    assert lab.broker_pid() and pwd.getpwuid(os.stat("/proc/%d" % lab.broker_pid()).st_uid) \
+        .pw_name == "root"
+    assert stat.S_ISSOCK(os.stat(lab.broker_socket).st_mode)
+    assert stat.S_IMODE(os.stat(lab.broker_log).st_mode) == 0o600
+    with open(lab.broker_log, encoding="utf-8") as handle:
+        log = handle.read()
+    assert "root_of from uid %d" % pwd.getpwnam(lab.user("vm-work")).pw_uid in log
+
+
+def test_streams_flow_both_ways_while_the_service_runs(lab, rpc):
+    """Full duplex, unbuffered: the caller reads each reply before it sends
+    the next line, which a stand-in that buffered until EOF could not do."""
+    echo = os.path.join(lab.rpc_dir("vm-work"), "qborgtest.Duplex")
+    write_root_file(echo, "#!/usr/bin/python3\nimport sys\n"
+                          "for line in sys.stdin:\n"
+                          "    sys.stdout.write('re:' + line); sys.stdout.flush()\n", 0o755)
+    rpc("qborgtest.Duplex * vm-personal vm-work allow\n")
+    script = r"""
+import subprocess, sys
+proc = subprocess.Popen(["qrexec-client-vm", "vm-work", "qborgtest.Duplex"],
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+for i in range(50):
+    proc.stdin.write(b"ping %d\n" % i); proc.stdin.flush()
+    assert proc.stdout.readline() == b"re:ping %d\n" % i
+proc.stdin.close()
+assert proc.stdout.read() == b""
+print("rc", proc.wait())
+"""
+    try:
+        proc = lab.run("vm-personal", ["/usr/bin/python3", "-c", script], check=False)
+    finally:
+        os.unlink(echo)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "rc 0"
 
 
 def test_root_is_dom0_or_the_qube_salt_runs_for(lab, rpc):

@@ -54,7 +54,8 @@ def test_dom0_gets_only_the_policy(loaders_for):
     assert all(i.startswith("qborg-dom0-") for i in high)
     policy = high["qborg-dom0-policy"]["file"]
     context = next(i["context"] for i in policy if isinstance(i, dict) and "context" in i)
-    assert context == {"admin_vm": "backup-admin", "vms": ["vm-personal", "vm-work"]}
+    assert context == {"admin_vm": "backup-admin", "vms": ["vm-personal", "vm-work"],
+                       "relay_vm": None, "relayed_vms": []}
 
 
 def test_admin_qube_gets_the_admin_part(loaders_for):

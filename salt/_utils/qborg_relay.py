@@ -1,0 +1,201 @@
+"""qborg relay: the byte pipe behind the qrexec service qborg.SshRelay.
+
+A qube without network (netvm none: a vault, a password store) backs up
+through a networked relay qube: its ssh runs
+``ProxyCommand qrexec-client-vm <relay_vm> qborg.SshRelay``, and this service
+in the relay qube connects to the one server configured for the calling qube
+and copies bytes both ways. ssh and borg encrypt end to end, so the relay sees
+ciphertext only, and a relay that alters a byte makes ssh fail (host key
+signature or MAC).
+
+The destination comes from the relay's own configuration file (written by
+the relay part of the formula from pillar) and is chosen by the caller's qube
+name, QREXEC_REMOTE_DOMAIN, which dom0 sets and the caller cannot forge. The
+service argument and the bytes on stdin never choose anything: stdin is read
+only once the connection to the server stands, and goes to the server as it
+is. One line per connection goes to ``~/.local/state/qborg/relay.log``:
+caller, server, result, bytes each way, duration.
+
+Standard library only (plus qborg_core's name rules): this runs with the
+relay qube's system Python, without Salt.
+"""
+
+import datetime
+import json
+import os
+import socket
+import sys
+import threading
+import time
+
+import qborg_core as core
+
+CHUNK = 65536
+CONNECT_TIMEOUT = 20
+EXIT_REFUSED = 1
+EXIT_UNREACHABLE = 2
+
+
+class RelayConfigError(core.QborgError):
+    """The relay's configuration file is missing or malformed."""
+
+
+def load_config(path):
+    """Read and check the relay's configuration (see core.relay_config)."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, ValueError) as exc:
+        raise RelayConfigError(f"relay configuration {path} is unreadable ({exc.__class__.__name__}); "
+                               f"apply qborg to the relay qube") from None
+    if not isinstance(data, dict) or data.get("format") != core.RELAY_CONFIG_FORMAT \
+            or not isinstance(data.get("routes"), dict):
+        raise RelayConfigError(f"relay configuration {path} has an unknown format; "
+                               f"apply qborg to the relay qube")
+    routes = {}
+    for vm, route in data["routes"].items():
+        if not (core.valid_qube_name(vm) and isinstance(route, dict)
+                and isinstance(route.get("host"), str) and core.HOSTNAME_RE.match(route["host"])
+                and isinstance(route.get("port"), int) and not isinstance(route["port"], bool)
+                and 0 < route["port"] < 65536):
+            raise RelayConfigError(f"relay configuration {path}: bad route for {vm!r}; "
+                                   f"apply qborg to the relay qube")
+        routes[vm] = (route["host"], route["port"])
+    return routes
+
+
+def utc_stamp():
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def log_line(path, caller, result, server=None, to_server=0, from_server=0, seconds=0.0):
+    """Append one line to the relay log (directory 0700, file 0600). Never
+    raises: a full disk must not break a backup."""
+    text = (f"{utc_stamp()} {core.RELAY_SERVICE} caller={caller} "
+            f"server={server or '-'} result={result} bytes_to_server={to_server} "
+            f"bytes_from_server={from_server} seconds={seconds:.3f}\n")
+    try:
+        directory = os.path.dirname(path)
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return text
+
+
+class _CloseOnce:
+    """Closes one file descriptor at most once (a second close could hit a
+    descriptor that has been reused meanwhile)."""
+
+    def __init__(self, fd):
+        self.fd = fd
+        self.lock = threading.Lock()
+
+    def __call__(self):
+        with self.lock:
+            fd, self.fd = self.fd, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def pump(in_fd, out_fd, sock, close_out=None):
+    """Copy in_fd -> sock and sock -> out_fd at the same time (ssh talks both
+    ways at once). Ends when the server closes its side, and closes out_fd
+    then (close_out), so the caller sees EOF; the caller's EOF is passed on
+    as a half-close. Returns (bytes to server, bytes from server)."""
+    close_out = close_out or _CloseOnce(out_fd)
+    counts = {"up": 0, "down": 0}
+
+    def upstream():
+        try:
+            while True:
+                data = os.read(in_fd, CHUNK)
+                if not data:
+                    break
+                sock.sendall(data)
+                counts["up"] += len(data)
+        except OSError:
+            pass
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+
+    up = threading.Thread(target=upstream, daemon=True)
+    up.start()
+    try:
+        while True:
+            data = sock.recv(CHUNK)
+            if not data:
+                break
+            view = memoryview(data)
+            while view:
+                written = os.write(out_fd, view)
+                view = view[written:]
+            counts["down"] += len(data)
+    except OSError:
+        pass
+    # the caller sees EOF now; wait briefly for its last bytes to be counted
+    close_out()
+    up.join(timeout=2)
+    return counts["up"], counts["down"]
+
+
+def serve(environ, config_path, log_path, in_fd=0, out_fd=1, err=None,
+          connect=socket.create_connection):
+    """The service: route by caller, connect, pump, log. Returns the exit
+    code; out_fd is closed on return, so the caller sees EOF."""
+    close_out = _CloseOnce(out_fd)
+    try:
+        return _serve(environ, config_path, log_path, in_fd, out_fd, close_out,
+                      err or sys.stderr, connect)
+    finally:
+        close_out()
+
+
+def _serve(environ, config_path, log_path, in_fd, out_fd, close_out, err, connect):
+    untrusted_caller = environ.get("QREXEC_REMOTE_DOMAIN", "")
+    if not core.valid_qube_name(untrusted_caller):
+        log_line(log_path, "(invalid)", "refused:invalid-caller")
+        print(f"{core.RELAY_SERVICE}: refused", file=err)
+        return EXIT_REFUSED
+    caller = untrusted_caller  # validated against Qubes' name rule above
+    try:
+        routes = load_config(config_path)
+    except RelayConfigError as exc:
+        log_line(log_path, caller, "error:config")
+        print(f"{core.RELAY_SERVICE}: {exc}", file=err)
+        return EXIT_REFUSED
+    if caller not in routes:
+        log_line(log_path, caller, "refused:not-relayed")
+        print(f"{core.RELAY_SERVICE}: {caller} is not relayed by this qube "
+              f"(qborg:vms:{caller}:via is not relay)", file=err)
+        return EXIT_REFUSED
+    host, port = routes[caller]
+    server = f"{host}:{port}"
+    started = time.monotonic()
+    try:
+        sock = connect((host, port), CONNECT_TIMEOUT)
+    except OSError as exc:
+        log_line(log_path, caller, "error:unreachable", server,
+                 seconds=time.monotonic() - started)
+        print(f"{core.RELAY_SERVICE}: cannot reach {server}: {exc.strerror or exc}", file=err)
+        return EXIT_UNREACHABLE
+    with sock:
+        sock.settimeout(None)
+        try:
+            # ssh's small interactive packets (the key exchange) go out at once
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        to_server, from_server = pump(in_fd, out_fd, sock, close_out)
+    log_line(log_path, caller, "ok", server, to_server, from_server,
+             time.monotonic() - started)
+    return 0

@@ -1,0 +1,128 @@
+"""Offline qubes through Salt's own loader: with qborg:relay_vm set and a VM
+with `via: relay`, the relay qube gets the relay part (its configuration
+names only the server), the relayed VM's Host qborg block gets the
+ProxyCommand, and dom0's policy gets one allow line per relayed VM."""
+
+import copy
+import json
+import pathlib
+
+import pytest
+import salt._logging
+import yaml
+from saltfactories.utils.functional import Loaders
+
+SALT_DIR = pathlib.Path(__file__).resolve().parents[2] / "salt"
+RELAY = "sys-qborg-relay"
+VAULT = "vm-vault"
+# conftest's pillar (user root: looked up in this system's passwd) plus the relay
+PILLAR = {
+    "qborg": {
+        "admin_vm": "backup-admin",
+        "user": "root",
+        "server": {"provider": "rsync.net", "host": "de1234.rsync.net", "user": "de1234"},
+        "defaults": {"source_directories": ["~/Documents"], "exclude_patterns": ["~/.cache"]},
+        "vms": {"vm-personal": {"interval": "30m"}, "vm-work": {}},
+    }
+}
+
+
+@pytest.fixture(scope="module")
+def relay_pillar_tree(tmp_path_factory):
+    pillar = copy.deepcopy(PILLAR)
+    pillar["qborg"]["relay_vm"] = RELAY
+    pillar["qborg"]["vms"][VAULT] = {"via": "relay"}
+    root = tmp_path_factory.mktemp("relay-pillar")
+    (root / "top.sls").write_text("base:\n  '*':\n    - qborg\n")
+    (root / "qborg.sls").write_text(yaml.safe_dump(pillar))
+    return root
+
+
+@pytest.fixture(scope="module")
+def relay_loaders_for(salt_factories, relay_pillar_tree):
+    made = {}
+
+    def make(minion_id):
+        if minion_id not in made:
+            factory = salt_factories.salt_minion_daemon(
+                "relay-" + minion_id,
+                overrides={
+                    "id": minion_id,
+                    "file_client": "local",
+                    "file_roots": {"base": [str(SALT_DIR)]},
+                    "pillar_roots": {"base": [str(relay_pillar_tree)]},
+                    "module_dirs": [str(SALT_DIR / "_modules")],
+                    "states_dirs": [str(SALT_DIR / "_states")],
+                    "utils_dirs": [str(SALT_DIR / "_utils")],
+                },
+            )
+            salt._logging.shutdown_temp_handler()
+            made[minion_id] = Loaders(factory.config.copy(),
+                                      loaded_base_name=f"qborg_functional_relay.{minion_id}")
+        return made[minion_id]
+
+    yield make
+    for loaders in made.values():
+        loaders.reset_state()
+
+
+def _arg(state, fun, key):
+    for item in state[fun]:
+        if isinstance(item, dict) and key in item:
+            return item[key]
+    raise KeyError(key)
+
+
+def merged_config(loaders):
+    defaults = yaml.safe_load((SALT_DIR / "qborg" / "defaults.yaml").read_text())["qborg"]
+    return copy.deepcopy(loaders.modules.pillar.get("qborg", default=defaults, merge=True))
+
+
+def test_the_relay_qube_gets_the_relay_part_only(relay_loaders_for):
+    loaders = relay_loaders_for(RELAY)
+    assert loaders.modules.qborg.minion_role(merged_config(loaders)) == "relay"
+    high = loaders.modules.state.show_sls("qborg")
+    assert isinstance(high, dict), high
+    assert {"qborg-relay-pillar-valid", "qborg-relay-config", "qborg-relay-service",
+            "qborg-relay-lib-qborg_core", "qborg-relay-lib-qborg_relay"} == set(high)
+    service = high["qborg-relay-service"]["file"]
+    assert _arg(high["qborg-relay-service"], "file", "name") == \
+        "/usr/local/etc/qubes-rpc/qborg.SshRelay"
+    assert _arg(high["qborg-relay-service"], "file", "mode") == "0755"
+    assert {"config": "/usr/local/etc/qborg/relay.json", "lib_dir": "/usr/local/lib/qborg"} \
+        == next(i["context"] for i in service if isinstance(i, dict) and "context" in i)
+    config = high["qborg-relay-config"]
+    assert _arg(config, "file", "name") == "/usr/local/etc/qborg/relay.json"
+    assert json.loads(_arg(config, "file", "contents"))["routes"] == \
+        {VAULT: {"host": "de1234.rsync.net", "port": 22}}
+    assert (_arg(config, "file", "user"), _arg(config, "file", "mode")) == ("root", "0644")
+
+
+def test_the_relayed_vm_reaches_the_server_through_the_relay(relay_loaders_for):
+    loaders = relay_loaders_for(VAULT)
+    config = merged_config(loaders)
+    block = loaders.modules.qborg.ssh_config_block(config).splitlines()
+    assert block[-1] == f"    ProxyCommand qrexec-client-vm {RELAY} qborg.SshRelay"
+    assert "    HostName de1234.rsync.net" in block
+    high = loaders.modules.state.show_sls("qborg")
+    assert isinstance(high, dict), high
+    assert "qborg-client-ssh-config" in high
+
+
+def test_dom0_policy_context_names_the_relay_and_the_relayed_vms(relay_loaders_for):
+    high = relay_loaders_for("dom0").modules.state.show_sls("qborg")
+    assert isinstance(high, dict), high
+    policy = high["qborg-dom0-policy"]["file"]
+    context = next(i["context"] for i in policy if isinstance(i, dict) and "context" in i)
+    assert context["relay_vm"] == RELAY
+    assert context["relayed_vms"] == [VAULT]
+    assert context["vms"] == ["vm-personal", VAULT, "vm-work"]
+
+
+def test_relayed_vms_of_an_invalid_pillar_is_empty(relay_loaders_for):
+    loaders = relay_loaders_for("dom0")
+    config = merged_config(loaders)
+    config["relay_vm"] = None
+    assert loaders.modules.qborg.relayed_vms(config) == []
+    with pytest.raises(Exception, match="qborg:vms:vm-vault:via"):
+        loaders.modules.qborg.validate(config)
