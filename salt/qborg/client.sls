@@ -26,9 +26,12 @@ qborg-client-pillar-valid:
 {%- if context is not mapping or "valid" not in context %}
 
 {#- the module gave no answer: nothing but this failure runs #}
+{%- set unanswered = "qborg's execution module did not answer in this qube; install qborg"
+                    ~ " from its release tarball into dom0's /srv/salt and run"
+                    ~ " `qubesctl saltutil.sync_all`: " %}
 qborg-client-module-answered:
   test.fail_without_changes:
-    - comment: {{ ("qborg's execution module did not answer in this qube; install qborg from its release tarball into dom0's /srv/salt and run `qubesctl saltutil.sync_all`: " ~ (context | string)[:300]) | json }}
+    - comment: {{ (unanswered ~ (context | string)[:300]) | json }}
     - failhard: True
 {%- elif not context.valid %}
 

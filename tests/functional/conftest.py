@@ -26,6 +26,10 @@ PILLAR = {
 }
 
 
+RELAY_ID = "sys-qborg-relay"
+RELAY_PILLAR = {"qborg": {"relay_vm": RELAY_ID, "vms": {"vm-vault": {"via": "relay"}}}}
+
+
 def pytest_configure(config):
     # salt 3006's loader uses load_module(); not ours to change
     config.addinivalue_line("filterwarnings",
@@ -41,8 +45,11 @@ def salt_factories_config(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pillar_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("pillar")
-    (root / "top.sls").write_text("base:\n  '*':\n    - qborg\n")
+    # the relay qube's minion alone also sees a relay and a VM behind it
+    (root / "top.sls").write_text("base:\n  '*':\n    - qborg\n"
+                                  "  '%s':\n    - qborg_relay\n" % RELAY_ID)
     (root / "qborg.sls").write_text(yaml.safe_dump(PILLAR))
+    (root / "qborg_relay.sls").write_text(yaml.safe_dump(RELAY_PILLAR))
     return root
 
 

@@ -16,7 +16,8 @@ import yaml
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SALT_CALL = os.path.join(os.path.dirname(sys.executable), "salt-call")
 CORE = ("qborg_core", "qborg_admin", "qborg_maint")
-PART_PREFIXES = ("qborg-dom0-", "qborg-admin-", "qborg-client-", "qborg-template-")
+PART_PREFIXES = ("qborg-dom0-", "qborg-admin-", "qborg-client-", "qborg-template-",
+                 "qborg-relay-")
 
 
 def formula_version():
@@ -117,7 +118,7 @@ def test_both_tops_give_every_qube_qborg(srv, tmp_path):
         assert salt_call(conf, "state.show_top") == {"base": ["qborg"]}
     pillar = salt_call(conf, "pillar.items")
     assert pillar["qborg"]["admin_vm"] == "backup-admin"
-    assert set(pillar["qborg"]["vms"]) == {"vm-personal", "vm-work"}
+    assert set(pillar["qborg"]["vms"]) == {"vm-personal", "vm-work", "vm-vault"}
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +134,7 @@ def synced_root(srv, tmp_path_factory):
     ("dom0", [], "qborg-dom0-"),
     ("backup-admin", [], "qborg-admin-"),
     ("vm-personal", [], "qborg-client-"),
+    ("sys-qborg-relay", [], "qborg-relay-"),
     # what Qubes' own pillar module says of a template
     ("debian-12-xfce", ['pillar={"qubes": {"type": "template"}}'], "qborg-template-"),
     ("sys-net", [], None),

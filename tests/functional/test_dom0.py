@@ -46,7 +46,8 @@ def test_policy_state_gets_the_sorted_vms_and_the_admin_qube(dom0):
     policy = high["qborg-dom0-policy"]
     assert _arg(policy, "file", "name") == "/etc/qubes/policy.d/70-qborg.policy"
     assert _arg(policy, "file", "context") == {"admin_vm": "backup-admin",
-                                               "vms": ["vm-personal", "vm-work"]}
+                                               "vms": ["vm-personal", "vm-work"],
+                                               "relay_vm": None, "relayed_vms": []}
     assert _arg(policy, "file", "mode") == "0644"
     assert _arg(policy, "file", "require") == [{"qborg": "qborg-dom0-qubes-exist"}]
 
@@ -83,6 +84,24 @@ def test_a_vm_added_to_pillar_gets_its_states(dom0):
         ["vm-mail", "vm-personal", "vm-work"]
 
 
+def test_a_relay_is_checked_and_a_relayed_vm_is_offline_on_purpose(dom0):
+    pillar = {"qborg": {"relay_vm": "sys-qborg-relay",
+                        "vms": {"vm-vault": {"via": "relay"}}}}
+    high = dom0.modules.state.show_sls("qborg", pillar=pillar)
+    exist = _arg(high["qborg-dom0-qubes-exist"], "qborg", "qubes")
+    assert exist["sys-qborg-relay"] == "qborg:relay_vm"
+    assert exist["vm-vault"] == "qborg:vms:vm-vault"
+    # the relayed VM backs up on a schedule but has no netvm to warn about;
+    # the relay needs one and runs no schedule
+    assert "qborg-dom0-crond-vm-vault" in high
+    assert "qborg-dom0-netvm-vm-vault" not in high
+    assert "qborg-dom0-netvm-sys-qborg-relay" in high
+    assert "qborg-dom0-crond-sys-qborg-relay" not in high
+    context = _arg(high["qborg-dom0-policy"], "file", "context")
+    assert context["relay_vm"] == "sys-qborg-relay"
+    assert context["relayed_vms"] == ["vm-vault"]
+
+
 # --- the policy file ------------------------------------------------------------------
 
 def test_policy_for_two_vms_allows_each_then_denies_everyone(dom0):
@@ -92,6 +111,7 @@ def test_policy_for_two_vms_allows_each_then_denies_everyone(dom0):
         ["qborg.GetBundle", "*", "vm-work", "backup-admin", "allow"],
         ["qborg.GetBundle", "*", "@anyvm", "@anyvm", "deny"],
         ["qborg.UpdateSettings", "*", "@anyvm", "@anyvm", "deny"],
+        ["qborg.SshRelay", "*", "@anyvm", "@anyvm", "deny"],
     ]
     assert text.endswith("\n")
 
@@ -105,7 +125,7 @@ def test_a_vm_removed_from_pillar_loses_its_line(dom0):
 
 def test_no_vm_no_allow_line(dom0):
     text = render_policy(dom0.modules, "backup-admin", [])
-    assert [r[-1] for r in rules(text)] == ["deny", "deny"]
+    assert [r[-1] for r in rules(text)] == ["deny", "deny", "deny"]
 
 
 # --- dom0 states against the qvm-* stand-ins ----------------------------------------

@@ -23,6 +23,7 @@ RENDERED = [
     ("dom0", "dom0", None),
     ("admin", "backup-admin", None),
     ("client", "vm-personal", None),
+    ("init", "sys-qborg-relay", None), ("relay", "sys-qborg-relay", None),
     ("template", "debian-12-xfce", {"os_family": "Debian", "os": "Debian"}),
     ("template", "fedora-41", {"os_family": "RedHat", "os": "Fedora"}),
     ("template", "arch-tpl", {"os_family": "Arch", "os": "Arch"}),

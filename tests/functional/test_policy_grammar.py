@@ -137,20 +137,35 @@ def _args(state, fun):
     return args
 
 
-@pytest.fixture
-def written_policy(loaders_for, tmp_path):
+def _write_policy(loaders_for, tmp_path, pillar=None):
     """The policy file as the dom0 part's own file.managed state writes it
     (every argument from the rendered state; only the path is changed)."""
     dom0 = loaders_for("dom0")
-    high = dom0.modules.state.show_sls("qborg")
+    high = dom0.modules.state.show_sls("qborg", pillar=pillar)
     args = _args(high["qborg-dom0-policy"], "file")
-    assert args["context"]["vms"] == ["vm-personal", "vm-work"]
     for key in ("require", "order"):
         args.pop(key, None)
     args["name"] = str(tmp_path / "policy.d" / "70-qborg.policy")
     ret = dom0.states.file.managed(**args)
     assert ret.result is True, ret.comment
     return (tmp_path / "policy.d" / "70-qborg.policy").read_text()
+
+
+@pytest.fixture
+def written_policy(loaders_for, tmp_path):
+    text = _write_policy(loaders_for, tmp_path)
+    assert "vm-personal backup-admin allow" in text and "vm-work backup-admin allow" in text
+    return text
+
+
+def test_the_written_policy_with_a_relay_parses_as_r42_policy(loaders_for, tmp_path):
+    pillar = {"qborg": {"relay_vm": "sys-qborg-relay",
+                        "vms": {"vm-vault": {"via": "relay"}}}}
+    rules = parse_policy(_write_policy(loaders_for, tmp_path, pillar))
+    relay = [(r["source"], r["target"], r["action"]) for r in rules
+             if r["service"] == "qborg.SshRelay"]
+    assert relay == [("vm-vault", "sys-qborg-relay", "allow"), ("@anyvm", "@anyvm", "deny")]
+    assert all("*" not in (r["source"], r["target"]) for r in rules)
 
 
 def test_the_written_policy_parses_as_r42_policy(written_policy):
@@ -160,6 +175,7 @@ def test_the_written_policy_parses_as_r42_policy(written_policy):
         ("qborg.GetBundle", "vm-work", "backup-admin", "allow"),
         ("qborg.GetBundle", "@anyvm", "@anyvm", "deny"),
         ("qborg.UpdateSettings", "@anyvm", "@anyvm", "deny"),
+        ("qborg.SshRelay", "@anyvm", "@anyvm", "deny"),
     ]
 
 

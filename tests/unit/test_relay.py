@@ -144,6 +144,7 @@ def test_policy_allows_each_relayed_vm_to_the_relay_and_denies_the_rest():
         "qborg.GetBundle * vm-vault backup-admin allow",
         "qborg.GetBundle * vm-work backup-admin allow",
         "qborg.GetBundle * @anyvm @anyvm deny",
+        "qborg.UpdateSettings * @anyvm @anyvm deny",
         "qborg.SshRelay * vm-vault sys-qborg-relay allow",
         "qborg.SshRelay * @anyvm @anyvm deny",
     ]
