@@ -31,7 +31,6 @@ import random
 import shutil
 import statistics
 import sys
-import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -148,27 +147,38 @@ def prepare(lab, direct_vm=DIRECT_VM, relayed_vm=RELAYED_VM):
             raise RuntimeError("applying qborg to %s failed: %s" % (qube, bad))
 
 
+def rows_of(result):
+    """The row bench/run.py's table shows: relayed throughput against the
+    direct one of the same run (no target: what one qrexec hop costs)."""
+    import benchlib as b  # pylint: disable=import-outside-toplevel
+
+    return [b.row("P-e", "relayed backup throughput (%d MiB, via %s) vs direct"
+                  % (result["size_mb"], RELAY),
+                  result["relayed"]["mib_per_second"], result["direct"]["mib_per_second"],
+                  "MiB/s", "reported", None, ratio=result["ratio"],
+                  note="relayed/direct throughput, same data")]
+
+
 def main(argv=None):
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import benchlib as b  # pylint: disable=import-outside-toplevel
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size-mb", type=int, default=64, help="data per backup (MiB)")
-    parser.add_argument("--runs", type=int, default=5, help="backups per path")
+    parser.add_argument("--size-mb", type=int, default=16 if b.quick() else 64,
+                        help="data per backup (MiB)")
+    parser.add_argument("--runs", type=int, default=b.runs(5), help="backups per path")
     parser.add_argument("--keep", action="store_true", help="leave the lab up")
     opts = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("relay_throughput.py: run as root (it brings up a lab)", file=sys.stderr)
         return 2
-    tag = os.environ.get("QBORG_LAB_TAG") or "bench"
-    directory = tempfile.mkdtemp(prefix="qborg-bench-relay-", dir="/var/tmp")
-    lab = Lab(directory=directory, tag=tag)
-    try:
-        lab.up()
+    with b.bench_lab(keep=opts.keep) as lab:
         prepare(lab)
-        print(report(measure(lab, size_mb=opts.size_mb, runs=opts.runs)))
-    finally:
+        result = measure(lab, size_mb=opts.size_mb, runs=opts.runs)
+        print(report(result), file=sys.stderr)
         if opts.keep:
-            print("lab kept in %s (tag %s)" % (lab.dir, tag))
-        else:
-            lab.down()
+            print("lab kept in %s (tag %s)" % (lab.dir, lab.tag), file=sys.stderr)
+    b.emit(rows_of(result))
     return 0
 
 

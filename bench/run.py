@@ -32,6 +32,7 @@ BENCHES = [
     "admin_apply.py",   # P-b: admin apply with 200 VMs in pillar vs the floor
     "backup.py",        # P-c: backup throughput and the unchanged re-run
     "bundle_fetch.py",  # P-d: qborg.GetBundle over qrexec
+    "relay_throughput.py",  # P-e: relayed/direct backup throughput
 ]
 
 

@@ -623,6 +623,15 @@ def rotate(config, vm):
         raise CommandExecutionError(str(exc)) from None
 
 
+def valid_qube_names(names):
+    """
+    The names in ``names`` that are valid qube names, in order; the others
+    are left out (the validation state fails naming their pillar field). For
+    SLS files that put qube names into state ids.
+    """
+    return [name for name in (names or []) if core.valid_qube_name(name)]
+
+
 def _dom0_tool(name):
     path = shutil.which(name)
     if not path:

@@ -205,11 +205,12 @@ def qubes_exist(name, qubes):
     return ret
 
 
-def vm_netvm(name):
+def vm_netvm(name, relay_hint=False):
     """
     dom0: the qube has a netvm, so it can reach the backup server. Without
     one the result stays True and the comment (and ``warnings``) says so:
     the qube may be offline on purpose, but then it never backs up.
+    ``relay_hint`` (a VM under qborg:vms): the warning also names the relay.
     """
     ret = _ret(name)
     try:
@@ -221,6 +222,9 @@ def vm_netvm(name):
     if netvm is None:
         warning = (f"WARNING: {name} has no netvm, so it cannot reach the backup server "
                    f"and will not back up; give it one (qvm-prefs {name} netvm sys-firewall)")
+        if relay_hint:
+            warning += (f", or, as it is offline on purpose, set `via: relay` under "
+                        f"qborg:vms:{name} and a qborg:relay_vm")
         ret["comment"] = warning
         ret.setdefault("warnings", []).append(warning)
         return ret

@@ -1,17 +1,19 @@
 {#- dom0 part: the qrexec policy that lets each configured VM ask the admin
-    qube for its own bundle (and each offline VM reach the relay qube), the crond service on the qubes that back up or
-    run maintenance, and the non-secret settings pushed to the admin qube.
+    qube for its own bundle (and each offline VM reach the relay qube), the
+    crond service on the qubes that back up or run maintenance, and the non-secret settings pushed to the admin qube.
     Never writes into a home, never reads a VM's output. #}
 {%- from "qborg/map.jinja" import qborg with context %}
-{%- set admin_vm = qborg.admin_vm %}
-{%- set vms = (qborg.vms or {}) | list | sort %}
+{#- names that are no qube name never reach a state id: the validation
+    state below fails naming their pillar field, and nothing else runs #}
+{%- set admin_vm = (salt["qborg.valid_qube_names"]([qborg.admin_vm]) or [none])[0] %}
+{%- set vms = salt["qborg.valid_qube_names"]((qborg.vms or {}) | list | sort) %}
 {#- every qube qborg names, with the pillar field that names it #}
-{%- set named = {admin_vm: "qborg:admin_vm"} %}
+{%- set named = {admin_vm: "qborg:admin_vm"} if admin_vm else {} %}
 {%- for vm in vms %}
 {%-   do named.update({vm: "qborg:vms:" ~ vm}) %}
 {%- endfor %}
 {#- offline qubes (via: relay) reach the server through the relay qube #}
-{%- set relay_vm = qborg.relay_vm %}
+{%- set relay_vm = (salt["qborg.valid_qube_names"]([qborg.relay_vm]) or [none])[0] %}
 {%- set relayed = salt["qborg.relayed_vms"](qborg) %}
 {%- if relay_vm %}
 {%-   do named.update({relay_vm: "qborg:relay_vm"}) %}
@@ -50,7 +52,8 @@ qborg-dom0-policy:
 
 {#- the VMs' backup schedule and the admin qube's maintenance are crontab
     entries: cron runs in a qube only with the crond service enabled #}
-{%- for qube in [admin_vm] + vms %}
+{%- set admin = [admin_vm] if admin_vm else [] %}
+{%- for qube in admin + vms %}
 
 qborg-dom0-crond-{{ qube }}:
   qvm.service:
@@ -64,11 +67,12 @@ qborg-dom0-crond-{{ qube }}:
 
 {#- a qube without a netvm cannot reach the server: a warning, not a failure;
     a VM with `via: relay` is offline on purpose, the relay qube needs one #}
-{%- for qube in ([admin_vm] + vms + ([relay_vm] if relay_vm else [])) if qube not in relayed %}
+{%- for qube in (admin + vms + ([relay_vm] if relay_vm else [])) if qube not in relayed %}
 
 qborg-dom0-netvm-{{ qube }}:
   qborg.vm_netvm:
     - name: {{ qube | json }}
+    - relay_hint: {{ (qube in vms) | json }}
     - require:
       - qborg: qborg-dom0-qubes-exist
 {%- endfor %}

@@ -286,6 +286,11 @@ class LabSandbox:
         self.ssh_dir = os.path.dirname(lab.authorized_keys_path)
         self.ssh_names = set(os.listdir(self.ssh_dir))
         self.policies = set(os.listdir(lab.policy_dir()))
+        # dom0 checks that every qube named in pillar exists: the module's
+        # VMs exist in dom0's record while it runs (as qubes of their own in Qubes)
+        self.registered = [vm for vm in self.vms if vm not in lab.QUBES]
+        for vm in self.registered:
+            lab.register_qube(vm)
 
     def restore(self):
         lab = self.lab
@@ -307,3 +312,6 @@ class LabSandbox:
                 os.unlink(path)
         for qube in self.qubes:
             lab.remove_qube(qube)
+        for vm in self.registered:
+            if vm not in lab.QUBES:
+                lab.unregister_qube(vm)

@@ -97,6 +97,7 @@ def test_the_policy_allows_each_vm_then_denies_every_other(lab, first):
         ["qborg.GetBundle", "*", "vm-work", ADMIN, "allow"],
         ["qborg.GetBundle", "*", "@anyvm", "@anyvm", "deny"],
         ["qborg.UpdateSettings", "*", "@anyvm", "@anyvm", "deny"],
+        ["qborg.SshRelay", "*", "@anyvm", "@anyvm", "deny"],
     ]
     st = os.stat(policy_path(lab))
     assert (st.st_uid, st.st_mode & 0o777) == (0, 0o644)
@@ -163,8 +164,9 @@ def test_a_vm_removed_from_pillar_loses_its_line(lab, first, pillar):
     assert "qborg-dom0-policy" in changed(result)
     assert allowed(lab) == ["vm-personal"]
     assert "vm-work" not in open(policy_path(lab), encoding="utf-8").read()
-    assert policy_rules(lab)[-2:] == [["qborg.GetBundle", "*", "@anyvm", "@anyvm", "deny"],
-                                      ["qborg.UpdateSettings", "*", "@anyvm", "@anyvm", "deny"]]
+    assert policy_rules(lab)[-3:] == [["qborg.GetBundle", "*", "@anyvm", "@anyvm", "deny"],
+                                      ["qborg.UpdateSettings", "*", "@anyvm", "@anyvm", "deny"],
+                                      ["qborg.SshRelay", "*", "@anyvm", "@anyvm", "deny"]]
 
 
 def test_a_vm_missing_in_dom0_fails_the_run_naming_it_and_changes_nothing(lab, first, pillar):

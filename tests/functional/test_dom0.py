@@ -62,6 +62,7 @@ def test_crond_is_enabled_through_qvm_service_on_each_qube_that_runs_cron(dom0):
         assert _arg(state, "qvm", "require") == [{"qborg": "qborg-dom0-qubes-exist"}]
         netvm = high[f"qborg-dom0-netvm-{qube}"]
         assert "vm_netvm" in netvm["qborg"] and _arg(netvm, "qborg", "name") == qube
+        assert _arg(netvm, "qborg", "relay_hint") is (qube != "backup-admin")
 
 
 def test_every_qube_named_in_pillar_is_checked_with_its_pillar_field(dom0):
@@ -195,7 +196,14 @@ def test_a_vm_without_netvm_is_a_warning_not_a_failure(states, qubes):
     assert ret.result is True and ret.changes == {}
     assert ret.comment.startswith("WARNING: vm-offline has no netvm")
     assert "qvm-prefs vm-offline netvm" in ret.comment
+    assert "relay" not in ret.comment
     assert ret.full_return["warnings"] == [ret.comment]
+
+
+def test_a_vm_without_netvm_is_pointed_to_the_relay(states, qubes):
+    ret = states.qborg.vm_netvm(name="vm-offline", relay_hint=True)
+    assert ret.result is True and ret.changes == {}
+    assert "set `via: relay` under qborg:vms:vm-offline and a qborg:relay_vm" in ret.comment
 
 
 def test_netvm_of_a_missing_qube_fails(states, qubes):
