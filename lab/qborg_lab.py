@@ -289,6 +289,44 @@ class _AccountsLock:
         return False
 
 
+def _ensure_host_key(path, comment):
+    """An ed25519 host key at PATH (made when missing), mode 0600."""
+    if not os.path.exists(path):
+        for stale in (path, path + ".pub"):
+            if os.path.lexists(stale):
+                os.unlink(stale)
+        _must(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", path])
+    os.chmod(path, 0o600)
+
+
+def _launch_sshd(config, config_text, log, running_pid, stop, old_port, what):
+    """Start an sshd from CONFIG (written as config_text(port)) on a free port,
+    OLD_PORT first, three tries; return the port once running_pid() is set
+    and it greets. stop() cleans up after a failed try."""
+    sshd = shutil.which("sshd", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/sshd"
+    last_error = ""
+    for _attempt in range(3):
+        port = _free_port(old_port)
+        old_port = None
+        _write(config, config_text(port), 0o600)
+        _must([sshd, "-t", "-f", config])
+        proc = _quiet([sshd, "-f", config, "-E", log])
+        if proc.returncode == 0:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                if running_pid() and _ssh_banner(port):
+                    return port
+                time.sleep(0.05)
+        try:
+            with open(log, encoding="utf-8", errors="replace") as handle:
+                tail = handle.read()[-2000:]
+        except OSError:
+            tail = ""
+        last_error = proc.stderr + tail
+        stop()
+    raise LabError("%s did not start:\n%s" % (what, last_error))
+
+
 class Lab:
     QUBES = ("dom0", "backup-admin", "vm-personal", "vm-work")
     # qube -> unix user of an untagged lab; dom0 has none (its Salt runs as
@@ -801,13 +839,7 @@ class Lab:
         ])
 
     def _start_sshd(self):
-        if not os.path.exists(self.host_key_path):
-            for path in (self.host_key_path, self.host_key_path + ".pub"):
-                if os.path.lexists(path):
-                    os.unlink(path)
-            _must(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qborg-lab-host",
-                   "-f", self.host_key_path])
-        os.chmod(self.host_key_path, 0o600)
+        _ensure_host_key(self.host_key_path, "qborg-lab-host")
         old_port = None
         try:
             with open(self.state_path, encoding="utf-8") as handle:
@@ -824,30 +856,8 @@ class Lab:
             if current == self._sshd_config_text(old_port) and _ssh_banner(old_port):
                 return old_port
         self._stop_sshd()
-        sshd = shutil.which("sshd", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/sshd"
-        last_error = ""
-        for _attempt in range(3):
-            port = _free_port(old_port)
-            old_port = None
-            _write(self.sshd_config, self._sshd_config_text(port), 0o600)
-            _must([sshd, "-t", "-f", self.sshd_config])
-            proc = _quiet([sshd, "-f", self.sshd_config, "-E", self.sshd_log])
-            if proc.returncode == 0:
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    if self.sshd_pid() and _ssh_banner(port):
-                        return port
-                    time.sleep(0.05)
-            last_error = proc.stderr + self._log_tail()
-            self._stop_sshd()
-        raise LabError("sshd did not start:\n%s" % last_error)
-
-    def _log_tail(self):
-        try:
-            with open(self.sshd_log, encoding="utf-8", errors="replace") as handle:
-                return handle.read()[-2000:]
-        except OSError:
-            return ""
+        return _launch_sshd(self.sshd_config, self._sshd_config_text, self.sshd_log,
+                            self.sshd_pid, self._stop_sshd, old_port, "sshd")
 
     def _stop_sshd(self):
         pid = self.sshd_pid()
@@ -922,18 +932,24 @@ class Lab:
     # --- salt -------------------------------------------------------------------
 
     @staticmethod
-    def salt_call_path():
-        explicit = os.environ.get("QBORG_SALT_CALL")
+    def _salt_program(name, variable):
+        """$VARIABLE, else NAME beside the running Python (its venv's salt),
+        else NAME on PATH."""
+        explicit = os.environ.get(variable)
         if explicit:
             return explicit
-        beside = os.path.join(os.path.dirname(sys.executable), "salt-call")
+        beside = os.path.join(os.path.dirname(sys.executable), name)
         if os.access(beside, os.X_OK):
             return beside
-        found = shutil.which("salt-call")
+        found = shutil.which(name)
         if found:
             return found
-        raise LabError("salt-call not found beside %s nor on PATH (set QBORG_SALT_CALL)"
-                       % sys.executable)
+        raise LabError("%s not found beside %s nor on PATH (set %s)"
+                       % (name, sys.executable, variable))
+
+    @classmethod
+    def salt_call_path(cls):
+        return cls._salt_program("salt-call", "QBORG_SALT_CALL")
 
     def salt_command(self, qube, *args):
         """Prepare the qube's pillar; return (argv, env) of its salt-call."""
@@ -1129,12 +1145,7 @@ class Lab:
         """Start (or keep) the qube sshd; returns (port, host key line)."""
         _mkdir(self.qubes_sshd_dir, 0o700)
         host_key = os.path.join(self.qubes_sshd_dir, "ssh_host_ed25519_key")
-        if not os.path.exists(host_key):
-            for path in (host_key, host_key + ".pub"):
-                if os.path.lexists(path):
-                    os.unlink(path)
-            _must(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "qborg-lab-qubes",
-                   "-f", host_key])
+        _ensure_host_key(host_key, "qborg-lab-qubes")
         with open(host_key + ".pub", encoding="utf-8") as handle:
             public = " ".join(handle.read().split()[:2])
         port_file = os.path.join(self.qubes_sshd_dir, "port")
@@ -1153,24 +1164,11 @@ class Lab:
         self._stop_qubes_sshd()
         if not os.path.exists(self.qubes_authorized_keys):
             _write(self.qubes_authorized_keys, "", 0o600)
-        sshd = shutil.which("sshd", path="/usr/sbin:/usr/bin:/sbin:/bin") or "/usr/sbin/sshd"
-        last_error = ""
-        for _attempt in range(3):
-            port = _free_port(old_port)
-            old_port = None
-            _write(self.qubes_sshd_config, self._qubes_sshd_config_text(port), 0o600)
-            _must([sshd, "-t", "-f", self.qubes_sshd_config])
-            proc = _quiet([sshd, "-f", self.qubes_sshd_config, "-E", self.qubes_sshd_log])
-            if proc.returncode == 0:
-                deadline = time.monotonic() + 10
-                while time.monotonic() < deadline:
-                    if self.qubes_sshd_pid() and _ssh_banner(port):
-                        _write(port_file, "%d\n" % port, 0o600)
-                        return port, public
-                    time.sleep(0.05)
-            last_error = proc.stderr
-            self._stop_qubes_sshd()
-        raise LabError("the qube sshd did not start:\n%s" % last_error)
+        port = _launch_sshd(self.qubes_sshd_config, self._qubes_sshd_config_text,
+                            self.qubes_sshd_log, self.qubes_sshd_pid, self._stop_qubes_sshd,
+                            old_port, "the qube sshd")
+        _write(port_file, "%d\n" % port, 0o600)
+        return port, public
 
     def _stop_qubes_sshd(self):
         pid = self.qubes_sshd_pid()
@@ -1230,19 +1228,9 @@ class Lab:
         except (ValueError, KeyError):
             raise LabCommandError(proc.returncode, proc.args, proc.stdout, proc.stderr) from None
 
-    @staticmethod
-    def salt_ssh_path():
-        explicit = os.environ.get("QBORG_SALT_SSH")
-        if explicit:
-            return explicit
-        beside = os.path.join(os.path.dirname(sys.executable), "salt-ssh")
-        if os.access(beside, os.X_OK):
-            return beside
-        found = shutil.which("salt-ssh")
-        if found:
-            return found
-        raise LabError("salt-ssh not found beside %s nor on PATH (set QBORG_SALT_SSH)"
-                       % sys.executable)
+    @classmethod
+    def salt_ssh_path(cls):
+        return cls._salt_program("salt-ssh", "QBORG_SALT_SSH")
 
     def salt_ssh_command(self, qube, *args):
         """Prepare QUBE's management disposable; return (argv, env) of its
