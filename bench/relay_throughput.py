@@ -33,10 +33,9 @@ import statistics
 import sys
 import time
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(REPO, "lab"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from qborg_lab import Lab  # noqa: E402
+import benchlib as b  # noqa: E402
 
 RELAY = "sys-qborg-relay"
 DIRECT_VM = "vm-bdirect"
@@ -150,8 +149,6 @@ def prepare(lab, direct_vm=DIRECT_VM, relayed_vm=RELAYED_VM):
 def rows_of(result):
     """The row bench/run.py's table shows: relayed throughput against the
     direct one of the same run (no target: what one qrexec hop costs)."""
-    import benchlib as b  # pylint: disable=import-outside-toplevel
-
     return [b.row("P-e", "relayed backup throughput (%d MiB, via %s) vs direct"
                   % (result["size_mb"], RELAY),
                   result["relayed"]["mib_per_second"], result["direct"]["mib_per_second"],
@@ -160,9 +157,6 @@ def rows_of(result):
 
 
 def main(argv=None):
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    import benchlib as b  # pylint: disable=import-outside-toplevel
-
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size-mb", type=int, default=16 if b.quick() else 64,
                         help="data per backup (MiB)")

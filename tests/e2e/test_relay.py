@@ -400,3 +400,8 @@ def test_bench_reports_the_relayed_to_direct_throughput_ratio(relay_lab):
            if line.startswith("relayed/direct throughput")]
     assert len(row) == 1
     assert float(row[0].split()[-1]) == pytest.approx(result["ratio"], abs=0.005)
+    # the row `make bench` (bench/run.py) prints
+    [emitted] = bench.rows_of(result)
+    assert emitted["id"] == "P-e" and emitted["ratio"] == result["ratio"]
+    assert emitted["measured"] == result["relayed"]["mib_per_second"]
+    assert emitted["baseline"] == result["direct"]["mib_per_second"]
