@@ -23,14 +23,19 @@ SALT_FILES := $(wildcard salt/qborg/*.sls salt/qborg/*.top salt/qborg/*.jinja)
 
 all: test
 
-deps:
-	@missing=""; for p in $(DEB_PACKAGES); do \
+# $(call apt_install,PACKAGES): install those of PACKAGES that are missing
+define apt_install
+	@missing=""; for p in $(1); do \
 		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+endef
+
+deps:
+	$(call apt_install,$(DEB_PACKAGES))
 
 $(VENV)/.installed: setup.py | deps
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -97,13 +102,7 @@ MATRIX_PYTEST_ARGS ?=
 MATRIX_E2E := tests/e2e/test_qborg.py tests/e2e/test_qborg_admin.py
 
 matrix-deps: deps
-	@missing=""; for p in $(MATRIX_DEB_PACKAGES); do \
-		dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
-	done; \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages:$$missing"; \
-		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
-	fi
+	$(call apt_install,$(MATRIX_DEB_PACKAGES))
 
 $(SALT_LATEST)/.installed: setup.py | deps
 	install -d -m 0755 $(dir $(SALT_LATEST))
