@@ -1,11 +1,12 @@
 """qborg maintenance in the admin qube: the tamper audit before any write
 with the full-access key, prune, compact and check; the status of every
 VM; rotation of a VM's ssh key and repository passphrase; the offline
-export to a KeePass database.
+export to a KeePass database and the import that rebuilds the keystore
+from it.
 
 Used by the Salt module and by the programs the admin part installs
 (``qborg``, ``qborg-maint``), so it imports nothing from Salt. pykeepass is
-imported only by the export.
+imported only by the export and the import.
 """
 
 import argparse
@@ -734,7 +735,8 @@ def export_entries(settings, raw, home):
         "notes": "the full-access key of the server account (no forced command): "
                  f"{settings['server']['admin_key']} in the admin qube",
         "properties": {"ssh_private_key": admin_private,
-                       "ssh_public_key": qborg_admin.admin_public_key(paths["admin_key"])
+                       "ssh_public_key": (core.read_text(paths["admin_key"] + ".pub") or
+                                          qborg_admin.admin_public_key(paths["admin_key"])).strip()
                        if admin_private else ""},
         "attachments": {"qborg-admin": admin_private} if admin_private else {},
     })
@@ -783,7 +785,163 @@ def export_keepass(settings, raw, home, path, password):
     return {"path": path, "entries": [e["title"] for e in entries]}
 
 
-def read_password(fd=None, confirm=True):
+# --------------------------------------------------------------------------
+# import: the keystore rebuilt from an export (disaster recovery)
+
+SPECIAL_ENTRIES = ("server", "admin key", "settings")
+
+
+def read_export(path, password):
+    """The entries of an export as plain data (the inverse of export_entries):
+    [{"title", "password", "properties"}] of group qborg."""
+    try:
+        from pykeepass import PyKeePass
+        from pykeepass.exceptions import CredentialsError
+    except ImportError:
+        raise core.QborgError("the import needs pykeepass: install python3-pykeepass in the "
+                              "admin qube's template (apply qborg to the template)") from None
+    if not os.path.isfile(path):
+        raise core.QborgError(f"{path}: no such file; nothing was written")
+    try:
+        kp = PyKeePass(path, password=password)
+    except CredentialsError:
+        raise core.QborgError(f"{path}: wrong master password; nothing was written") from None
+    except Exception as exc:  # pykeepass raises many kinds for a damaged file
+        raise core.QborgError(f"{path}: not a readable KeePass database "
+                              f"({type(exc).__name__}); nothing was written") from None
+    group = kp.find_groups(name="qborg", first=True)
+    if group is None:
+        raise core.QborgError(f"{path}: no group 'qborg' (not a qborg export); "
+                              "nothing was written")
+    return [{"title": e.title or "", "password": e.password or "",
+             "properties": {k: v or "" for k, v in (e.custom_properties or {}).items()}}
+            for e in group.entries]
+
+
+def _checked_key(private, public, what):
+    """The key pair of an entry, checked: the private key loads and the
+    public key is its own. Messages never quote a key."""
+    try:
+        derived = core.public_key_of(private)
+    except Exception:  # cryptography: ValueError, UnsupportedAlgorithm, ...
+        raise core.QborgError(f"{what}: ssh_private_key is not an unencrypted OpenSSH "
+                              "private key; nothing was written") from None
+    if public and public.split()[:2] != derived.split():
+        raise core.QborgError(f"{what}: ssh_public_key does not belong to ssh_private_key; "
+                              "nothing was written")
+    return private.rstrip("\n") + "\n", (public.strip() or derived) + "\n"
+
+
+def plan_import(settings, home, entries):
+    """What an import would write: [(path, text, mode)] for the files that
+    are missing, and the names of what is already there unchanged. Every
+    entry is checked first; a file that exists with other content is a
+    conflict and nothing is planned (nothing is ever overwritten)."""
+    paths = qborg_admin.admin_paths(settings, home)
+    keystore = core.Keystore(paths["keystore"])
+    files, conflicts, imported, unchanged = [], [], [], []
+
+    def want(name, path, text, mode):
+        current = core.read_text(path)
+        if current is None:
+            files.append((path, text, mode))
+            return True
+        if path.endswith(".pub"):  # a public key: the key, whatever its comment
+            same = current.split()[:2] == text.split()[:2]
+        else:
+            same = current.strip() == text.strip()
+        if not same:
+            conflicts.append(f"{name} ({path})")
+        return False
+
+    titles = [e["title"] for e in entries]
+    twice = sorted({t for t in titles if titles.count(t) > 1})
+    if twice:
+        raise core.QborgError(f"the export holds more than one entry {twice[0]!r}; "
+                              "nothing was written")
+    for entry in sorted(entries, key=lambda e: e["title"]):
+        title, props = entry["title"], entry["properties"]
+        if title in SPECIAL_ENTRIES:
+            continue
+        if not core.valid_qube_name(title):
+            raise core.QborgError(f"export entry {title!r}: not a qube name; nothing was written")
+        passphrase = entry["password"].strip()
+        if not passphrase or "\n" in passphrase:
+            raise core.QborgError(f"export entry {title}: the password (the repository "
+                                  "passphrase) is empty or not one line; nothing was written")
+        private, public = _checked_key(props.get("ssh_private_key", ""),
+                                       props.get("ssh_public_key", ""), f"export entry {title}")
+        new = [want(f"{title} passphrase", keystore.passphrase_path(title), passphrase + "\n",
+                    0o600),
+               want(f"{title} ssh_key", keystore.key_path(title), private, 0o600)]
+        if props.get("repokey", "").strip():
+            new.append(want(f"{title} repokey", os.path.join(keystore.vm_dir(title), "repokey"),
+                            props["repokey"].rstrip("\n") + "\n", 0o600))
+        # the public key last: its presence marks the VM's key pair complete
+        new.append(want(f"{title} ssh_key.pub", keystore.key_path(title) + ".pub", public,
+                        0o644))
+        (imported if any(new) else unchanged).append(title)
+    by_title = {e["title"]: e for e in entries}
+    admin = by_title.get("admin key")
+    if admin and admin["properties"].get("ssh_private_key", "").strip():
+        private, public = _checked_key(admin["properties"]["ssh_private_key"],
+                                       admin["properties"].get("ssh_public_key", ""),
+                                       "export entry 'admin key'")
+        new = [want("admin key", paths["admin_key"], private, 0o600),
+               want("admin key .pub", paths["admin_key"] + ".pub", public, 0o644)]
+        (imported if any(new) else unchanged).append("admin key")
+    host_line = (by_title.get("server") or {}).get("properties", {}).get("known_hosts", "")
+    host_line = host_line.strip()
+    if host_line and not settings["server"]["host_key"]:
+        if "\n" in host_line or host_line.split(" ", 1)[0] != core.known_hosts_host(
+                settings["server"]):
+            raise core.QborgError("export entry 'server': its known_hosts line is not for "
+                                  f"{core.known_hosts_host(settings['server'])} (the server in "
+                                  "the settings); nothing was written")
+        learned = qborg_admin.pinned_known_hosts_line(settings, paths["known_hosts"])
+        if learned is None:
+            text = (core.read_text(paths["known_hosts"]) or "") + host_line + "\n"
+            files.append((paths["known_hosts"], text, 0o600))
+            imported.append("server host key")
+        elif learned != host_line:
+            conflicts.append(f"server host key ({paths['known_hosts']})")
+        else:
+            unchanged.append("server host key")
+    if conflicts:
+        raise core.QborgError(
+            "the admin qube already holds other secrets than the export for: "
+            + ", ".join(conflicts) + "; nothing was written (move those files away first if "
+            "the export is to replace them)")
+    return files, imported, unchanged
+
+
+def import_keepass(settings, home, path, password, owner=None):
+    """Rebuild the keystore, the admin key and a learned host key from an
+    export: everything is read and checked before the first write, files
+    are written atomically (0600, public keys 0644), existing ones are
+    never overwritten. Apply qborg to the admin qube afterwards: nothing
+    is regenerated, so every VM keeps its key and passphrase."""
+    result = apply_import(settings, home, read_export(path, password), owner)
+    return dict(result, path=path)
+
+
+def apply_import(settings, home, entries, owner=None):
+    """import_keepass after the reading: entries as export_entries makes them."""
+    files, imported, unchanged = plan_import(settings, home, entries)
+    keystore = qborg_admin.admin_paths(settings, home)["keystore"]
+    for target, text, mode in files:
+        # missing directories 0700, inside the keystore up to its top
+        dirs = [os.path.dirname(target)]
+        while dirs[-1] != keystore and os.path.commonpath([dirs[-1], keystore]) == keystore:
+            dirs.append(os.path.dirname(dirs[-1]))
+        for directory in reversed(dirs):
+            if not os.path.isdir(directory):
+                core.ensure_dir(directory, 0o700, owner)
+        core.atomic_write(target, text, mode, owner)
+    return {"imported": imported, "unchanged": unchanged}
+
+
+def read_password(fd=None, confirm=True, prompt="master password for the export: "):
     """The master password: from file descriptor fd (one line), else typed
     at the terminal twice. Never from argv or the environment."""
     if fd is not None:
@@ -791,7 +949,7 @@ def read_password(fd=None, confirm=True):
             return handle.readline().rstrip("\r\n")
     import getpass
 
-    first = getpass.getpass("master password for the export: ")
+    first = getpass.getpass(prompt)
     if confirm and getpass.getpass("again: ") != first:
         raise core.QborgError("the two passwords differ; nothing was written")
     return first
@@ -856,6 +1014,11 @@ def main(argv, settings_path, prog="qborg"):
     p.add_argument("path")
     p.add_argument("--password-fd", type=int, metavar="N",
                    help="read the master password from file descriptor N (0: stdin)")
+    p = sub.add_parser("import", help="rebuild the keystore and the admin key from an export "
+                                      "(disaster recovery); never overwrites a file")
+    p.add_argument("path")
+    p.add_argument("--password-fd", type=int, metavar="N",
+                   help="read the master password from file descriptor N (0: stdin)")
     args = parser.parse_args(argv)
     home = os.path.expanduser("~")
     try:
@@ -887,6 +1050,17 @@ def main(argv, settings_path, prog="qborg"):
             password = read_password(args.password_fd, confirm=args.password_fd is None)
             res = export_keepass(settings, raw, home, args.path, password)
             print(f"wrote {res['path']} (KDBX 4) with entries: {', '.join(res['entries'])}")
+            return 0
+        if args.command == "import":
+            password = read_password(args.password_fd, confirm=False,
+                                     prompt="master password of the export: ")
+            res = import_keepass(settings, home, args.path, password)
+            print(f"imported from {res['path']}: {', '.join(res['imported']) or 'nothing'}"
+                  + (f"; already in place: {', '.join(res['unchanged'])}" if res["unchanged"]
+                     else ""))
+            if res["imported"]:
+                print("now apply qborg to this qube: nothing is regenerated, every VM keeps "
+                      "its key and passphrase")
             return 0
     except core.QborgError as exc:
         print(f"{prog}: {exc}", file=sys.stderr)

@@ -397,3 +397,63 @@ def test_disaster_recovery_from_the_export_and_the_server(lab, world, export):
             if os.path.exists(p):
                 shutil.rmtree(p)
             os.rename(p + ".lost", p)
+
+
+def test_import_rebuilds_the_admin_qube_and_nothing_is_regenerated(lab, world, export):
+    """The admin qube's keystore and admin key are lost; `qborg import` of the
+    export brings them back byte for byte, the admin's next apply regenerates
+    nothing (the server's authorized_keys stays as it was), a VM's apply
+    changes nothing and its backups go on."""
+    ks = keystore(lab)
+    admin_files = [lab.admin_key_path, lab.admin_key_path + ".pub"]
+    secret_names = ("ssh_key", "ssh_key.pub", "passphrase", "repokey")
+    with open(lab.authorized_keys_path, "rb") as f:
+        authorized = f.read()
+    moved = [ks] + admin_files
+    for p in moved:
+        os.rename(p, p + ".lost")
+    try:
+        wrong = qborg(lab, "import", export["path"], "--password-fd", "0",
+                      input="not the master password\n")
+        assert wrong.returncode == 1 and "wrong master password" in wrong.stderr, wrong.stderr
+        assert "nothing was written" in wrong.stderr and not os.path.exists(ks)
+
+        proc = qborg(lab, "import", export["path"], "--password-fd", "0", input=MASTER + "\n")
+        assert proc.returncode == 0, proc.stderr
+        for vm in CLIENTS + (STALE_VM,):
+            assert vm in proc.stdout
+            for name in secret_names:
+                with open(os.path.join(ks + ".lost", "vms", vm, name), "rb") as f:
+                    lost = f.read()
+                assert lost.decode().strip() not in proc.stdout + proc.stderr or name.endswith(
+                    ".pub")
+                path = os.path.join(ks, "vms", vm, name)
+                with open(path, "rb") as f:
+                    assert f.read() == lost, (vm, name)
+                mode = stat.S_IMODE(os.stat(path).st_mode)
+                assert mode == (0o644 if name.endswith(".pub") else 0o600), (vm, name, oct(mode))
+        for p in admin_files:
+            with open(p, "rb") as new, open(p + ".lost", "rb") as lost:
+                assert new.read() == lost.read(), p
+
+        again = qborg(lab, "import", export["path"], "--password-fd", "0", input=MASTER + "\n")
+        assert again.returncode == 0 and "imported from %s: nothing" % export["path"] in \
+            again.stdout, again.stdout + again.stderr
+
+        rc, result = lab.apply(ADMIN)
+        assert rc == 0 and not failed(result), failed(result) or result
+        with open(lab.authorized_keys_path, "rb") as f:
+            assert f.read() == authorized  # no key was regenerated
+        rc, result = lab.apply("vm-personal")
+        assert rc == 0 and not failed(result), failed(result) or result
+        assert [v["__id__"] for v in result.values() if v["changes"]] == []
+        before = archives(lab, "vm-personal")
+        assert len(backup(lab, "vm-personal")) == len(before) + 1
+    finally:
+        for p in moved:
+            if os.path.exists(p + ".lost"):
+                if os.path.isdir(p):
+                    shutil.rmtree(p)
+                elif os.path.exists(p):
+                    os.unlink(p)
+                os.rename(p + ".lost", p)

@@ -3,6 +3,7 @@ prune output parsing, retention, settings, status table, rotation hooks."""
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -238,3 +239,133 @@ def test_break_lock_refuses_unknown_vm(store, tmp_path):
     settings, _ks = store
     with pytest.raises(core.QborgConfigError, match="vm-nope is not configured"):
         maint.break_lock(settings, str(tmp_path), None, "vm-nope")
+
+
+# ------------------------------------------------------------ import (keystore rebuilt)
+
+
+@pytest.fixture
+def admin_home(tmp_path, merged):
+    """An admin qube's home with a keystore (every VM, repokeys), the admin
+    key and a learned host key; the settings and what an export would hold."""
+    home = str(tmp_path / "home")
+    settings = core.validate_settings(merged)
+    paths = qborg_admin.admin_paths(settings, home)
+    ks = core.Keystore(paths["keystore"])
+    for vm in settings["vms"]:
+        ks.ensure(vm)
+        core.atomic_write(os.path.join(ks.vm_dir(vm), "repokey"), f"BORG_KEY {vm}\n")
+    core.ensure_dir(os.path.dirname(paths["admin_key"]), 0o700)
+    private, public = core.generate_ssh_key("admin")
+    core.atomic_write(paths["admin_key"], private)
+    core.atomic_write(paths["admin_key"] + ".pub", public + "\n", 0o644)
+    core.atomic_write(paths["known_hosts"], "de1234.rsync.net ssh-ed25519 AAAAC3NzaHOST\n")
+    return settings, home, paths, maint.export_entries(settings, merged, home)
+
+
+def snapshot(root):
+    out = {}
+    for dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = (f.read(), stat.S_IMODE(os.stat(path).st_mode))
+    return out
+
+
+def test_import_rebuilds_the_lost_keystore_and_admin_key_byte_for_byte(admin_home):
+    settings, home, paths, entries = admin_home
+    before = snapshot(home)
+    shutil.rmtree(paths["keystore"])
+    os.unlink(paths["admin_key"])
+    os.unlink(paths["admin_key"] + ".pub")
+    res = maint.apply_import(settings, home, entries)
+    assert set(res["imported"]) == set(settings["vms"]) | {"admin key", "server host key"}
+    assert res["unchanged"] == []
+    assert snapshot(home) == before  # same bytes, same modes
+    for d in (paths["keystore"], os.path.join(paths["keystore"], "vms"),
+              os.path.join(paths["keystore"], "vms", "vm-work")):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700
+    again = maint.apply_import(settings, home, entries)
+    assert again["imported"] == [] and snapshot(home) == before
+
+
+def test_import_fills_in_only_what_is_missing(admin_home):
+    settings, home, paths, entries = admin_home
+    ks = core.Keystore(paths["keystore"])
+    shutil.rmtree(ks.vm_dir("vm-work"))
+    res = maint.apply_import(settings, home, entries)
+    assert res["imported"] == ["vm-work"]
+    assert "vm-personal" in res["unchanged"] and "admin key" in res["unchanged"]
+    assert ks.has("vm-work")
+
+
+def test_import_never_overwrites_other_secrets_and_writes_nothing(admin_home):
+    settings, home, paths, entries = admin_home
+    ks = core.Keystore(paths["keystore"])
+    shutil.rmtree(ks.vm_dir("vm-work"))
+    core.atomic_write(ks.passphrase_path("vm-personal"), "another passphrase\n")
+    before = snapshot(home)
+    with pytest.raises(core.QborgError) as exc:
+        maint.apply_import(settings, home, entries)
+    message = str(exc.value)
+    assert "vm-personal passphrase" in message and "nothing was written" in message
+    assert "another passphrase" not in message
+    assert snapshot(home) == before  # vm-work, which was missing, was not written either
+
+
+@pytest.mark.parametrize("damage, field", [
+    (lambda e: e.update(title="vm;rm -rf"), "not a qube name"),
+    (lambda e: e.update(password=""), "passphrase) is empty"),
+    (lambda e: e["properties"].update(ssh_private_key="-----BEGIN junk"), "not an unencrypted"),
+    (lambda e: e["properties"].update(ssh_public_key=core.generate_ssh_key("x")[1]),
+     "does not belong"),
+])
+def test_a_damaged_entry_is_named_and_nothing_is_written(admin_home, damage, field):
+    settings, home, paths, entries = admin_home
+    shutil.rmtree(paths["keystore"])
+    damage(next(e for e in entries if e["title"] == "vm-work"))
+    with pytest.raises(core.QborgError) as exc:
+        maint.apply_import(settings, home, entries)
+    assert field in str(exc.value) and "nothing was written" in str(exc.value)
+    assert not os.path.exists(paths["keystore"])
+
+
+def test_a_host_key_for_another_server_is_refused(admin_home):
+    settings, home, paths, entries = admin_home
+    os.unlink(paths["known_hosts"])
+    server = next(e for e in entries if e["title"] == "server")
+    server["properties"]["known_hosts"] = "[evil.example]:2222 ssh-ed25519 AAAAC3NzaEVIL"
+    with pytest.raises(core.QborgError, match="not for de1234.rsync.net"):
+        maint.apply_import(settings, home, entries)
+    assert not os.path.exists(paths["known_hosts"])
+
+
+def test_import_roundtrip_with_system_pykeepass(admin_home, tmp_path, merged):
+    """Export and import as the admin qube runs them (/usr/bin/python3, Debian's
+    python3-pykeepass): the keystore comes back; a wrong password writes nothing."""
+    settings, home, paths, _entries = admin_home
+    before = snapshot(home)
+    out = str(tmp_path / "export.kdbx")
+    utils = os.path.dirname(maint.__file__)
+    script = (
+        "import json,sys; sys.path.insert(0, sys.argv[1]); import qborg_core as core, qborg_maint as m;"
+        "raw=json.loads(sys.argv[2]); s=core.validate_settings(raw); pw=m.read_password(0);"
+        "m.export_keepass(s, raw, sys.argv[3], sys.argv[4], pw) if sys.argv[5] == 'export' else "
+        "print(json.dumps(m.import_keepass(s, sys.argv[3], sys.argv[4], pw)))"
+    )
+
+    def run(action, password):
+        return subprocess.run(["/usr/bin/python3", "-c", script, utils, json.dumps(merged), home,
+                               out, action], input=password + "\n", capture_output=True,
+                              text=True, check=False)
+
+    assert run("export", "a master password").returncode == 0
+    shutil.rmtree(paths["keystore"])
+    wrong = run("import", "not the password")
+    assert wrong.returncode != 0 and "wrong master password" in wrong.stderr
+    assert not os.path.exists(paths["keystore"])
+    proc = run("import", "a master password")
+    assert proc.returncode == 0, proc.stderr
+    assert set(json.loads(proc.stdout)["imported"]) == set(settings["vms"]) | {"server host key"}
+    assert snapshot(home) == before
