@@ -785,6 +785,34 @@ def export_keepass(settings, raw, home, path, password):
     return {"path": path, "entries": [e["title"] for e in entries]}
 
 
+def export_paper(settings, raw, home, path):
+    """The export as plain text for paper (print it, then delete the file):
+    the same entries as the KeePass database but the settings (dom0's
+    pillar holds them), written atomically, mode 0600."""
+    rule = "=" * 72
+    out = [rule, "qborg offline export, for paper. Every secret of every VM's backup is",
+           "below: print it, keep the paper offline, then delete this file.",
+           f"written {iso(time.time())}", rule, ""]
+    count = 0
+    for e in export_entries(settings, raw, home):
+        if e["title"] == "settings":
+            continue
+        count += 1
+        out += [f"--- {e['title']} " + "-" * max(3, 67 - len(e["title"])),
+                f"url: {e['url']}", f"user: {e['username']}"]
+        if e["password"]:
+            out.append(f"passphrase: {e['password']}")
+        for key in ("remote_path", "repos_dir", "known_hosts", "ssh_public_key"):
+            if e["properties"].get(key):
+                out.append(f"{key}: {e['properties'][key]}")
+        for key in ("ssh_private_key", "repokey"):
+            if e["properties"].get(key, "").strip():
+                out += ["", f"{key}:", e["properties"][key].rstrip("\n")]
+        out.append("")
+    core.atomic_write(path, "\n".join(out) + "\n", 0o600)
+    return {"path": path, "entries": count}
+
+
 # --------------------------------------------------------------------------
 # import: the keystore rebuilt from an export (disaster recovery)
 
@@ -1014,6 +1042,8 @@ def main(argv, settings_path, prog="qborg"):
     p.add_argument("path")
     p.add_argument("--password-fd", type=int, metavar="N",
                    help="read the master password from file descriptor N (0: stdin)")
+    p.add_argument("--paper", action="store_true",
+                   help="plain text (mode 0600) to print, no master password: delete it after")
     p = sub.add_parser("import", help="rebuild the keystore and the admin key from an export "
                                       "(disaster recovery); never overwrites a file")
     p.add_argument("path")
@@ -1045,6 +1075,11 @@ def main(argv, settings_path, prog="qborg"):
         if args.command == "rotate":
             res = rotate(settings, home, None, args.vm)
             print(f"{res['vm']}: rotation {res['stage']}: {res['message']}")
+            return 0
+        if args.command == "export" and args.paper:
+            res = export_paper(settings, raw, home, args.path)
+            print(f"wrote {res['path']} (plain text, mode 0600, {res['entries']} entries): "
+                  "print it, then delete it")
             return 0
         if args.command == "export":
             password = read_password(args.password_fd, confirm=args.password_fd is None)

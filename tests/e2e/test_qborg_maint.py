@@ -351,6 +351,26 @@ def test_export_opens_with_keepassxc_and_holds_every_vm(lab, world, export):
     assert wrong.returncode != 0
 
 
+def test_paper_export_is_private_and_holds_every_vm(lab, world):
+    path = os.path.join(lab.home(ADMIN), "qborg-paper.txt")
+    proc = qborg(lab, "export", "--paper", path)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        st = os.stat(path)
+        assert stat.S_IMODE(st.st_mode) == 0o600
+        assert st.st_uid == __import__("pwd").getpwnam(lab.user(ADMIN)).pw_uid
+        with open(path) as f:
+            text = f.read()
+        for vm in CLIENTS + (STALE_VM,):
+            with open(os.path.join(keystore(lab), "vms", vm, "passphrase")) as f:
+                passphrase = f.read().strip()
+            assert f"passphrase: {passphrase}\n" in text
+            assert passphrase not in proc.stdout + proc.stderr
+    finally:
+        if os.path.exists(path):
+            os.unlink(path)
+
+
 def test_disaster_recovery_from_the_export_and_the_server(lab, world, export):
     """The admin qube's keystore and vm-personal's qborg files are gone; the
     export (in KeePassXC) and the server are enough to restore the letter."""

@@ -369,3 +369,23 @@ def test_import_roundtrip_with_system_pykeepass(admin_home, tmp_path, merged):
     assert proc.returncode == 0, proc.stderr
     assert set(json.loads(proc.stdout)["imported"]) == set(settings["vms"]) | {"server host key"}
     assert snapshot(home) == before
+
+
+def test_paper_export_holds_every_secret_in_a_private_file(admin_home, tmp_path, merged):
+    settings, home, paths, _entries = admin_home
+    ks = core.Keystore(paths["keystore"])
+    out = tmp_path / "paper.txt"
+    res = maint.export_paper(settings, merged, home, str(out))
+    assert res["entries"] == len(settings["vms"]) + 2  # and server, admin key
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    text = out.read_text()
+    for vm in settings["vms"]:
+        assert f"--- {vm} " in text
+        assert f"passphrase: {ks.passphrase(vm)}\n" in text
+        assert ks.private_key(vm).strip() in text
+        assert f"url: {core.repository_url(core.vm_server(settings, vm), vm)}\n" in text
+        assert f"BORG_KEY {vm}" in text
+    with open(paths["admin_key"]) as f:
+        assert f.read().strip() in text
+    assert "known_hosts: de1234.rsync.net ssh-ed25519 AAAAC3NzaHOST" in text
+    assert '"vms"' not in text  # the settings stay in dom0's pillar
