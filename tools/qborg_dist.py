@@ -37,6 +37,8 @@ import tarfile
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "qborg"
 CORE_MODULES = ("qborg_core", "qborg_admin", "qborg_maint")
+# shipped only as files a state installs (relay.sls: salt://_utils/qborg_relay.py)
+UTILS_ONLY = ("qborg_relay",)
 
 # the pillar's own top file: every qube gets the qborg pillar, so that
 # init.sls can tell each one its part (or none)
@@ -95,6 +97,8 @@ def layout(repo=REPO):
         source = os.path.join(salt_dir, "_utils", module + ".py")
         entries["salt/_utils/%s.py" % module] = source
         entries["salt/_modules/_%s.py" % module] = source
+    for module in UTILS_ONLY:
+        entries["salt/_utils/%s.py" % module] = os.path.join(salt_dir, "_utils", module + ".py")
     entries["pillar/qborg/init.top"] = Text(PILLAR_TOP)
     entries["pillar/qborg/init.sls.example"] = os.path.join(repo, "pillar.example")
     for path, source in entries.items():
