@@ -106,12 +106,16 @@ def states(loaders):
     return loaders.states
 
 
-@pytest.fixture
-def qborg_config(loaders):
+def merged_config(loaders):
     """The merged settings, as map.jinja hands them to the states (a copy:
     pillar.get returns the loader's own pillar, which tests must not change)."""
     defaults = yaml.safe_load((SALT_DIR / "qborg" / "defaults.yaml").read_text())["qborg"]
     return copy.deepcopy(unmasked(loaders.modules.pillar.get, "qborg", default=defaults, merge=True))
+
+
+@pytest.fixture
+def qborg_config(loaders):
+    return merged_config(loaders)
 
 
 def unmasked(function, *args, **kwargs):

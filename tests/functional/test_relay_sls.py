@@ -11,7 +11,7 @@ import pytest
 import salt._logging
 import yaml
 from saltfactories.utils.functional import Loaders
-from .conftest import unmasked
+from .conftest import merged_config
 
 SALT_DIR = pathlib.Path(__file__).resolve().parents[2] / "salt"
 RELAY = "sys-qborg-relay"
@@ -72,12 +72,6 @@ def _arg(state, fun, key):
         if isinstance(item, dict) and key in item:
             return item[key]
     raise KeyError(key)
-
-
-def merged_config(loaders):
-    defaults = yaml.safe_load((SALT_DIR / "qborg" / "defaults.yaml").read_text())["qborg"]
-    return copy.deepcopy(unmasked(loaders.modules.pillar.get, "qborg", default=defaults,
-                                  merge=True))
 
 
 def test_the_relay_qube_gets_the_relay_part_only(relay_loaders_for):
