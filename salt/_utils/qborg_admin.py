@@ -49,6 +49,16 @@ def pinned_known_hosts_line(settings, known_hosts_path):
     return None
 
 
+def vm_pinned_known_hosts_line(settings, vm, known_hosts_path):
+    """The host key of the server vm's repository is on, as one known_hosts
+    line; None if not known yet. A repository on another host or port needs
+    server:host_key (validate_settings), so a learned key is only ever the
+    server's own."""
+    if settings["server"]["host_key"]:
+        return core.vm_known_hosts_line(settings, vm, settings["server"]["host_key"])
+    return pinned_known_hosts_line(settings, known_hosts_path)
+
+
 class ServerSession:
     """One SSH connection to the backup server with the full-access admin key."""
 
@@ -335,15 +345,16 @@ def admin_public_key(admin_key_path):
 
 
 def managed_lines(settings, keystore, vms=None):
-    """One authorized_keys line per configured VM that has a key: a VM
-    configured but not provisioned yet gets its line when its key exists."""
+    """One authorized_keys line per configured VM that has a key and whose
+    repository is on the server's account: a VM configured but not
+    provisioned yet gets its line when its key exists."""
     import qborg_maint  # a VM in key rotation has its next key beside the current one
 
-    vms = settings["vms"] if vms is None else vms
+    vms = [vm for vm in sorted(settings["vms"] if vms is None else vms)
+           if core.uploads_key(settings, vm)]
     return [
-        core.authorized_keys_line(vm, keystore.public_key(vm), settings["server"],
-                                  settings["vms"][vm]["storage_quota"])
-        for vm in sorted(vms) if keystore.has(vm)
+        core.vm_authorized_keys_line(settings, vm, keystore.public_key(vm))
+        for vm in vms if keystore.has(vm)
     ] + qborg_maint.rotation_authorized_lines(settings, keystore, vms)
 
 
@@ -423,8 +434,10 @@ def _provision(settings, home, owner, vms, test):
     vms = sorted(settings["vms"] if vms is None else vms)
     changes, comments = {}, []
 
-    server = settings["server"]
-    if not server["upload"]:
+    # VMs whose repository is on another account (BorgBase, a second
+    # provider) take their key in that account's interface, not by upload
+    elsewhere = [vm for vm in vms if not core.uploads_key(settings, vm)]
+    if not settings["server"]["upload"] or (not full_run and len(elsewhere) == len(vms)):
         _generate_missing_keys(keystore, vms, changes, comments, test)
         if full_run:
             _retire(settings, keystore, changes, comments, test)
@@ -436,14 +449,16 @@ def _provision(settings, home, owner, vms, test):
     session = ServerSession(settings, paths["admin_key"], paths["known_hosts"], owner, test=test)
     with session:
         try:
-            return _provision_in_session(settings, home, owner, vms, test, full_run, keystore,
-                                         paths, session, changes, comments)
+            _provision_in_session(settings, home, owner, vms, test, full_run, keystore,
+                                  paths, session, changes, comments)
         except core.QborgError:
             raise
         except Exception as exc:  # paramiko.SSHException, EOFError, OSError: the link dropped
             if not is_connection_error(exc):
                 raise
             raise session.lost(exc) from None
+    return _provision_without_upload(settings, elsewhere, keystore, owner, home, changes,
+                                     comments, test)
 
 
 def is_connection_error(exc):
@@ -467,11 +482,11 @@ def _generate_missing_keys(keystore, vms, changes, comments, test):
 
 def _provision_in_session(settings, home, owner, vms, test, full_run, keystore, paths, session,
                           changes, comments):
-    server = settings["server"]
     missing = _generate_missing_keys(keystore, vms, changes, comments, test)
     if full_run:
         _retire(settings, keystore, changes, comments, test)
-    kh_line = pinned_known_hosts_line(settings, paths["known_hosts"])
+    vms = [vm for vm in vms if core.uploads_key(settings, vm)]
+    missing = [vm for vm in missing if vm in vms]
     session.step = "reading authorized_keys"
     old = session.read(ServerSession.AUTHORIZED_KEYS) or ""
     lines = managed_lines(settings, keystore)
@@ -493,15 +508,18 @@ def _provision_in_session(settings, home, owner, vms, test, full_run, keystore, 
     if not test:
         _record_uploaded(keystore, lines, owner)
     session.step = "looking for the repositories"
-    uninitialised = [vm for vm in vms if not session.exists(
-        f"{core.repository_path(server, vm)}/config")]
+    repo_path = {vm: core.repository_path(core.vm_server(settings, vm), vm) for vm in vms}
+    uninitialised = [vm for vm in vms if not session.exists(f"{repo_path[vm]}/config")]
+    kh_line = pinned_known_hosts_line(settings, paths["known_hosts"])
     if uninitialised:
         if test:
             changes["repositories"] = {vm: "would create" for vm in uninitialised}
             comments.append(f"would create repositories for {', '.join(uninitialised)}")
         else:
-            session.step = f"creating {server['repos_dir']}"
-            session.makedirs(server["repos_dir"])
+            for parent in sorted({posixpath.dirname(repo_path[vm]) for vm in uninitialised}):
+                if parent:
+                    session.step = f"creating {parent}"
+                    session.makedirs(parent)
             for vm in uninitialised:
                 init_repository(settings, vm, keystore, kh_line, owner, home)
             changes["repositories"] = {vm: "created" for vm in uninitialised}
@@ -587,6 +605,8 @@ def _provision_without_upload(settings, vms, keystore, owner, home, changes, com
     which public key to add, append-only, to which repository; create the
     repository with the VM's key once the provider accepts it."""
     server = settings["server"]
+    where = ("its own account's interface" if server["upload"]
+             else f"{server['provider']}'s interface")
     pending = [vm for vm in vms
                if not os.path.exists(os.path.join(keystore.vm_dir(vm), "repokey"))]
     if not pending:
@@ -594,23 +614,24 @@ def _provision_without_upload(settings, vms, keystore, owner, home, changes, com
     if test:
         changes["repositories"] = {vm: "would create" for vm in pending}
         comments.append(f"would create repositories for {', '.join(pending)} once their "
-                        f"keys are added in {server['provider']}'s interface")
+                        f"keys are added in {where}")
         return changes, comments
     created, todo = [], []
     for vm in pending:
         url = core.repository_url(core.vm_server(settings, vm), vm)
-        kh_line = core.vm_known_hosts_line(settings, vm, server["host_key"])
+        kh_line = vm_pinned_known_hosts_line(settings, vm, admin_paths(settings, home)["known_hosts"])
         try:
             init_repository(settings, vm, keystore, kh_line, owner, home)
             created.append(vm)
         except core.QborgServerError:
             todo.append(f"add this public key to {url} as an append-only key in "
-                        f"{server['provider']}'s interface: {keystore.public_key(vm)}")
+                        f"{where}: {keystore.public_key(vm)}")
     if created:
         changes["repositories"] = {vm: "created" for vm in created}
     if todo:
         raise core.QborgServerError(
-            f"provider {server['provider']}: qborg does not upload keys there. "
+            (f"provider {server['provider']}: qborg does not upload keys there. "
+             if not server["upload"] else "qborg uploads keys only to qborg:server's account. ")
             + "; ".join(todo) + ". Then apply qborg to the admin qube again "
             "(the keys stay as they are)")
     return changes, comments
@@ -621,10 +642,9 @@ def needs_provisioning(settings, vm, keystore):
     uploads) its current line in the last authorized_keys uploaded."""
     if not keystore.has(vm) or not os.path.exists(os.path.join(keystore.vm_dir(vm), "repokey")):
         return True
-    if not settings["server"]["upload"]:
+    if not core.uploads_key(settings, vm):
         return False
-    line = core.authorized_keys_line(vm, keystore.public_key(vm), settings["server"],
-                                     settings["vms"][vm]["storage_quota"])
+    line = core.vm_authorized_keys_line(settings, vm, keystore.public_key(vm))
     record = core.read_text(os.path.join(keystore.base, UPLOADED_RECORD)) or ""
     return line not in record.splitlines()
 
@@ -670,10 +690,7 @@ def provision_on_demand(settings, vm, home):
 def bundle_for(settings, vm, home):
     paths = admin_paths(settings, home)
     keystore = core.Keystore(paths["keystore"])
-    if settings["vms"][vm].get("repository") and settings["server"]["host_key"]:
-        kh_line = core.vm_known_hosts_line(settings, vm, settings["server"]["host_key"])
-    else:
-        kh_line = pinned_known_hosts_line(settings, paths["known_hosts"])
+    kh_line = vm_pinned_known_hosts_line(settings, vm, paths["known_hosts"])
     if not keystore.has(vm) or kh_line is None:
         raise core.QborgError(f"{vm} is configured but not provisioned yet: apply qborg to "
                               f"the admin qube {settings['admin_vm']}")

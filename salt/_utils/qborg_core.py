@@ -260,6 +260,13 @@ def validate_settings(raw):
             _require(host_key is not None, "qborg:server:host_key",
                      f"provider {provider}: pin the provider's published host key "
                      f"(qborg never logs in there with a full-access key to learn it)")
+        if vms[name]["repository"] and host_key is None:
+            own = parse_repository_url(vms[name]["repository"], f"qborg:vms:{name}:repository")
+            _require((own["host"], own["port"] or port) == (host, port), "qborg:server:host_key",
+                     f"{name}'s repository is on {own['host']}:{own['port'] or port}, not on "
+                     f"the server {host}:{port}: pin that server's host key here ('TYPE "
+                     f"BASE64' from its ssh_host_*_key.pub), as qborg learns only the "
+                     f"server's own key on first use")
         if vms[name]["via"] == "relay":
             _require(relay_vm is not None, vms[name]["via_field"],
                      f"'relay' (for {name}) needs qborg:relay_vm, the networked qube that "
@@ -952,6 +959,27 @@ def vm_server(settings, vm):
         server.update(user=parsed["user"], host=parsed["host"],
                       port=parsed["port"] or server["port"], repository_path=parsed["path"])
     return server
+
+
+def shares_server_account(settings, vm):
+    """True when vm's repository is on the server's own account (no
+    `repository`, or one on the same user@host:port): qborg manages its
+    authorized_keys line there. A repository on another account (BorgBase,
+    a second provider) takes the VM's key in that account's own interface."""
+    own, server = vm_server(settings, vm), settings["server"]
+    return all(own[k] == server[k] for k in ("user", "host", "port"))
+
+
+def uploads_key(settings, vm):
+    """qborg puts vm's key into the server's authorized_keys."""
+    return bool(settings["server"]["upload"]) and shares_server_account(settings, vm)
+
+
+def vm_authorized_keys_line(settings, vm, pubkey):
+    """vm's authorized_keys line: restricted to its repository (its own path
+    when `repository` sets one on the server's account)."""
+    return authorized_keys_line(vm, pubkey, vm_server(settings, vm),
+                                settings["vms"][vm]["storage_quota"])
 
 
 def vm_known_hosts_line(settings, vm, host_key):

@@ -205,15 +205,24 @@ class AdminBorg:
         self._kh_path = None
 
     def known_hosts_path(self):
+        """One file with the host key of every server a repository is on."""
         if self._kh_path is None:
-            line = qborg_admin.pinned_known_hosts_line(self.settings, self.paths["known_hosts"])
-            if line is None:
-                raise core.QborgError("the server's host key is not known yet: apply qborg to the "
-                                      f"admin qube {self.settings['admin_vm']} first")
+            lines = []
+            for vm in [None, *sorted(self.settings["vms"])]:
+                line = (qborg_admin.pinned_known_hosts_line(self.settings, self.paths["known_hosts"])
+                        if vm is None else qborg_admin.vm_pinned_known_hosts_line(
+                            self.settings, vm, self.paths["known_hosts"]))
+                if line is None:
+                    raise core.QborgError(
+                        "the server's host key is not known yet: apply qborg to the admin "
+                        f"qube {self.settings['admin_vm']} first")
+                if line not in lines:
+                    lines.append(line)
+            text = "".join(line + "\n" for line in lines)
             path = os.path.join(self.keystore.base, "maint_known_hosts")
-            if core.read_text(path) != line + "\n":
+            if core.read_text(path) != text:
                 core.ensure_dir(self.keystore.base, 0o700, self.owner)
-                core.atomic_write(path, line + "\n", 0o644, self.owner)
+                core.atomic_write(path, text, 0o644, self.owner)
             self._kh_path = path
         return self._kh_path
 
@@ -234,7 +243,7 @@ class AdminBorg:
         }
 
     def url(self, vm):
-        return core.repository_url(self.server, vm)
+        return core.repository_url(core.vm_server(self.settings, vm), vm)
 
     def run(self, vm, command, args=(), passphrase_path=None, env_extra=None, key_path=None):
         env = self.env(vm, passphrase_path, key_path)
@@ -246,9 +255,15 @@ class AdminBorg:
     def checked(self, vm, command, args=(), **kwargs):
         proc = self.run(vm, command, args, **kwargs)
         if proc.returncode not in (0, 1):  # 1: warnings only
+            hint = ""
+            if not core.shares_server_account(self.settings, vm) and \
+                    "Permission denied" in proc.stderr:
+                hint = (f"; {self.url(vm)} is on an account of its own: add the admin qube's "
+                        f"public key ({self.paths['admin_key']}.pub) there as a full-access key "
+                        f"for the admin qube to audit and prune it")
             raise core.QborgServerError(
                 f"borg {' '.join(command)} of {vm}'s repository failed (exit {proc.returncode}): "
-                f"{proc.stderr.strip()[-400:]}")
+                f"{proc.stderr.strip()[-400:]}{hint}")
         return proc
 
     def listing(self, vm):
@@ -575,9 +590,7 @@ def rotation_authorized_lines(settings, keystore, vms=None):
         state = rotation_state(keystore, vm)
         pub = os.path.join(next_dir(keystore, vm), "ssh_key.pub")
         if state and state.get("stage") in ("staged", "delivered", "changing") and os.path.exists(pub):
-            lines.append(core.authorized_keys_line(
-                vm, core.read_text(pub).strip(), settings["server"],
-                settings["vms"][vm]["storage_quota"]))
+            lines.append(core.vm_authorized_keys_line(settings, vm, core.read_text(pub).strip()))
     return lines
 
 
@@ -624,6 +637,11 @@ def rotate(settings, home, owner, vm):
         raise core.QborgError(f"{vm} is not provisioned yet: apply qborg to the admin qube")
     state = rotation_state(keystore, vm)
     stage = state.get("stage") if state else None
+    if stage is None and not core.uploads_key(settings, vm):
+        raise core.QborgConfigError(
+            f"{vm}'s key is set in its account's own interface ({borg.url(vm)}), where qborg "
+            "cannot add the next key beside the current one; rotation is for VMs whose "
+            "repository is on qborg:server's account")
     ndir = next_dir(keystore, vm)
 
     if stage is None:
@@ -698,22 +716,24 @@ def export_entries(settings, raw, home):
     for vm in sorted(settings["vms"]):
         if not keystore.has(vm):
             continue
+        own = core.vm_server(settings, vm)
+        vm_line = qborg_admin.vm_pinned_known_hosts_line(settings, vm, paths["known_hosts"]) or ""
         entries.append({
             "title": vm,
-            "username": server["user"],
+            "username": own["user"],
             "password": keystore.passphrase(vm),
-            "url": core.repository_url(server, vm),
+            "url": core.repository_url(own, vm),
             "notes": (f"borg repository of {vm}. Password: the repository passphrase. "
                       f"ssh_private_key: the key the server forces to "
-                      f"`{core.forced_command(server, vm)}`. repokey: `borg key export` of the "
+                      f"`{core.forced_command(own, vm)}`. repokey: `borg key export` of the "
                       f"repository (for `borg key import` if the repository's own copy is lost).\n"
-                      f"remote_path: {server['remote_path']}\nknown_hosts: {host_line}"),
+                      f"remote_path: {own['remote_path']}\nknown_hosts: {vm_line}"),
             "properties": {
                 "ssh_private_key": keystore.private_key(vm),
                 "ssh_public_key": keystore.public_key(vm),
                 "repokey": core.read_text(os.path.join(keystore.vm_dir(vm), "repokey")) or "",
-                "known_hosts": host_line,
-                "remote_path": server["remote_path"],
+                "known_hosts": vm_line,
+                "remote_path": own["remote_path"],
             },
             "attachments": {f"{vm}.ssh_key": keystore.private_key(vm),
                             f"{vm}.repokey": core.read_text(

@@ -261,6 +261,80 @@ def test_vm_removed_from_pillar_leaves_authorized_keys_and_is_retired(admin_lab)
     assert changed(applied_ok(lab, "backup-admin")) == []
 
 
+# ------------------------------------- a VM whose repository is on another account
+
+ELSEWHERE = "vm-elsewhere"
+
+
+def test_vm_on_another_account_takes_its_key_there_and_backs_up(admin_lab):
+    """A repository on an account of its own (BorgBase, a second provider):
+    qborg uploads no line for it, names the key to add in that account's
+    interface, then creates the repository with the VM's key; the VM backs
+    up, the admin qube's maintenance sees it. The lab's second account is
+    the same server reached as `localhost`."""
+    lab = admin_lab
+    lab.add_qube(ELSEWHERE)
+    url = f"ssh://{lab.server_user}@localhost:{lab.port}/./elsewhere-repo"
+    pillar = lab.user_pillar()
+    original = json.loads(json.dumps(pillar))
+    pillar["qborg"]["vms"][ELSEWHERE] = {"repository": url}
+    lab.set_pillar(pillar)
+    before_keys = read_bytes(lab.authorized_keys_path)
+    line = None
+    try:
+        applied_ok(lab, "dom0")
+        rc, result = lab.apply("backup-admin")
+        assert rc != 0
+        comment = failed(result)["qborg-admin-provisioned"]
+        pub = open(os.path.join(lab.home("backup-admin"), ".local", "share", "qborg", "vms",
+                                ELSEWHERE, "ssh_key.pub")).read().split()
+        assert (f"add this public key to ssh://{lab.server_user}@localhost:{lab.port}"
+                f"/./elsewhere-repo as an append-only key in its own account's interface: "
+                f"{pub[0]} {pub[1]}") in comment
+        # nothing of it went to the server's qborg block
+        assert read_bytes(lab.authorized_keys_path) == before_keys
+        assert not os.path.exists(os.path.join(server_home(lab), "elsewhere-repo"))
+
+        # what the user does in that account's interface
+        line = (f'restrict,command="{lab.remote_path} serve --append-only '
+                f'--restrict-to-repository elsewhere-repo" {pub[0]} {pub[1]} {ELSEWHERE}\n')
+        with open(lab.authorized_keys_path, "a", encoding="utf-8") as handle:
+            handle.write(line)
+        result = applied_ok(lab, "backup-admin")
+        provisioned = by_id(result, "qborg-admin-provisioned")
+        assert provisioned["changes"]["repositories"] == {ELSEWHERE: "created"}
+        assert "authorized_keys" not in provisioned["changes"]
+        assert open(lab.authorized_keys_path).read().count(pub[1]) == 1
+
+        applied_ok(lab, ELSEWHERE)
+        lab.run(ELSEWHERE, ["sh", "-c", "mkdir -p ~/Documents && echo far > ~/Documents/f.txt"])
+        out = lab.run(ELSEWHERE, ["borgmatic", "--syslog-verbosity", "-1", "create"], check=False)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert len(lab.run(ELSEWHERE, ["borgbak", "list", "--short"]).stdout.split()) == 1
+        # the VM's key works only on its own repository there
+        other = lab.run(ELSEWHERE, ["borg", "list", "--remote-path", lab.remote_path,
+                                    "ssh://qborg/./qborg/vm-personal"], check=False)
+        assert other.returncode != 0 and "Repository path not allowed" in other.stderr
+
+        # the admin qube's status reaches it with its own URL and host key line
+        proc = lab.run("backup-admin", ["qborg", "status", "--json"], check=False)
+        assert proc.returncode in (0, 3), proc.stderr  # 3: another VM's alarm
+        status = json.loads(proc.stdout)
+        entry = {e["vm"]: e for e in status["vms"]}[ELSEWHERE]
+        assert entry["error"] is None and entry["archives"] == 1, entry
+        for qube in ("dom0", "backup-admin", ELSEWHERE):
+            assert changed(applied_ok(lab, qube)) == [], qube
+    finally:
+        lab.set_pillar(original)
+        if line is not None:
+            text = open(lab.authorized_keys_path).read().replace(line, "")
+            with open(lab.authorized_keys_path, "w", encoding="utf-8") as handle:
+                handle.write(text)
+        shutil.rmtree(os.path.join(server_home(lab), "elsewhere-repo"), ignore_errors=True)
+        applied_ok(lab, "dom0")
+        applied_ok(lab, "backup-admin")
+
+
 # ------------------------------------------------- qborg.UpdateSettings access
 
 

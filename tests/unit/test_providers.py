@@ -111,3 +111,67 @@ def test_readme_provider_table_matches_the_presets():
     for name, port, remote_path in rows:
         assert (int(port), remote_path) == (core.PROVIDERS[name]["port"],
                                            core.PROVIDERS[name]["remote_path"]), name
+
+
+# a VM whose repository is on another account, or elsewhere on the server's own
+
+
+def mixed(merge, host_key=None, **vms):
+    server = {"provider": "rsync.net", "host": "de1234.rsync.net", "user": "de1234"}
+    if host_key:
+        server["host_key"] = host_key
+    return only(merge, server, {"vm-personal": {}, **{vm: {"repository": url}
+                                                     for vm, url in vms.items()}})
+
+
+def test_a_repository_on_another_host_needs_the_pinned_host_key(merge):
+    with pytest.raises(core.QborgConfigError, match="qborg:server:host_key: vm-mail's "
+                       "repository is on a1.repo.borgbase.com:22, not on the server"):
+        mixed(merge, **{"vm-mail": "ssh://a1@a1.repo.borgbase.com/./repo"})
+    # on the server's own host and port the key learned on first use is the right one
+    s = mixed(merge, **{"vm-mail": "ssh://other@de1234.rsync.net/./mail"})
+    assert core.vm_server(s, "vm-mail")["user"] == "other"
+
+
+def test_keys_are_uploaded_only_for_repositories_on_the_servers_account(merge, tmp_path):
+    s = mixed(merge, BORGBASE_HOST_KEY,
+              **{"vm-mail": "ssh://a1@a1.repo.borgbase.com/./repo",
+                 "vm-work": "ssh://de1234@de1234.rsync.net:22/./elsewhere/work"})
+    assert [core.uploads_key(s, vm) for vm in ("vm-personal", "vm-mail", "vm-work")] == \
+        [True, False, True]
+    store = core.Keystore(admin.admin_paths(s, str(tmp_path))["keystore"])
+    for vm in s["vms"]:
+        store.ensure(vm)
+    lines = admin.managed_lines(s, store)
+    assert [l.rsplit(" ", 1)[-1] for l in lines] == ["qborg:vm-personal", "qborg:vm-work"]
+    # the same account, its own path: the forced command restricts to that path
+    assert "--restrict-to-repository elsewhere/work\"" in lines[1]
+    assert "--restrict-to-repository qborg/vm-personal\"" in lines[0]
+    # the VM on another account is provisioned as with BorgBase: no line to wait for
+    open(store.vm_dir("vm-mail") + "/repokey", "w").close()
+    assert admin.needs_provisioning(s, "vm-mail", store) is False
+    bundle = admin.bundle_for(s, "vm-mail", str(tmp_path))
+    assert bundle["known_hosts"] == f"a1.repo.borgbase.com {BORGBASE_HOST_KEY}"
+
+
+def test_maintenance_and_export_reach_each_vms_own_repository(merge, tmp_path):
+    import qborg_maint as maint
+
+    s = mixed(merge, BORGBASE_HOST_KEY, **{"vm-mail": "ssh://a1@a1.repo.borgbase.com/./repo"})
+    home = str(tmp_path / "home")
+    borg = maint.AdminBorg(s, home)
+    assert borg.url("vm-mail") == "ssh://a1@a1.repo.borgbase.com:22/./repo"
+    assert borg.url("vm-personal") == "ssh://de1234@de1234.rsync.net:22/./qborg/vm-personal"
+    with open(borg.known_hosts_path(), encoding="utf-8") as handle:
+        assert handle.read().splitlines() == [f"de1234.rsync.net {BORGBASE_HOST_KEY}",
+                                              f"a1.repo.borgbase.com {BORGBASE_HOST_KEY}"]
+    for vm in s["vms"]:
+        borg.keystore.ensure(vm)
+    entry = {e["title"]: e for e in maint.export_entries(s, {}, home)}["vm-mail"]
+    assert entry["url"] == "ssh://a1@a1.repo.borgbase.com:22/./repo"
+    assert entry["username"] == "a1"
+    assert entry["properties"]["known_hosts"] == f"a1.repo.borgbase.com {BORGBASE_HOST_KEY}"
+    # its key is set in that account's interface: qborg cannot stage the next one there
+    with pytest.raises(core.QborgConfigError, match="rotation is for VMs whose repository"):
+        maint.rotate(s, home, None, "vm-mail")
+    assert maint.rotation_state(borg.keystore, "vm-mail") is None

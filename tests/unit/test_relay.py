@@ -119,6 +119,8 @@ def test_proxy_command_refuses_a_name_that_is_not_a_qube():
 def test_relay_routes_one_server_per_relayed_vm(relayed):
     relayed["vms"]["vm-mail"] = {"via": "relay",
                                  "repository": "ssh://abcd@abcd.repo.borgbase.com:2222/./repo"}
+    relayed["server"]["host_key"] = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOstKfBbwVOYQh3J7X4nzd6"
+                                     "/VYgLfaucP9z5n4cpSzcZ")
     settings = core.validate_settings(relayed)
     config = core.relay_config(settings)
     assert config == {
