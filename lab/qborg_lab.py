@@ -902,7 +902,25 @@ class Lab:
         }
         if self.user(qube):
             data["user"] = self.user(qube)
-        return {"qborg": data}
+        pillar = {"qborg": data}
+        qubes = self.qubes_pillar(qube)
+        if qubes:
+            pillar["qubes"] = qubes
+        return pillar
+
+    def qubes_pillar(self, qube):
+        """What dom0's Qubes pillar (qvm_prefs) gives a target: `qubes:type`
+        and `qubes:netvm` as str(vm.netvm), 'None' for a qube without one."""
+        try:
+            entry = self.dom0_qube(qube)
+        except (OSError, ValueError, KeyError):
+            entry = None
+        if not entry:
+            return None
+        klass = entry.get("klass")
+        kind = {"AdminVM": "admin", "TemplateVM": "template",
+                "StandaloneVM": "standalone"}.get(klass, "app")
+        return {"type": kind, "netvm": str(entry.get("netvm"))}
 
     def _write_salt_config(self, qube):
         salt_dir = self.salt_dir(qube)

@@ -381,8 +381,18 @@ def ssh_config_block(config):
     paths = client_paths(config)
     vm = __grains__["id"]
     server = core.vm_server(settings, vm) if vm in settings["vms"] else settings["server"]
-    relay_vm = core.vm_relay(settings, vm) if vm in settings["vms"] else None
+    relay_vm = core.vm_relay(settings, vm, qube_is_offline()) if vm in settings["vms"] else None
     return core.ssh_config_block(server, paths["ssh_key"], paths["known_hosts"], relay_vm)
+
+
+def qube_is_offline():
+    """
+    True when this qube has no netvm, as dom0's Qubes pillar says
+    (``qubes:netvm``, rendered by dom0 for each target); False when that
+    pillar is not there (outside Qubes).
+    """
+    qubes = (__pillar__ or {}).get("qubes") or {}
+    return core.qube_is_offline(qubes.get("netvm") if isinstance(qubes, dict) else None)
 
 
 def client_borgmatic_config(config, test=False):
@@ -714,14 +724,26 @@ def client_context(config):
 
 def relayed_vms(config):
     """
-    The VMs that reach the server through qborg:relay_vm (``via: relay``),
-    for dom0's policy. An invalid pillar gives none: the validation state
+    The VMs that reach the server through qborg:relay_vm (``via: relay``,
+    and ``via: auto`` for a qube without netvm: ``qvm-prefs VM netvm``), for
+    dom0's policy. An invalid pillar gives none: the validation state
     reports it and stops the run before the policy is written.
     """
     try:
-        return core.relayed_vms(_settings(config))
+        settings = _settings(config)
     except CommandExecutionError:
         return []
+    offline = []
+    if settings["relay_vm"]:
+        for vm in settings["vms"]:
+            if settings["vms"][vm]["via"] != "auto":
+                continue
+            try:
+                if core.qube_is_offline(dom0_netvm(vm) or ""):
+                    offline.append(vm)
+            except CommandExecutionError:
+                pass  # a qube that is not there: qborg-dom0-qubes-exist fails naming it
+    return core.relayed_vms(settings, offline)
 
 
 def relay_config_text(config):

@@ -223,8 +223,8 @@ def vm_netvm(name, relay_hint=False):
         warning = (f"WARNING: {name} has no netvm, so it cannot reach the backup server "
                    f"and will not back up; give it one (qvm-prefs {name} netvm sys-firewall)")
         if relay_hint:
-            warning += (f", or, as it is offline on purpose, set `via: relay` under "
-                        f"qborg:vms:{name} and a qborg:relay_vm")
+            warning += (f", or, as it is offline on purpose, set qborg:relay_vm: a networked "
+                        f"qube then carries its backups (unless qborg:vms:{name}:via is direct)")
         ret["comment"] = warning
         ret.setdefault("warnings", []).append(warning)
         return ret

@@ -48,8 +48,9 @@ VM_KEYS = (
     "interval", "retention", "storage_quota", "checks", "monitoring", "repository",
     "via",
 )
-# how a VM reaches the server: its own network, or through qborg:relay_vm
-VIA_CHOICES = ("direct", "relay")
+# how a VM reaches the server: its own network, through qborg:relay_vm, or
+# auto: through the relay when the qube has no netvm and relay_vm is set
+VIA_CHOICES = ("auto", "direct", "relay")
 INTERVAL_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 # Presets per provider. Values the user sets explicitly in pillar win.
@@ -159,11 +160,11 @@ def _vm_settings(name, defaults, overrides):
     vm["repository"] = vm.get("repository") or None
     if vm["repository"] is not None:
         parse_repository_url(vm["repository"], f"{field}:repository")
-    via = vm.get("via") or "direct"
+    via = vm.get("via") or "auto"
     via_field = f"{field}:via" if "via" in overrides else "qborg:defaults:via"
     _require(via in VIA_CHOICES, via_field,
              f"{via!r} is not one of {', '.join(VIA_CHOICES)} (relay: through qborg:relay_vm, "
-             f"for a qube without network)")
+             f"for a qube without network; auto: the relay when the qube has no netvm)")
     vm["via"] = via
     vm["via_field"] = via_field
     return vm
@@ -1010,25 +1011,43 @@ def relay_proxy_command(relay_vm):
     return f"qrexec-client-vm {relay_vm} {RELAY_SERVICE}"
 
 
-def vm_relay(settings, vm):
-    """The relay qube this VM goes through, or None when it connects directly."""
-    if settings["vms"][vm].get("via") == "relay":
+def qube_is_offline(netvm):
+    """True when a qube has no netvm, from Qubes' pillar `qubes:netvm`
+    (dom0's qvm_prefs pillar: str(vm.netvm), so 'None' for none) or from
+    dom0's `qvm-prefs VM netvm` (empty for none). Unknown (no such pillar,
+    outside Qubes) is not offline."""
+    return netvm is not None and str(netvm).strip() in ("", "None")
+
+
+def vm_relay(settings, vm, offline=False):
+    """The relay qube this VM goes through, or None when it connects
+    directly. offline: the qube has no netvm (for `via: auto`)."""
+    via = settings["vms"][vm].get("via") or "auto"
+    if via == "relay" or (via == "auto" and offline and settings["relay_vm"]):
         return settings["relay_vm"]
     return None
 
 
-def relayed_vms(settings):
-    """The VMs that reach the server through the relay, sorted."""
-    return sorted(vm for vm in settings["vms"] if vm_relay(settings, vm))
+def relayed_vms(settings, offline=()):
+    """The VMs that reach the server through the relay, sorted; offline:
+    the names of the configured qubes that have no netvm."""
+    return sorted(vm for vm in settings["vms"] if vm_relay(settings, vm, vm in offline))
+
+
+def relay_candidates(settings):
+    """The VMs the relay may carry: `via: relay`, and `via: auto` when
+    relay_vm is set (the relay qube cannot see another qube's netvm; dom0's
+    policy, which can, lets only the offline ones call it)."""
+    return sorted(vm for vm in settings["vms"] if vm_relay(settings, vm, offline=True))
 
 
 def relay_config(settings):
-    """The relay qube's own configuration: for each relayed VM the one
+    """The relay qube's own configuration: for each VM it may carry the one
     server (host, port) its connection may go to. The relay picks the route
     by the caller's qube name (QREXEC_REMOTE_DOMAIN, set by dom0), never by
     anything the caller sends."""
     routes = {}
-    for vm in relayed_vms(settings):
+    for vm in relay_candidates(settings):
         server = vm_server(settings, vm)
         routes[vm] = {"host": server["host"], "port": server["port"]}
     return {"format": RELAY_CONFIG_FORMAT, "relay_vm": settings["relay_vm"], "routes": routes}

@@ -12,7 +12,8 @@
 {%- for vm in vms %}
 {%-   do named.update({vm: "qborg:vms:" ~ vm}) %}
 {%- endfor %}
-{#- offline qubes (via: relay) reach the server through the relay qube #}
+{#- offline qubes (`via: relay`, or `auto` without a netvm) reach the server
+    through the relay qube #}
 {%- set relay_vm = (salt["qborg.valid_qube_names"]([qborg.relay_vm]) or [none])[0] %}
 {%- set relayed = salt["qborg.relayed_vms"](qborg) %}
 {%- if relay_vm %}
@@ -66,7 +67,8 @@ qborg-dom0-crond-{{ qube }}:
 {%- endfor %}
 
 {#- a qube without a netvm cannot reach the server: a warning, not a failure;
-    a VM with `via: relay` is offline on purpose, the relay qube needs one #}
+    a relayed VM (`via: relay`, or `auto` without a netvm) is offline on
+    purpose, the relay qube needs one #}
 {%- for qube in (admin + vms + ([relay_vm] if relay_vm else [])) if qube not in relayed %}
 
 qborg-dom0-netvm-{{ qube }}:

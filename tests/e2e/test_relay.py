@@ -4,7 +4,9 @@ qube that carries its ssh connection over qrexec and sees only ciphertext.
 vm-vault has no network at all: everything the lab runs for it (its Salt,
 borgmatic, borgbak) runs in a network namespace of its own with no
 interface up. sys-qborg-relay is a lab qube with network, set as
-qborg:relay_vm; vm-vault has `via: relay`. The qrexec broker runs outside
+qborg:relay_vm; vm-vault has `via: relay` (and, in one test, no `via`: it
+is relayed because it has no netvm); vm-personal has `via: direct`; vm-work
+has no `via` and a netvm, so it goes direct. The qrexec broker runs outside
 both namespaces, as dom0's qrexec daemon does.
 """
 
@@ -102,6 +104,7 @@ def relay_lab(lab):
     pillar = copy.deepcopy(original)
     pillar["qborg"]["relay_vm"] = RELAY
     pillar["qborg"]["vms"][VAULT] = {"via": "relay", "source_directories": ["~/Documents"]}
+    pillar["qborg"]["vms"][DIRECT] = dict(pillar["qborg"]["vms"].get(DIRECT) or {}, via="direct")
     lab.set_pillar(pillar)
     first = {}
     for qube in ("dom0", "backup-admin", RELAY, VAULT, DIRECT):
@@ -145,7 +148,10 @@ def test_each_part_is_in_place(relay_lab):
     config_path = os.path.join(lab.prefix(RELAY), "etc", "qborg", "relay.json")
     with open(config_path, encoding="utf-8") as handle:
         config = json.load(handle)
-    assert config["routes"] == {VAULT: {"host": "127.0.0.1", "port": lab.port}}
+    # a route for each VM it may carry: vm-work (`via: auto`, as the relay
+    # cannot see its netvm; dom0's policy does not let it call) and the vault
+    server = {"host": "127.0.0.1", "port": lab.port}
+    assert config["routes"] == {VAULT: server, "vm-work": server}
     st = os.stat(config_path)
     assert (st.st_uid, st.st_mode & 0o777) == (0, 0o644)
     service = os.path.join(lab.rpc_dir(RELAY), SERVICE)
@@ -155,8 +161,10 @@ def test_each_part_is_in_place(relay_lab):
     with open(os.path.join(lab.home(VAULT), ".ssh", "config"), encoding="utf-8") as handle:
         ssh_config = handle.read()
     assert f"    ProxyCommand qrexec-client-vm {RELAY} {SERVICE}\n" in ssh_config
-    with open(os.path.join(lab.home(DIRECT), ".ssh", "config"), encoding="utf-8") as handle:
-        assert "ProxyCommand" not in handle.read()
+    for qube in (DIRECT, "vm-work"):
+        applied(lab, qube)
+        with open(os.path.join(lab.home(qube), ".ssh", "config"), encoding="utf-8") as handle:
+            assert "ProxyCommand" not in handle.read(), qube
     # the same pinned host key as a VM with network
     for qube in (VAULT, DIRECT):
         with open(os.path.join(lab.home(qube), ".config", "qborg", "known_hosts"),
@@ -216,6 +224,35 @@ def test_second_apply_and_dry_run_change_nothing(relay_lab, qube):
     assert changed(applied(relay_lab, qube)) == []
     result = applied(relay_lab, qube, test=True)
     assert all(v["result"] is True for v in result.values()), failed(result)
+
+
+def test_a_vault_without_via_is_relayed_because_it_has_no_netvm(relay_lab):
+    lab = relay_lab
+    pillar = lab.user_pillar()
+    explicit = copy.deepcopy(pillar)
+    del pillar["qborg"]["vms"][VAULT]["via"]
+    lab.set_pillar(pillar)
+    try:
+        # dom0 reads its netvm with qvm-prefs, the vault reads it from dom0's
+        # Qubes pillar: the same policy, relay config and ProxyCommand as
+        # with `via: relay`; only the settings pushed to the admin qube differ
+        assert changed(applied(lab, "dom0")) == ["qborg-dom0-admin-settings"]
+        for qube in (RELAY, VAULT):
+            assert changed(applied(lab, qube)) == [], qube
+        with open(os.path.join(lab.home(VAULT), ".ssh", "config"), encoding="utf-8") as handle:
+            assert f"    ProxyCommand qrexec-client-vm {RELAY} {SERVICE}\n" in handle.read()
+        # vm-work, also without `via`, has a netvm: direct
+        applied(lab, "vm-work")
+        with open(os.path.join(lab.home("vm-work"), ".ssh", "config"), encoding="utf-8") as handle:
+            assert "ProxyCommand" not in handle.read()
+        before = len(relay_log(lab))
+        proc = lab.run(VAULT, ["borgbak", "list", "--short"], check=False)
+        assert proc.returncode == 0, proc.stderr
+        assert len(relay_log(lab)) == before + 1
+        assert log_fields(relay_log(lab)[-1])["caller"] == VAULT
+    finally:
+        lab.set_pillar(explicit)
+        applied(lab, "dom0")
 
 
 # ------------------------------------------------------------ must-show 2

@@ -203,7 +203,8 @@ def test_a_vm_without_netvm_is_a_warning_not_a_failure(states, qubes):
 def test_a_vm_without_netvm_is_pointed_to_the_relay(states, qubes):
     ret = states.qborg.vm_netvm(name="vm-offline", relay_hint=True)
     assert ret.result is True and ret.changes == {}
-    assert "set `via: relay` under qborg:vms:vm-offline and a qborg:relay_vm" in ret.comment
+    assert ("set qborg:relay_vm: a networked qube then carries its backups (unless "
+            "qborg:vms:vm-offline:via is direct)") in ret.comment
 
 
 def test_netvm_of_a_missing_qube_fails(states, qubes):

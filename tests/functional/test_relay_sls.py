@@ -16,6 +16,7 @@ from .conftest import merged_config
 SALT_DIR = pathlib.Path(__file__).resolve().parents[2] / "salt"
 RELAY = "sys-qborg-relay"
 VAULT = "vm-vault"
+OFFLINE = "vm-offline"  # no `via`: auto, and Qubes' pillar says it has no netvm
 # conftest's pillar (user root: looked up in this system's passwd) plus the relay
 PILLAR = {
     "qborg": {
@@ -33,9 +34,14 @@ def relay_pillar_tree(tmp_path_factory):
     pillar = copy.deepcopy(PILLAR)
     pillar["qborg"]["relay_vm"] = RELAY
     pillar["qborg"]["vms"][VAULT] = {"via": "relay"}
+    pillar["qborg"]["vms"][OFFLINE] = {}
     root = tmp_path_factory.mktemp("relay-pillar")
-    (root / "top.sls").write_text("base:\n  '*':\n    - qborg\n")
+    (root / "top.sls").write_text(
+        f"base:\n  '*':\n    - qborg\n  {OFFLINE}:\n    - qubes\n  vm-work:\n    - online\n")
     (root / "qborg.sls").write_text(yaml.safe_dump(pillar))
+    # what dom0's qvm_prefs pillar gives each target: str(vm.netvm)
+    (root / "qubes.sls").write_text("qubes:\n  type: app\n  netvm: 'None'\n")
+    (root / "online.sls").write_text("qubes:\n  type: app\n  netvm: sys-firewall\n")
     return root
 
 
@@ -89,8 +95,11 @@ def test_the_relay_qube_gets_the_relay_part_only(relay_loaders_for):
         == next(i["context"] for i in service if isinstance(i, dict) and "context" in i)
     config = high["qborg-relay-config"]
     assert _arg(config, "file", "name") == "/usr/local/etc/qborg/relay.json"
+    # a route for each VM it may carry (via relay, or auto): dom0's policy,
+    # which knows each qube's netvm, picks who may call
+    server = {"host": "de1234.rsync.net", "port": 22}
     assert json.loads(_arg(config, "file", "contents"))["routes"] == \
-        {VAULT: {"host": "de1234.rsync.net", "port": 22}}
+        {vm: server for vm in (OFFLINE, "vm-personal", VAULT, "vm-work")}
     assert (_arg(config, "file", "user"), _arg(config, "file", "mode")) == ("root", "0644")
 
 
@@ -105,6 +114,17 @@ def test_the_relayed_vm_reaches_the_server_through_the_relay(relay_loaders_for):
     assert "qborg-client-ssh-config" in high
 
 
+@pytest.mark.parametrize("vm, relayed", [(OFFLINE, True), ("vm-work", False),
+                                         ("vm-personal", False)])
+def test_via_auto_follows_the_qubes_netvm_in_dom0s_pillar(relay_loaders_for, vm, relayed):
+    loaders = relay_loaders_for(vm)
+    assert loaders.modules.qborg.qube_is_offline() is relayed
+    block = loaders.modules.qborg.ssh_config_block(merged_config(loaders)).splitlines()
+    proxy = f"    ProxyCommand qrexec-client-vm {RELAY} qborg.SshRelay"
+    assert (proxy in block) is relayed
+    assert "    HostName de1234.rsync.net" in block
+
+
 def test_dom0_policy_context_names_the_relay_and_the_relayed_vms(relay_loaders_for):
     high = relay_loaders_for("dom0").modules.state.show_sls("qborg")
     assert isinstance(high, dict), high
@@ -112,7 +132,8 @@ def test_dom0_policy_context_names_the_relay_and_the_relayed_vms(relay_loaders_f
     context = next(i["context"] for i in policy if isinstance(i, dict) and "context" in i)
     assert context["relay_vm"] == RELAY
     assert context["relayed_vms"] == [VAULT]
-    assert context["vms"] == ["vm-personal", VAULT, "vm-work"]
+    # no qvm-prefs here: the auto VMs' netvm is unknown, so they go direct
+    assert context["vms"] == [OFFLINE, "vm-personal", VAULT, "vm-work"]
 
 
 def test_relayed_vms_of_an_invalid_pillar_is_empty(relay_loaders_for):

@@ -31,8 +31,36 @@ def relayed(merged):
 def test_relay_is_off_by_default(merged):
     settings = core.validate_settings(merged)
     assert settings["relay_vm"] is None
-    assert {vm["via"] for vm in settings["vms"].values()} == {"direct"}
+    assert {vm["via"] for vm in settings["vms"].values()} == {"auto"}
     assert core.relayed_vms(settings) == []
+    # without relay_vm a qube without netvm still goes direct (dom0 warns about it)
+    assert core.relayed_vms(settings, offline={"vm-work"}) == []
+    assert core.vm_relay(settings, "vm-work", offline=True) is None
+
+
+@pytest.mark.parametrize("netvm, offline", [
+    ("None", True), ("", True), (" ", True), (None, False), ("sys-firewall", False),
+    ("sys-whonix", False)])
+def test_a_qube_without_netvm_as_dom0_tells_it(netvm, offline):
+    # Qubes' qvm_prefs pillar gives str(vm.netvm), 'None' for none; qvm-prefs
+    # prints an empty line; no pillar at all (outside Qubes) is not offline
+    assert core.qube_is_offline(netvm) is offline
+
+
+def test_via_auto_relays_a_qube_without_netvm_once_relay_vm_is_set(relayed):
+    relayed["vms"]["vm-work"] = {"via": "direct"}
+    settings = core.validate_settings(relayed)
+    assert settings["vms"]["vm-personal"]["via"] == "auto"
+    assert core.vm_relay(settings, "vm-personal", offline=True) == "sys-qborg-relay"
+    assert core.vm_relay(settings, "vm-personal", offline=False) is None
+    # direct stays direct, offline or not: the user said so (dom0 warns)
+    assert core.vm_relay(settings, "vm-work", offline=True) is None
+    assert core.relayed_vms(settings, offline={"vm-personal", "vm-work"}) == \
+        ["vm-personal", "vm-vault"]
+    # the relay cannot see another qube's netvm: it has a route for each VM
+    # it may carry, and dom0's policy lets only the offline ones call it
+    assert core.relay_candidates(settings) == ["vm-mail", "vm-personal", "vm-vault"]
+    assert sorted(core.relay_config(settings)["routes"]) == ["vm-mail", "vm-personal", "vm-vault"]
 
 
 def test_via_relay_with_a_relay_vm(relayed):
@@ -89,8 +117,10 @@ def test_bad_relay_settings_fail_naming_the_field(relayed, mutate, field):
 
 def test_relay_vm_may_be_set_with_no_vm_relayed(merged):
     merged["relay_vm"] = "sys-qborg-relay"
+    merged["defaults"]["via"] = "direct"
     settings = core.validate_settings(merged)
     assert core.relay_config(settings)["routes"] == {}
+    assert core.relayed_vms(settings, offline=set(settings["vms"])) == []
 
 
 # --------------------------------------------------------------- rendering
@@ -117,6 +147,7 @@ def test_proxy_command_refuses_a_name_that_is_not_a_qube():
 
 
 def test_relay_routes_one_server_per_relayed_vm(relayed):
+    relayed["defaults"]["via"] = "direct"
     relayed["vms"]["vm-mail"] = {"via": "relay",
                                  "repository": "ssh://abcd@abcd.repo.borgbase.com:2222/./repo"}
     relayed["server"]["host_key"] = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOstKfBbwVOYQh3J7X4nzd6"
