@@ -449,3 +449,31 @@ def test_full_quota_fails_clearly_and_the_backup_after_raising_it_succeeds(lab, 
         os.unlink(photo)
     finally:
         lab.set_pillar(world["pillar"])
+
+
+def test_a_server_with_another_host_key_is_named_and_nothing_is_sent(lab, world):
+    """As if the server's host key changed (or someone sits in the middle):
+    ssh refuses before anything is sent, and the message says why (asked of
+    ssh itself when borg stops at the closed connection first)."""
+    known_hosts = os.path.join(lab.home(FRAGILE), ".config", "qborg", "known_hosts")
+    pinned = sandbox.read_bytes(known_hosts)
+    other = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh2l9GKJl"
+    host = pinned.decode().split()[0]
+    sandbox.write_as(lab, FRAGILE, ".config/qborg/known_hosts", f"{host} {other}\n".encode())
+    archives = sandbox.admin_list(lab, FRAGILE)
+    with open(lab.sshd_log, encoding="utf-8", errors="replace") as handle:
+        sshd_before = len(handle.read())
+    try:
+        for _ in range(3):  # the same words every time, whoever wins the race in borg
+            proc = lab.run(FRAGILE, ["qborg-backup"], check=False)
+            assert proc.returncode != 0
+            assert "the server's host key is not the one pinned for it (Host key " \
+                   "verification failed.)" in proc.stderr, proc.stderr
+            assert "do not override it" in last_error(lab, FRAGILE)
+        with open(lab.sshd_log, encoding="utf-8", errors="replace") as handle:
+            assert "Accepted publickey" not in handle.read()[sshd_before:]
+        assert sandbox.admin_list(lab, FRAGILE) == archives
+    finally:
+        sandbox.write_as(lab, FRAGILE, ".config/qborg/known_hosts", pinned)
+    assert len(sandbox.backup(lab, FRAGILE)) == len(archives) + 1
+    assert last_error(lab, FRAGILE) == ""

@@ -23,6 +23,13 @@ exit 0
 """
 
 
+FAKE_SSH = """#!/bin/sh
+echo "$*" >> "$QBORG_TEST_SSH_CALLS"
+if [ -e "$QBORG_TEST_SSH_SAYS" ]; then cat "$QBORG_TEST_SSH_SAYS" >&2; exit 255; fi
+exit 0
+"""
+
+
 @pytest.fixture
 def env(tmp_path, monkeypatch):
     home = tmp_path / "home"
@@ -32,6 +39,11 @@ def env(tmp_path, monkeypatch):
     fake = bindir / "borgmatic"
     fake.write_text(FAKE_BORGMATIC)
     fake.chmod(0o755)
+    # ssh, which qborg-backup asks after a closed connection: connects
+    (bindir / "ssh").write_text(FAKE_SSH)
+    (bindir / "ssh").chmod(0o755)
+    monkeypatch.setenv("QBORG_TEST_SSH_CALLS", str(tmp_path / "ssh-calls"))
+    monkeypatch.setenv("QBORG_TEST_SSH_SAYS", str(tmp_path / "ssh-says"))
     calls = tmp_path / "calls"
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
@@ -519,3 +531,39 @@ def test_a_swap_cut_before_the_first_rename_is_dropped(env):
     assert (conf / "passphrase.next").read_text() == "new\n"
     assert not (conf / "passphrase.next.swap").exists()
     assert env.prog.finish_swap() is False
+
+
+@pytest.fixture
+def ssh(env, tmp_path, monkeypatch):
+    """The env's stand-in `ssh`: says what the test wrote, or connects."""
+    calls, says = tmp_path / "ssh-calls", tmp_path / "ssh-says"
+
+    class Ssh:
+        @staticmethod
+        def say(text):
+            says.write_text(text)
+
+        @staticmethod
+        def calls():
+            return calls.read_text().splitlines() if calls.exists() else []
+    return Ssh
+
+
+def test_a_closed_connection_is_explained_by_asking_ssh_itself(env, ssh):
+    # borg may stop at the closed connection before passing ssh's message on
+    env.fail()
+    ssh.say("Host key verification failed.\n")
+    assert env.prog.main([]) == 2
+    error = (env.state / "last-error").read_text()
+    assert "the server's host key is not the one pinned for it (Host key verification " \
+           "failed.)" in error, error
+    assert ssh.calls() == ["-o BatchMode=yes -o ConnectTimeout=30 qborg true"]
+
+
+def test_when_ssh_connects_the_closed_connection_stays_the_explanation(env, ssh):
+    env.fail()
+    assert env.prog.main([]) == 2
+    error = (env.state / "last-error").read_text()
+    assert "the backup server could not be reached or dropped the connection (Connection " \
+           "closed by remote host)" in error, error
+    assert len(ssh.calls()) == 1
