@@ -617,9 +617,15 @@ def _provision_without_upload(settings, vms, keystore, owner, home, changes, com
                         f"keys are added in {where}")
         return changes, comments
     created, todo = [], []
+    known_hosts = admin_paths(settings, home)["known_hosts"]
     for vm in pending:
         url = core.repository_url(core.vm_server(settings, vm), vm)
-        kh_line = vm_pinned_known_hosts_line(settings, vm, admin_paths(settings, home)["known_hosts"])
+        kh_line = vm_pinned_known_hosts_line(settings, vm, known_hosts)
+        if kh_line is None:
+            raise core.QborgError(
+                f"the host key of {url} is not known yet: apply qborg to the admin qube "
+                f"{settings['admin_vm']} first (it learns the server's key), or pin it in "
+                "qborg:server:host_key")
         try:
             init_repository(settings, vm, keystore, kh_line, owner, home)
             created.append(vm)

@@ -2,6 +2,7 @@
 client-side alias and ssh config; and the README's table agrees with them."""
 
 import json
+import os
 import re
 
 import pytest
@@ -175,3 +176,15 @@ def test_maintenance_and_export_reach_each_vms_own_repository(merge, tmp_path):
     with pytest.raises(core.QborgConfigError, match="rotation is for VMs whose repository"):
         maint.rotate(s, home, None, "vm-mail")
     assert maint.rotation_state(borg.keystore, "vm-mail") is None
+
+
+def test_another_account_on_the_same_host_waits_for_the_servers_key(merge, tmp_path):
+    # the same host and port, another user: the key qborg learns on first use
+    # is the right one, but none is learned yet and none pinned
+    s = mixed(merge, **{"vm-mail": "ssh://other@de1234.rsync.net/./mail"})
+    home = str(tmp_path / "home")
+    with pytest.raises(core.QborgError, match=r"the host key of ssh://other@de1234\.rsync\.net"
+                       r":22/\./mail is not known yet: apply qborg to the admin qube"):
+        admin.provision(s, home, None, vms=["vm-mail"])
+    store = core.Keystore(admin.admin_paths(s, home)["keystore"])
+    assert not os.path.exists(os.path.join(store.vm_dir("vm-mail"), "known_hosts"))
