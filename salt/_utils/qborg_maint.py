@@ -207,18 +207,14 @@ class AdminBorg:
     def known_hosts_path(self):
         """One file with the host key of every server a repository is on."""
         if self._kh_path is None:
-            lines = []
-            for vm in [None, *sorted(self.settings["vms"])]:
-                line = (qborg_admin.pinned_known_hosts_line(self.settings, self.paths["known_hosts"])
-                        if vm is None else qborg_admin.vm_pinned_known_hosts_line(
-                            self.settings, vm, self.paths["known_hosts"]))
-                if line is None:
-                    raise core.QborgError(
-                        "the server's host key is not known yet: apply qborg to the admin "
-                        f"qube {self.settings['admin_vm']} first")
-                if line not in lines:
-                    lines.append(line)
-            text = "".join(line + "\n" for line in lines)
+            learned = self.paths["known_hosts"]
+            lines = [qborg_admin.pinned_known_hosts_line(self.settings, learned)] + [
+                qborg_admin.vm_pinned_known_hosts_line(self.settings, vm, learned)
+                for vm in sorted(self.settings["vms"])]
+            if None in lines:
+                raise core.QborgError("the server's host key is not known yet: apply qborg to the "
+                                      f"admin qube {self.settings['admin_vm']} first")
+            text = "".join(line + "\n" for line in dict.fromkeys(lines))
             path = os.path.join(self.keystore.base, "maint_known_hosts")
             if core.read_text(path) != text:
                 core.ensure_dir(self.keystore.base, 0o700, self.owner)
