@@ -367,6 +367,69 @@ def test_only_dom0_may_push_settings(admin_lab):
     assert "qborg.UpdateSettings caller=vm-personal result=refused" in log
 
 
+def file_state(path):
+    """Bytes, inode and times: whether a file was replaced or touched at all."""
+    st = os.stat(path)
+    return read_bytes(path), st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_mode
+
+
+def test_a_valid_push_from_a_qube_is_refused_by_the_service_itself(admin_lab):
+    """Settings that validate (one VM more, another server host), sent by a
+    qube through the broker: refused by dom0's policy; with a policy slip
+    that lets it through, refused by the service's caller check (101), the
+    settings file untouched. The same push from dom0 is installed, so the
+    refusal is the caller check's, not validation's."""
+    lab = admin_lab
+    settings_path = os.path.join(lab.prefix("backup-admin"), "etc", "qborg", "admin.json")
+    current = json.loads(read_bytes(settings_path))
+    more = admin.pushed_settings(json.loads(json.dumps(current)))
+    more["vms"]["vm-extra"] = {}
+    elsewhere = admin.pushed_settings(json.loads(json.dumps(current)))
+    elsewhere["server"]["host"] = "backup.example.org"
+    payloads = [core.settings_file_text(p) for p in (more, elsewhere)]
+    for pushed in (more, elsewhere):  # what dom0 could push
+        core.validate_settings(dict(pushed, paths=current["paths"], user=current["user"]))
+    before = file_state(settings_path)
+    audit_path = os.path.join(lab.home("backup-admin"), ".local", "state", "qborg", "audit.log")
+    audit_lines = len(open(audit_path).read().splitlines())
+    call = ["qrexec-client-vm", "backup-admin", "qborg.UpdateSettings"]
+
+    qvm_run = os.path.join(lab.bin_dir, "qvm-run")
+
+    def push_from_dom0(payload):
+        return subprocess.run(
+            [qvm_run, "--pass-io", "--service", "--", "backup-admin", "qborg.UpdateSettings"],
+            input=payload, text=True, capture_output=True, env={"PATH": "/usr/bin:/bin"})
+
+    slip = os.path.join(lab.policy_dir(), "00-qborg-test-slip.policy")
+    try:
+        for payload in payloads:
+            out = lab.run("vm-personal", call, check=False, input=payload)
+            assert out.returncode == 126, out.stderr  # dom0's policy: no rule lets a qube call it
+        with open(slip, "w", encoding="utf-8") as handle:
+            handle.write("qborg.UpdateSettings * vm-personal backup-admin allow\n")
+        for payload in payloads:
+            out = lab.run("vm-personal", call, check=False, input=payload)
+            assert out.returncode == admin.SETTINGS_REFUSED == 101, out.stderr
+        os.unlink(slip)
+        assert file_state(settings_path) == before
+        new = open(audit_path).read().splitlines()[audit_lines:]
+        assert [l.split(" ", 1)[1] for l in new] == [
+            "qborg.UpdateSettings caller=vm-personal result=refused: only dom0 may push settings"
+        ] * len(payloads)
+
+        proc = push_from_dom0(payloads[0])
+        assert proc.returncode == admin.SETTINGS_UPDATED, proc.stderr
+        assert "vm-extra" in json.loads(read_bytes(settings_path))["vms"]
+    finally:
+        if os.path.exists(slip):
+            os.unlink(slip)
+        if read_bytes(settings_path) != before[0]:
+            proc = push_from_dom0(core.settings_file_text(admin.pushed_settings(current)))
+            assert proc.returncode == admin.SETTINGS_UPDATED, proc.stderr
+    assert read_bytes(settings_path) == before[0]
+
+
 # ------------------------------------------------------------ must-show 6
 
 
