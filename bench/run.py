@@ -33,6 +33,7 @@ BENCHES = [
     "backup.py",        # P-c: backup throughput and the unchanged re-run
     "bundle_fetch.py",  # P-d: qborg.GetBundle over qrexec
     "relay_throughput.py",  # P-e: relayed/direct backup throughput
+    "maint.py",         # P-f: a qborg maint pass vs borg check --archives-only
 ]
 
 
