@@ -11,6 +11,7 @@ rendering) work and are tested without them.
 import datetime
 import json
 import os
+import posixpath
 import re
 import shlex
 import subprocess
@@ -278,7 +279,7 @@ def validate_settings(raw):
                  f"{relay_vm!r} is also under qborg:vms; the relay qube gets the relay part "
                  f"only: use a qube of its own for the relay")
 
-    return {
+    settings = {
         "admin_vm": admin_vm,
         "user": user,
         "server": {
@@ -290,6 +291,80 @@ def validate_settings(raw):
         "vms": vms,
         "relay_vm": relay_vm,
     }
+    check_repositories_apart(settings)
+    return settings
+
+
+def normalise_repository_path(path):
+    """A repository path relative to the account's home, spelled one way:
+    no './', no '//', no trailing '/' ('qborg/./vm-a//' -> 'qborg/vm-a')."""
+    return posixpath.normpath("/" + str(path)).lstrip("/")
+
+
+def repository_location(settings, vm):
+    """Where vm's repository is: (user, host, port, normalised path), its
+    `repository` or <repos_dir>/<vm> on the server's account. Host names
+    compare without case and trailing dot."""
+    server = vm_server(settings, vm)
+    return (server["user"], server["host"].lower().rstrip("."), server["port"],
+            normalise_repository_path(repository_path(server, vm)))
+
+
+def check_repositories_apart(settings):
+    """Every VM has a repository of its own: no two VMs on the same
+    repository, none inside another's, and none that is (or holds) the
+    server's repos_dir, where every VM without `repository` gets its own.
+    A VM's key is locked to its repository path, and inside it borg serve
+    lets that key delete objects without the passphrase, so a shared or
+    nested repository would hand one VM the other's backups."""
+    server = settings["server"]
+    home = (server["user"], server["host"].lower().rstrip("."), server["port"])
+    repos_dir = normalise_repository_path(server["repos_dir"])
+    where = {vm: repository_location(settings, vm) for vm in sorted(settings["vms"])}
+
+    def field(vm):
+        return f"qborg:vms:{vm}:repository"
+
+    def origin(vm):
+        if settings["vms"][vm]["repository"]:
+            return field(vm)
+        return "its default place under qborg:server:repos_dir"
+
+    def url(vm):
+        return repository_url(vm_server(settings, vm), vm)
+
+    why = ("each VM needs a repository of its own (a VM's key may delete anything inside "
+           "its repository, so one VM could destroy another's backups)")
+    for vm, (user, host, port, path) in where.items():
+        if settings["vms"][vm]["repository"] and (user, host, port) == home and (
+                path == repos_dir or repos_dir.startswith(path + "/")):
+            what = ("is qborg:server:repos_dir itself" if path == repos_dir
+                    else f"contains qborg:server:repos_dir ({server['repos_dir']})")
+            _require(False, field(vm),
+                     f"{url(vm)} {what}, where every VM without a repository of its own gets "
+                     f"one (<repos_dir>/<vm>); {why}")
+    # every path once, then each path's parents: same or nested in one pass
+    by_path = {}
+    for vm, location in where.items():
+        other = by_path.setdefault(location, vm)
+        if other != vm:
+            # name the VM whose own `repository` setting is the slip
+            mine, theirs = (vm, other) if settings["vms"][vm]["repository"] else (other, vm)
+            _require(False, field(mine),
+                     f"{url(mine)} is the same repository as {theirs}'s ({url(theirs)}, "
+                     f"{origin(theirs)}); {why}")
+    for vm, (user, host, port, path) in where.items():
+        parts = path.split("/")
+        for depth in range(1, len(parts)):
+            outer = by_path.get((user, host, port, "/".join(parts[:depth])))
+            if outer is None:
+                continue
+            if settings["vms"][vm]["repository"]:
+                _require(False, field(vm),
+                         f"{url(vm)} is inside {outer}'s repository ({url(outer)}, "
+                         f"{origin(outer)}); {why}")
+            _require(False, field(outer),
+                     f"{url(outer)} contains {vm}'s repository ({url(vm)}, {origin(vm)}); {why}")
 
 
 def check_templates(raw):

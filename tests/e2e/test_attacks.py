@@ -393,6 +393,50 @@ def test_hostile_names_and_keys_in_pillar_change_nothing(lab, world, monkeypatch
     assert sandbox.snapshot(*roots) == before
 
 
+# (mallory's repository, on the server's account: the words of the refusal)
+SHARED_REPOSITORY = {
+    "the-same": ("qborg/./vm-victim", f"is the same repository as {VICTIM}'s"),
+    "the-same-double-slash": ("qborg//vm-victim/", f"is the same repository as {VICTIM}'s"),
+    "inside": ("qborg/vm-victim/mine", f"is inside {VICTIM}'s repository"),
+    "repos-dir": ("qborg", "is qborg:server:repos_dir itself"),
+}
+
+
+@pytest.mark.parametrize("case", list(SHARED_REPOSITORY))
+def test_a_vm_on_another_vms_repository_is_refused_naming_both_and_changes_nothing(lab, world,
+                                                                                 case):
+    """A pillar slip that would lock vm-mallory's key to vm-victim's
+    repository (or around it): every part refuses it, naming both VMs, and
+    nothing changes, least of all on the server."""
+    path, words = SHARED_REPOSITORY[case]
+    pillar = json.loads(json.dumps(world["pillar"]))
+    repository = f"ssh://{lab.server_user}@127.0.0.1:{lab.port}/./{path}"
+    pillar["qborg"]["vms"][MALLORY]["repository"] = repository
+    server = os.path.join(lab.home(lab.server_user), "qborg")
+    roots = (lab.authorized_keys_path, server, sandbox.keystore(lab), lab.policy_dir(),
+             os.path.join(lab.prefix(ADMIN), "etc"))
+    before = sandbox.snapshot(*roots)
+    victim = sandbox.repo_files(lab, VICTIM)
+    lab.set_pillar(pillar)
+    try:
+        for qube in ("dom0", ADMIN, MALLORY):
+            rc, result = lab.apply(qube)
+            assert rc != 0, qube
+            errors = failed(result)
+            comment = next((c for c in errors.values() if "repository of its own" in c), "")
+            assert comment.startswith("Invalid qborg pillar, nothing was changed: "
+                                      f"qborg:vms:{MALLORY}:repository: "), (qube, errors)
+            assert words in comment and comment.endswith("; fix it in the qborg pillar")
+            if case != "repos-dir":
+                assert f"{sandbox.url(lab, VICTIM)}, its default place under " \
+                    "qborg:server:repos_dir" in comment
+            assert sandbox.changed(result) == [], qube
+    finally:
+        lab.set_pillar(world["pillar"])
+    assert sandbox.snapshot(*roots) == before
+    victim_intact(lab, victim)
+
+
 # ---------------------------------------------------- the bundle on its way
 
 WRAPPER = """#!/usr/bin/python3 -I

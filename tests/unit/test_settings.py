@@ -295,3 +295,112 @@ def test_bad_templates_name_the_field(merged, key, value, field):
     merged[key] = value
     with pytest.raises(core.QborgConfigError, match="^" + field):
         core.validate_settings(merged)
+
+
+# ------------------------------------------------ each VM's own repository
+
+SERVER_URL = "ssh://de1234@de1234.rsync.net"
+OTHER_HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB1c"
+
+
+def refused(merged):
+    with pytest.raises(core.QborgConfigError) as exc:
+        core.validate_settings(merged)
+    message = str(exc.value)
+    assert "each VM needs a repository of its own" in message
+    assert message.endswith("; fix it in the qborg pillar")
+    return message
+
+
+@pytest.mark.parametrize("url", [
+    f"{SERVER_URL}:22/./qborg/vm-personal",
+    f"{SERVER_URL}/./qborg/vm-personal",  # the server's port when none is given
+    f"{SERVER_URL}/./qborg/./vm-personal",
+    f"{SERVER_URL}/./qborg//vm-personal",
+    f"{SERVER_URL}/./qborg/vm-personal/",
+    f"{SERVER_URL}/./qborg/vm-personal/.",
+    "ssh://de1234@DE1234.rsync.net././qborg/vm-personal",
+], ids=["port", "no-port", "dot", "double-slash", "trailing-slash", "trailing-dot", "host-case"])
+def test_a_repository_that_is_another_vms_default_one_is_refused_naming_both(merged, url):
+    merged["server"]["host_key"] = OTHER_HOST_KEY  # DE1234.rsync.net. is spelt as another host
+    merged["vms"]["vm-work"] = {"repository": url}
+    message = refused(merged)
+    assert message.startswith("qborg:vms:vm-work:repository: ")
+    assert (f"is the same repository as vm-personal's ({SERVER_URL}:22/./qborg/vm-personal, "
+            f"its default place under qborg:server:repos_dir)") in message
+
+
+def test_two_vms_naming_the_same_repository_are_refused_naming_both(merged):
+    merged["vms"]["vm-mail"] = {"repository": f"{SERVER_URL}/./shared/repo"}
+    merged["vms"]["vm-work"] = {"repository": f"{SERVER_URL}:22/./shared//repo/"}
+    message = refused(merged)
+    assert message.startswith(f"qborg:vms:vm-work:repository: {SERVER_URL}:22/./shared//repo "
+                              f"is the same repository as vm-mail's ({SERVER_URL}:22/./shared/"
+                              f"repo, qborg:vms:vm-mail:repository)")
+
+
+@pytest.mark.parametrize("outer, inner", [("vm-mail", "vm-work"), ("vm-work", "vm-mail")])
+def test_a_repository_inside_another_is_refused_either_way(merged, outer, inner):
+    merged["vms"][outer] = {"repository": f"{SERVER_URL}/./repos/a"}
+    merged["vms"][inner] = {"repository": f"{SERVER_URL}/./repos/./a//b"}
+    message = refused(merged)
+    assert message.startswith(f"qborg:vms:{inner}:repository: {SERVER_URL}:22/./repos/./a//b "
+                              f"is inside {outer}'s repository ({SERVER_URL}:22/./repos/a, "
+                              f"qborg:vms:{outer}:repository)")
+
+
+def test_a_repository_inside_another_vms_default_one_is_refused(merged):
+    merged["vms"]["vm-work"] = {"repository": f"{SERVER_URL}/./qborg/vm-personal/inner"}
+    message = refused(merged)
+    assert message.startswith("qborg:vms:vm-work:repository: ")
+    assert "is inside vm-personal's repository" in message
+
+
+@pytest.mark.parametrize("repos_dir, path, what", [
+    ("qborg", "qborg", "is qborg:server:repos_dir itself"),
+    ("qborg", "qborg/", "is qborg:server:repos_dir itself"),
+    ("qborg", "qborg/.", "is qborg:server:repos_dir itself"),
+    ("backups/qborg", "backups", "contains qborg:server:repos_dir (backups/qborg)"),
+    ("backups/qborg/", "backups//qborg", "is qborg:server:repos_dir itself"),
+])
+def test_a_repository_that_holds_repos_dir_is_refused(merged, repos_dir, path, what):
+    """repos_dir holds every default repository: a VM there (or above it)
+    would hold all of them, today's and any added later."""
+    merged["server"]["repos_dir"] = repos_dir
+    merged["vms"] = {"vm-work": {"repository": f"{SERVER_URL}/./{path}"}}  # alone, even
+    message = refused(merged)
+    shown = path.rstrip("/")  # the URL's trailing '/' is dropped, as everywhere
+    assert message.startswith(f"qborg:vms:vm-work:repository: {SERVER_URL}:22/./{shown} {what}, "
+                              "where every VM without a repository of its own gets one")
+
+
+@pytest.mark.parametrize("url", [
+    f"{SERVER_URL}/./qborg/vm-personal2",  # a sibling whose name starts alike
+    f"{SERVER_URL}/./qborg-old/vm-personal",
+    f"{SERVER_URL}/./vm-personal",
+    "ssh://other@de1234.rsync.net/./qborg/vm-personal",  # another user: another home
+    f"{SERVER_URL}:2222/./qborg/vm-personal",  # another port: another server
+    "ssh://de1234@de5678.rsync.net/./qborg/vm-personal",  # another host
+], ids=["sibling", "other-dir", "home", "other-user", "other-port", "other-host"])
+def test_repositories_apart_are_accepted(merged, url):
+    merged["server"]["host_key"] = OTHER_HOST_KEY  # pinned: some are on another server
+    merged["vms"]["vm-work"] = {"repository": url}
+    merged["vms"]["vm-mail"] = {"repository": url.replace("vm-personal", "vm-mail")}
+    settings = core.validate_settings(merged)
+    assert settings["vms"]["vm-work"]["repository"] == url
+
+
+def test_borgbase_repositories_of_the_same_name_on_other_accounts_are_apart(merged):
+    as_borgbase(merged)  # every VM: ./repo, each on its own account
+    assert len(core.validate_settings(merged)["vms"]) == 3
+    merged["vms"]["vm-work"]["repository"] = merged["vms"]["vm-mail"]["repository"]
+    assert "the same repository as vm-mail's" in refused(merged)
+
+
+@pytest.mark.parametrize("path, normal", [
+    ("qborg/vm-a", "qborg/vm-a"), ("qborg/./vm-a", "qborg/vm-a"), ("qborg//vm-a/", "qborg/vm-a"),
+    ("./qborg/vm-a", "qborg/vm-a"), ("qborg/vm-a/.", "qborg/vm-a"), ("//qborg", "qborg"),
+])
+def test_normalise_repository_path(path, normal):
+    assert core.normalise_repository_path(path) == normal
+
