@@ -343,14 +343,15 @@ def borgmatic_config(config, version=None):
     if vm not in settings["vms"]:
         raise CommandExecutionError(f"{vm} is not configured under qborg:vms")
     paths = client_paths(config)
+    version = version or borgmatic_version(config)
     try:
         data = core.borgmatic_config(vm, settings["vms"][vm], core.vm_server(settings, vm),
-                                     paths["home"], paths["passphrase"],
-                                     version or borgmatic_version(config))
+                                     paths["home"], paths["passphrase"], version)
     except core.QborgError as exc:
         raise CommandExecutionError(str(exc)) from None
-    return "# Managed by qborg (Salt). Local edits are overwritten.\n" + yaml.safe_dump(
-        data, default_flow_style=False, sort_keys=False)
+    return ("# Managed by qborg (Salt). Local edits are overwritten.\n"
+            + core.borgmatic_run_note(version, data) + "\n"
+            + yaml.safe_dump(data, default_flow_style=False, sort_keys=False))
 
 
 def borgmatic_validate_command(config=None):

@@ -809,6 +809,22 @@ def version_tuple(version):
     return tuple(int(x) for x in re.findall(r"[0-9]+", str(version))[:3]) or (0,)
 
 
+# A comment line at the top of the borgmatic config, for qborg-backup: the
+# borgmatic the config was rendered for and its source directories (one JSON
+# object). A run backs up the directories that exist and names the others:
+# borgmatic 2.1 fails the whole backup on one that is missing, 1.7 skips it
+# without a word. qborg-backup reads the same prefix.
+RUN_NOTE_PREFIX = "# qborg-backup: "
+
+
+def borgmatic_run_note(version, config):
+    """The run note (one comment line, no newline) for a config that
+    borgmatic_config rendered for borgmatic `version`."""
+    location = config.get("location", config)
+    return RUN_NOTE_PREFIX + json.dumps({"borgmatic": str(version),
+                                         "source_directories": list(location["source_directories"])})
+
+
 def now_utc():
     return datetime.datetime.now(datetime.timezone.utc)
 

@@ -8,6 +8,7 @@ import os
 import pwd
 import stat
 import tempfile
+import time
 
 import pytest
 
@@ -539,3 +540,47 @@ def test_every_qube_and_the_server_run_the_labs_borg(lab, world):
         commands = [line.split('"')[1] for line in f if line.startswith("restrict,command=")]
     assert commands and all(c.startswith(lab.remote_path + " serve ") for c in commands)
     assert lab.server([lab.remote_path, "--version"]).stdout.strip() == wanted
+
+
+@pytest.mark.parametrize("qube", CLIENTS)
+def test_a_source_directory_the_qube_lacks_is_skipped_and_named(lab, world, qube):
+    """~/Pictures in pillar (as in pillar.example) and no ~/Pictures in the
+    qube: borgmatic 1.7.7 (vm-personal) skipped it without a word, the
+    newest (vm-work) failed the whole backup at every tick. qborg-backup
+    backs up the rest, with either, and `borgbak status` names it."""
+    pictures = os.path.join(lab.home(qube), "Pictures")
+    assert not os.path.lexists(pictures)
+    pillar = lab.user_pillar()
+    changed_pillar = json.loads(json.dumps(pillar))
+    changed_pillar["qborg"]["vms"][qube] = {"source_directories": ["~/Documents", "~/Pictures"]}
+    lab.set_pillar(changed_pillar)
+    try:
+        rc, result = apply(lab, qube)
+        assert rc == 0 and changed(result) == ["qborg-client-borgmatic"], failed(result)
+        fresh = seed(lab, qube, "after-pictures.txt", f"still backed up in {qube}\n".encode())
+        before = lab.run(qube, ["borgbak", "list", "--short"]).stdout.split()
+        # the scheduled runner as cron runs it (cron's PATH), a backup due
+        with open(os.path.join(lab.home(qube), ".local", "state", "qborg", "last-success"),
+                  "w") as f:
+            f.write("%d two days ago\n" % (time.time() - 2 * 86400))
+        proc = lab.run(qube, scheduled_command(lab, qube), check=False,
+                       env={"PATH": "/usr/bin:/bin"})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        after = lab.run(qube, ["borgbak", "list", "--short"]).stdout.split()
+        assert len(after) == len(before) + 1
+        listed = lab.run(qube, ["borgbak", "list", after[-1], "--short"]).stdout.split()
+        assert fresh.lstrip("/") in listed
+        assert world["originals"][qube].lstrip("/") in listed
+        assert not [p for p in listed if "Pictures" in p]
+        status = lab.run(qube, ["borgbak", "status"]).stdout
+        assert "last error: none" in status, status
+        assert "skipped, not in this qube: ~/Pictures (each backup leaves it out" in status, status
+        assert f"source_directories of {qube} in dom0's qborg pillar" in status
+        with open(os.path.join(lab.home(qube), ".local", "state", "qborg", "backup.log")) as f:
+            assert "skipped ~/Pictures: not in this qube" in f.read()
+        os.unlink(fresh)
+    finally:
+        lab.set_pillar(pillar)
+        rc, result = apply(lab, qube)
+        assert rc == 0, failed(result)
+    assert "skipped" not in lab.run(qube, ["borgbak", "status"]).stdout

@@ -1,6 +1,7 @@
 """The qborg execution module through Salt's loader."""
 
 import copy
+import json
 import os
 import subprocess
 
@@ -59,6 +60,11 @@ def test_borgmatic_config_renders_sectioned_yaml(modules, qborg_config):
     assert conf["location"]["source_directories"] == ["/root/Documents"]
     assert conf["location"]["remote_path"] == "borg14"
     assert conf["storage"]["encryption_passcommand"] == "cat /root/.config/qborg/passphrase"
+    # the run note for qborg-backup: the borgmatic it is for, the sources as in the config
+    note = text.splitlines()[1]
+    assert note.startswith("# qborg-backup: ")
+    assert json.loads(note[len("# qborg-backup: "):]) == {
+        "borgmatic": "1.7.7", "source_directories": ["/root/Documents"]}
 
 
 def test_borgmatic_config_flat_for_newer_borgmatic(modules, qborg_config):

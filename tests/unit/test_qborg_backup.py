@@ -567,3 +567,171 @@ def test_when_ssh_connects_the_closed_connection_stays_the_explanation(env, ssh)
     assert "the backup server could not be reached or dropped the connection (Connection " \
            "closed by remote host)" in error, error
     assert len(ssh.calls()) == 1
+
+
+# ------------------------------ a source directory missing in this qube
+
+
+def write_config(version, sources, body="storage:\n  archive_name_format: vm-x-{now:%Y}\n"):
+    """The borgmatic config as qborg writes it: its run note, then the body."""
+    import qborg_core as core
+
+    conf = pathlib.Path(os.environ["HOME"]) / ".config" / "borgmatic.d"
+    conf.mkdir(parents=True, exist_ok=True)
+    note = core.borgmatic_run_note(version, {"source_directories": sources})
+    (conf / "qborg.yaml").write_text(f"# Managed by qborg (Salt).\n{note}\n{body}")
+
+
+def home_dir(*parts):
+    path = pathlib.Path(os.environ["HOME"], *parts)
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def test_the_run_note_qborg_writes_is_the_one_qborg_backup_reads(env):
+    import qborg_core as core
+
+    sources = ["/home/u/Documents", "/home/u/it's a \"dir\", too", "/home/u/caf\u00e9/*.txt"]
+    for version, rendered in (("1.7.7", {"location": {"source_directories": sources}}),
+                              ("2.1.10", {"source_directories": sources})):
+        text = core.borgmatic_run_note(version, rendered) + "\nlocation: {}\n"
+        assert "\n" not in text.rstrip("\n").split("\n")[0]
+        assert env.prog.parse_run_note(text) == {"borgmatic": version,
+                                                 "source_directories": sources}
+
+
+@pytest.mark.parametrize("text", [
+    "",
+    "location:\n  source_directories: [/a]\n",
+    # the note belongs to the comment block at the top only
+    "location: {}\n# qborg-backup: {\"borgmatic\": \"1.7.7\", \"source_directories\": [\"/a\"]}\n",
+    "# qborg-backup: not json\n",
+    "# qborg-backup: [\"/a\"]\n",
+    "# qborg-backup: {\"borgmatic\": \"1.7.7\", \"source_directories\": []}\n",
+    "# qborg-backup: {\"borgmatic\": \"1.7.7\", \"source_directories\": [\"/a\", 3]}\n",
+    "# qborg-backup: {\"source_directories\": [\"/a\"]}\n",
+])
+def test_no_run_note_or_a_broken_one_reads_as_none(env, text):
+    assert env.prog.parse_run_note(text) is None
+
+
+def test_sources_split_into_those_that_exist_and_the_others(env, tmp_path):
+    docs = home_dir("Documents")
+    home_dir("notes")
+    (tmp_path / "home" / "notes" / "a.txt").write_text("a")
+    os.symlink(tmp_path / "nowhere", tmp_path / "home" / "dangling")
+    paths = [docs, "~/Pictures", "~/notes/*.txt", "~/music/*.flac",
+             str(tmp_path / "home" / "dangling"), "~"]
+    present, missing = env.prog.split_sources(paths)
+    assert present == [docs, "~/notes/*.txt", "~"]
+    assert missing == ["~/Pictures", "~/music/*.flac", str(tmp_path / "home" / "dangling")]
+    assert [env.prog.shown(p) for p in (docs, os.environ["HOME"], "/srv/data")] == \
+        ["~/Documents", "~", "/srv/data"]
+
+
+@pytest.mark.parametrize("version, flags", [
+    ("1.7.7", ["--override", 'location.source_directories=["/h/a", "/h/b c"]']),
+    ("1.8.0", ["--override", 'source_directories=["/h/a", "/h/b c"]']),
+    ("1.9.14", ["--override", 'source_directories=["/h/a", "/h/b c"]']),
+    ("2.0.0", ["--source-directories", '["/h/a", "/h/b c"]']),
+    ("2.1.10", ["--source-directories", '["/h/a", "/h/b c"]']),
+])
+def test_the_existing_sources_are_passed_as_the_config_s_borgmatic_takes_them(env, version,
+                                                                              flags):
+    assert env.prog.source_flags(version, ["/h/a", "/h/b c"]) == flags
+
+
+def test_a_missing_source_is_left_out_and_the_rest_backed_up(env, capsys):
+    docs = home_dir("Documents")
+    pictures = os.path.join(os.environ["HOME"], "Pictures")
+    write_config("2.1.10", [docs, pictures])
+    assert env.prog.main([]) == 0
+    assert env.calls("create") == [
+        f'--syslog-verbosity -1 --source-directories ["{docs}"] create']
+    assert env.prog.last_success() == pytest.approx(time.time(), abs=60)
+    assert not (env.state / "last-error").exists()
+    assert "skipped ~/Pictures: not in this qube" in capsys.readouterr().err
+    log = (env.state / "backup.log").read_text()
+    assert "skipped ~/Pictures: not in this qube" in log and "backup done" in log
+
+    assert env.prog.main(["--status"]) == 0
+    out = capsys.readouterr().out
+    assert "last error: none" in out
+    assert ("skipped, not in this qube: ~/Pictures (each backup leaves it out: create it in "
+            "this qube, or remove it from source_directories of vm-x in dom0's qborg "
+            "pillar)") in out
+
+
+def test_a_scheduled_run_logs_the_skip_without_printing_it(env, capsys):
+    docs = home_dir("Documents")
+    write_config("1.7.7", [docs, "~/Pictures", "~/Music"])
+    assert env.prog.main(["--scheduled", "--interval", "1h"]) == 0
+    assert env.calls("create") == [
+        f'--syslog-verbosity -1 --override location.source_directories=["{docs}"] create']
+    assert capsys.readouterr().err == ""
+    assert "skipped ~/Pictures, ~/Music" in (env.state / "backup.log").read_text()
+
+
+def test_with_every_source_there_borgmatic_gets_the_config_as_it_is(env, capsys):
+    write_config("2.1.10", [home_dir("Documents"), home_dir("Pictures")])
+    assert env.prog.main([]) == 0
+    assert env.calls("create") == ["--syslog-verbosity -1 create"]
+    assert env.prog.main(["--status"]) == 0
+    assert "skipped" not in capsys.readouterr().out
+
+
+def test_none_of_the_sources_there_backs_up_nothing_and_says_so(env, capsys):
+    env.state.mkdir(parents=True)
+    (env.state / "last-success").write_text("1000 long ago\n")
+    write_config("2.1.10", ["~/Documents", "~/Pictures"])
+    assert env.prog.main(["--scheduled", "--interval", "1h"]) == 1
+    assert env.calls() == []  # no empty archive that would pass for a backup
+    assert env.prog.last_success() == 1000
+    error = (env.state / "last-error").read_text()
+    assert ("none of the source directories exists in this qube (~/Documents, ~/Pictures): "
+            "nothing was backed up and no archive made") in error
+    assert "qborg-backup: backup failed: none of the source directories" in \
+        capsys.readouterr().err
+    env.prog.main(["--status"])
+    out = capsys.readouterr().out
+    assert "last error: " in out and "nothing was backed up" in out
+    assert "skipped, not in this qube: ~/Documents, ~/Pictures (each backup leaves them out" \
+        in out
+
+    home_dir("Pictures")  # made: the next tick backs it up
+    assert env.prog.main(["--scheduled", "--interval", "1h"]) == 0
+    assert len(env.calls("create")) == 1 and "Pictures" in env.calls("create")[0]
+    assert not (env.state / "last-error").exists()
+
+
+def test_a_retry_keeps_leaving_the_missing_source_out(env, tmp_path):
+    docs = home_dir("Documents")
+    write_config("1.9.14", [docs, "~/Pictures"])
+    conf = conf_dir()
+    (conf / "passphrase").write_text("old\n")
+    (conf / "passphrase.next").write_text("new\n")  # a key rotation: create is retried
+    (tmp_path / "bin" / "borgmatic").write_text(  # every create fails
+        '#!/bin/sh\necho "$*" >> "$QBORG_TEST_CALLS"\n'
+        'for last; do :; done\n'
+        'if [ "$last" = create ]; then echo boom >&2; exit 2; fi\nexit 0\n')
+    assert env.prog.main([]) == 2
+    assert env.calls("create") == [
+        f'--syslog-verbosity -1 --override source_directories=["{docs}"] create'] * 2
+
+
+def test_a_config_without_run_note_is_backed_up_as_before(env):
+    conf = pathlib.Path(os.environ["HOME"]) / ".config" / "borgmatic.d"
+    conf.mkdir(parents=True)
+    (conf / "qborg.yaml").write_text("location:\n  source_directories: [/nowhere]\n")
+    assert env.prog.main([]) == 0
+    assert env.calls("create") == ["--syslog-verbosity -1 create"]
+
+
+def test_a_source_gone_under_borgmatic_2_1_is_explained(env):
+    message = env.prog.explain(
+        "ssh://qborg/./qborg/vm-x: Error running actions for repository\n" + NOISE +
+        "Source directories or root pattern paths do not exist: /home/u/Pictures\n", "vm-x")
+    assert message.startswith("a source directory does not exist in this qube (Source "
+                              "directories or root pattern paths do not exist: "
+                              "/home/u/Pictures): nothing was backed up; the next run leaves "
+                              "out what is missing"), message
