@@ -175,6 +175,14 @@ def admin_provision(config, test=False):
     return {"changes": changes, "comments": comments}
 
 
+def shared_account_warnings(config):
+    """
+    Warnings (sentences; an empty list when all is well) about VMs that
+    share the server's account without a storage_quota.
+    """
+    return core.shared_account_warnings(_settings(config))
+
+
 def client_paths(config):
     settings = _settings(config)
     _owner, home = _account(settings["user"])

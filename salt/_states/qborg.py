@@ -41,15 +41,23 @@ def admin_provisioned(name, config):
     """
     Every configured VM has a key and passphrase in the keystore, a locked-down
     line in the server's authorized_keys and an initialised repository.
+
+    VMs sharing the server's account without a storage_quota are a warning
+    (``warnings``, and the comment), whatever the run's result.
     """
     ret = _ret(name)
     test = bool(__opts__.get("test"))
+    try:
+        warnings = [f"WARNING: {text}"
+                    for text in __salt__["qborg.shared_account_warnings"](config)]
+    except CommandExecutionError:
+        warnings = []  # invalid pillar: admin_provision says so below
     try:
         out = __salt__["qborg.admin_provision"](config, test=test)
     except CommandExecutionError as exc:
         ret["result"] = False
         ret["comment"] = str(exc)
-        return ret
+        return _warn(ret, warnings)
     ret["changes"] = out["changes"]
     if out["changes"]:
         ret["result"] = None if test else True
@@ -57,6 +65,15 @@ def admin_provisioned(name, config):
             "would provision" if test else "provisioned")
     else:
         ret["comment"] = "; ".join(out["comments"]) or "keystore, authorized_keys and repositories are in place"
+    return _warn(ret, warnings)
+
+
+def _warn(ret, warnings):
+    """Add warnings to a state's return: Salt's `warnings` (the state
+    output's "Warnings:" lines and count) and the comment."""
+    if warnings:
+        ret.setdefault("warnings", []).extend(warnings)
+        ret["comment"] = "\n".join([ret["comment"], *warnings])
     return ret
 
 

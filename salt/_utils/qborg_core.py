@@ -37,6 +37,11 @@ HOST_KEY_RE = re.compile(
 )
 PUBKEY_RE = re.compile(r"^ssh-ed25519 [A-Za-z0-9+/]+={0,3}\Z")
 QUOTA_RE = re.compile(r"^[0-9]+(\.[0-9]+)?[KMGTP]?\Z")
+# borg's own floor for --storage-quota (parse_storage_quota): below it
+# `borg serve` refuses to start, so every backup of that VM would fail
+STORAGE_QUOTA_MIN = "10M"
+# borg's parse_file_size: decimal units
+SIZE_UNITS = {"K": 1000, "M": 1000 ** 2, "G": 1000 ** 3, "T": 1000 ** 4, "P": 1000 ** 5}
 INTERVAL_RE = re.compile(r"^([0-9]+)([mhdw])\Z")
 COMPRESSION_RE = re.compile(r"^[a-z0-9,]{1,40}\Z")
 ENCRYPTIONS = ("repokey-blake2", "repokey", "keyfile-blake2", "keyfile")
@@ -109,6 +114,16 @@ def parse_interval(value, field="interval"):
     return int(m.group(1)) * INTERVAL_SECONDS[m.group(2)]
 
 
+def parse_size(value):
+    """A size like 200G in bytes, as borg's parse_file_size reads it
+    (decimal units: K=1e3 .. P=1e15; the same float arithmetic)."""
+    text = str(value)
+    factor = SIZE_UNITS.get(text[-1:], 1)
+    if factor != 1:
+        text = text[:-1]
+    return int(float(text) * factor)
+
+
 def _check_path_list(values, field):
     _require(isinstance(values, list) and values, field, "must be a non-empty list of paths")
     for i, path in enumerate(values):
@@ -153,8 +168,15 @@ def _vm_settings(name, defaults, overrides):
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
                      f"{field}:retention:{key}", "must be a whole number >= 0")
     quota = vm.get("storage_quota")
-    _require(quota is None or QUOTA_RE.match(str(quota)), f"{field}:storage_quota",
+    quota_field = (f"{field}:storage_quota" if "storage_quota" in overrides
+                   else "qborg:defaults:storage_quota")
+    _require(quota is None or QUOTA_RE.match(str(quota)), quota_field,
              f"{quota!r} is not a size like 200G")
+    _require(quota is None or parse_size(quota) >= parse_size(STORAGE_QUOTA_MIN), quota_field,
+             f"{quota} is below borg's minimum storage quota of {STORAGE_QUOTA_MIN} (borg "
+             f"serve refuses to start with it, so every backup of "
+             f"{name if quota_field.startswith(field) else 'each VM that inherits it'} would "
+             f"fail); set at least {STORAGE_QUOTA_MIN}, e.g. 200G, or null for no quota")
     vm["storage_quota"] = None if quota is None else str(quota)
     vm["checks"] = check_consistency_checks(vm.get("checks"), f"{field}:checks")
     vm["monitoring"] = check_monitoring(vm.get("monitoring"), f"{field}:monitoring")
@@ -1060,6 +1082,25 @@ def shares_server_account(settings, vm):
     a second provider) takes the VM's key in that account's own interface."""
     own, server = vm_server(settings, vm), settings["server"]
     return all(own[k] == server[k] for k in ("user", "host", "port"))
+
+
+def shared_account_warnings(settings):
+    """Warnings (plain sentences, [] when all is well) about the server's
+    account: when two or more VMs keep their repositories there and any of
+    them has no storage_quota, one VM can fill the account and every VM's
+    backups there then fail."""
+    sharing = sorted(vm for vm in settings["vms"] if shares_server_account(settings, vm))
+    unbounded = [vm for vm in sharing if not settings["vms"][vm]["storage_quota"]]
+    if len(sharing) < 2 or not unbounded:
+        return []
+    server = settings["server"]
+    return [
+        f"the server's account {server['user']}@{server['host']}:{server['port']} holds the "
+        f"repositories of {len(sharing)} VMs and {', '.join(unbounded)} "
+        f"{'has' if len(unbounded) == 1 else 'have'} no storage_quota: one VM can fill the "
+        f"account and stop the backups of every VM on it; set qborg:defaults:storage_quota "
+        f"(e.g. 200G; at least {STORAGE_QUOTA_MIN}), or a storage_quota for each of them"
+    ]
 
 
 def uploads_key(settings, vm):

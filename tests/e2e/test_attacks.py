@@ -437,6 +437,42 @@ def test_a_vm_on_another_vms_repository_is_refused_naming_both_and_changes_nothi
     victim_intact(lab, victim)
 
 
+def test_the_admins_apply_warns_of_vms_sharing_the_account_without_a_quota(lab, world):
+    """vm-mallory and vm-victim share the server's account and neither has a
+    storage_quota: the admin's apply says so as a warning, changes nothing,
+    and the same under test=True; a quota for each silences it."""
+    warning = (f"WARNING: the server's account {lab.server_user}@127.0.0.1:{lab.port} holds "
+               f"the repositories of 2 VMs and {MALLORY}, {VICTIM} have no storage_quota: one "
+               f"VM can fill the account and stop the backups of every VM on it; set "
+               f"qborg:defaults:storage_quota (e.g. 200G; at least 10M), or a storage_quota "
+               f"for each of them")
+    keys = sandbox.read_bytes(lab.authorized_keys_path)
+    applied_ok(lab, ADMIN)  # the formula's files as they are now in this tree
+    for test in ((), ("test=True",)):
+        result = applied_ok(lab, ADMIN, *test)
+        assert sandbox.changed(result) == [], test
+        provisioned = next(v for v in result.values()
+                           if v["__id__"] == "qborg-admin-provisioned")
+        assert provisioned["result"] is True and provisioned["warnings"] == [warning], test
+        assert provisioned["comment"].endswith("\n" + warning)
+        assert [v["__id__"] for v in result.values() if v.get("warnings")] == \
+            ["qborg-admin-provisioned"]
+    assert sandbox.read_bytes(lab.authorized_keys_path) == keys
+
+    pillar = json.loads(json.dumps(world["pillar"]))
+    for vm in (MALLORY, VICTIM):
+        pillar["qborg"]["vms"][vm]["storage_quota"] = "200G"
+    lab.set_pillar(pillar)
+    try:
+        result = applied_ok(lab, ADMIN, "test=True")
+        provisioned = next(v for v in result.values()
+                           if v["__id__"] == "qborg-admin-provisioned")
+        assert "warnings" not in provisioned and "WARNING" not in provisioned["comment"]
+    finally:
+        lab.set_pillar(world["pillar"])
+    assert sandbox.read_bytes(lab.authorized_keys_path) == keys
+
+
 # ---------------------------------------------------- the bundle on its way
 
 WRAPPER = """#!/usr/bin/python3 -I

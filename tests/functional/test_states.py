@@ -86,6 +86,55 @@ def test_admin_provisioned_unreachable_server_fails_and_changes_nothing(states, 
     assert "PRIVATE KEY" not in str(ret.full_return)
 
 
+def shared_account_warning(config):
+    server = config["server"]
+    return (f"WARNING: the server's account {server['user']}@{server['host']}:{server['port']} "
+            f"holds the repositories of 2 VMs and vm-personal, vm-work have no storage_quota: "
+            f"one VM can fill the account and stop the backups of every VM on it; set "
+            f"qborg:defaults:storage_quota (e.g. 200G; at least 10M), or a storage_quota for "
+            f"each of them")
+
+
+def test_admin_provisioned_warns_of_a_shared_account_without_quota_even_when_it_fails(
+        states, admin_config):
+    warning = shared_account_warning(admin_config)
+    ret = states.qborg.admin_provisioned(name="qborg-admin-provisioned", config=admin_config)
+    assert ret.result is False and ret.changes == {}
+    assert ret.full_return["warnings"] == [warning]
+    assert ret.comment.endswith("\n" + warning)
+
+
+@pytest.mark.parametrize("test", [False, True])
+@pytest.mark.parametrize("quota", [None, "200G"])
+def test_admin_provisioned_warns_of_a_shared_account_and_changes_nothing_more(
+        modules, states, admin_config, monkeypatch, test, quota):
+    """The warning rides on an apply with nothing to do: result True, no
+    changes (so a second apply still reports none), test=True the same; a
+    quota for every VM silences it. The server's side is a stand-in that
+    finds everything in place."""
+    admin_config["defaults"]["storage_quota"] = quota
+    modules.qborg.validate(admin_config)  # the module is loaded: qborg_admin is importable
+    import qborg_admin  # pylint: disable=import-outside-toplevel
+
+    calls = []
+
+    def provision(settings, home, owner, vms=None, test=False):
+        calls.append(test)
+        return {}, []
+    monkeypatch.setattr(qborg_admin, "provision", provision)
+    ret = states.qborg.admin_provisioned(name="qborg-admin-provisioned", config=admin_config,
+                                         test=test)
+    assert calls == [test]
+    assert ret.result is True and ret.changes == {}
+    in_place = "keystore, authorized_keys and repositories are in place"
+    if quota:
+        assert "warnings" not in ret.full_return and ret.comment == in_place
+    else:
+        warning = shared_account_warning(admin_config)
+        assert ret.full_return["warnings"] == [warning]
+        assert ret.comment == in_place + "\n" + warning
+
+
 def test_admin_provisioned_invalid_pillar(states, admin_config):
     admin_config["vms"]["vm work"] = {}
     ret = states.qborg.admin_provisioned(name="qborg-admin-provisioned", config=admin_config,

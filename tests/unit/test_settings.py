@@ -404,3 +404,89 @@ def test_borgbase_repositories_of_the_same_name_on_other_accounts_are_apart(merg
 def test_normalise_repository_path(path, normal):
     assert core.normalise_repository_path(path) == normal
 
+
+# ------------------------------------------------------------ storage quota
+
+
+@pytest.mark.parametrize("text, size", [
+    ("10M", 10_000_000), ("200G", 200 * 10 ** 9), ("1.5T", 1_500_000_000_000), ("1P", 10 ** 15),
+    ("9999999", 9_999_999), ("0.01G", 10_000_000), ("2K", 2000),
+])
+def test_parse_size_reads_sizes_as_borg_does(text, size):
+    assert core.parse_size(text) == size
+
+
+@pytest.mark.parametrize("quota", ["5M", "9999999", "9.9M", "0.0099G", "0", "0K", "9999.999K"])
+def test_a_quota_below_borgs_minimum_is_refused_naming_the_field(merged, quota):
+    merged["vms"]["vm-work"] = {"storage_quota": quota}
+    with pytest.raises(core.QborgConfigError) as exc:
+        core.validate_settings(merged)
+    assert str(exc.value) == (
+        f"qborg:vms:vm-work:storage_quota: {quota} is below borg's minimum storage quota of "
+        f"10M (borg serve refuses to start with it, so every backup of vm-work would fail); "
+        f"set at least 10M, e.g. 200G, or null for no quota; fix it in the qborg pillar")
+
+
+@pytest.mark.parametrize("quota", ["10M", "10000000", 10000000, "0.01G", "10000K", "200G", "1T"])
+def test_a_quota_of_at_least_10M_is_accepted(merged, quota):
+    merged["vms"]["vm-work"] = {"storage_quota": quota}
+    assert core.validate_settings(merged)["vms"]["vm-work"]["storage_quota"] == str(quota)
+
+
+@pytest.mark.parametrize("quota, what", [("5M", "is below borg's minimum storage quota of 10M"),
+                                         ("200 GB", "is not a size like 200G")])
+def test_a_bad_default_quota_names_the_defaults_field(merged, quota, what):
+    merged["defaults"]["storage_quota"] = quota
+    with pytest.raises(core.QborgConfigError) as exc:
+        core.validate_settings(merged)
+    assert str(exc.value).startswith("qborg:defaults:storage_quota: ")
+    assert what in str(exc.value)
+    if "minimum" in what:
+        assert "every backup of each VM that inherits it would fail" in str(exc.value)
+
+
+def test_a_vm_quota_overrides_a_bad_default_quota_only_for_itself(merged):
+    merged["defaults"]["storage_quota"] = "5M"
+    merged["vms"] = {"vm-personal": {"storage_quota": "200G"}}
+    assert core.validate_settings(merged)["vms"]["vm-personal"]["storage_quota"] == "200G"
+
+
+# ------------------------------------------------- a shared account, no quota
+
+
+def test_vms_sharing_the_account_without_quota_get_one_warning_naming_them(merged):
+    # vm-personal has 200G, vm-work and vm-mail none, all three on de1234's account
+    assert core.shared_account_warnings(core.validate_settings(merged)) == [
+        "the server's account de1234@de1234.rsync.net:22 holds the repositories of 3 VMs "
+        "and vm-mail, vm-work have no storage_quota: one VM can fill the account and stop "
+        "the backups of every VM on it; set qborg:defaults:storage_quota (e.g. 200G; at "
+        "least 10M), or a storage_quota for each of them"]
+
+
+def test_one_vm_without_quota_among_others_is_named_alone(merged):
+    merged["vms"]["vm-mail"] = {"storage_quota": "50G"}
+    (warning,) = core.shared_account_warnings(core.validate_settings(merged))
+    assert "3 VMs and vm-work has no storage_quota" in warning
+
+
+@pytest.mark.parametrize("change", ["default-quota", "one-vm", "others-elsewhere", "borgbase"])
+def test_no_warning_when_no_vm_can_fill_the_others_account(merged, change):
+    if change == "default-quota":
+        merged["defaults"]["storage_quota"] = "200G"
+    elif change == "one-vm":
+        merged["vms"] = {"vm-work": {}}
+    elif change == "others-elsewhere":  # vm-personal has its quota; the others: other accounts
+        merged["server"]["host_key"] = OTHER_HOST_KEY
+        merged["vms"]["vm-work"] = {"repository": "ssh://u1@u1.example.org/./repo"}
+        merged["vms"]["vm-mail"] = {"repository": "ssh://u2@u2.example.org/./repo"}
+        merged["vms"]["vm-other"] = {"storage_quota": "1T"}
+    else:
+        as_borgbase(merged)
+    assert core.shared_account_warnings(core.validate_settings(merged)) == []
+
+
+def test_a_vm_with_its_own_path_on_the_account_shares_it(merged):
+    merged["vms"] = {"vm-work": {"repository": f"{SERVER_URL}/./elsewhere/vm-work"},
+                     "vm-mail": {"storage_quota": "20G"}}
+    (warning,) = core.shared_account_warnings(core.validate_settings(merged))
+    assert "holds the repositories of 2 VMs and vm-work has no storage_quota" in warning
