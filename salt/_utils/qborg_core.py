@@ -16,6 +16,7 @@ import re
 import shlex
 import subprocess
 import tempfile
+import unicodedata
 
 BUNDLE_FORMAT = 1
 BEGIN_MARKER = "# BEGIN qborg"
@@ -100,6 +101,24 @@ def check_qube_name(name, field):
             f"starting with a letter, at most 31 characters, not dom0); fix it in the qborg pillar"
         )
     return name
+
+
+def printable(text):
+    """text with every control, format and line-separator character (and the
+    backslash that would make an escape ambiguous) written as a Python-style
+    escape: what a VM chose (an archive name, borg's words about it) can
+    reach a terminal, a log line or a table, never a newline or an ESC."""
+    out = []
+    for char in str(text):
+        if char == "\\":
+            out.append("\\\\")
+        elif unicodedata.category(char) in ("Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"):
+            code = ord(char)
+            out.append(f"\\x{code:02x}" if code < 0x100 else
+                       f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}")
+        else:
+            out.append(char)
+    return "".join(out)
 
 
 def _require(cond, field, what):

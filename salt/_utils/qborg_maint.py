@@ -10,8 +10,10 @@ imported only by the export and the import.
 """
 
 import argparse
+import configparser
 import datetime
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -23,7 +25,8 @@ import time
 import qborg_admin
 import qborg_core as core
 
-MAINT_DEFAULTS = {"interval": "1d", "check_interval": "1w"}
+MAINT_DEFAULTS = {"interval": "1d", "check_interval": "1w", "verify_data": False,
+                  "clock_tolerance": "15m"}
 ALARM_EXIT = 3
 MIN_MASTER_PASSWORD = 8
 
@@ -44,12 +47,19 @@ def maintenance_settings(raw):
                 f"qborg:maintenance:{key}: unknown setting (known: {', '.join(MAINT_DEFAULTS)}); "
                 "fix it in the qborg pillar")
         maint[key] = value
+    if not isinstance(maint["verify_data"], bool):
+        raise core.QborgConfigError(
+            "qborg:maintenance:verify_data: must be true or false; fix it in the qborg pillar")
     return {
         "interval": maint["interval"],
         "interval_seconds": core.parse_interval(maint["interval"], "qborg:maintenance:interval"),
         "check_interval": maint["check_interval"],
         "check_interval_seconds": core.parse_interval(
             maint["check_interval"], "qborg:maintenance:check_interval"),
+        "verify_data": maint["verify_data"],
+        "clock_tolerance": maint["clock_tolerance"],
+        "clock_tolerance_seconds": core.parse_interval(
+            maint["clock_tolerance"], "qborg:maintenance:clock_tolerance"),
     }
 
 
@@ -137,7 +147,27 @@ def archive_timestamp(text):
 
 
 # --------------------------------------------------------------------------
-# audit (pure)
+# audit (pure): the ledger of every archive maintenance has seen
+#
+# What a VM writes is its own word: archive names, archive times, the
+# manifest, the objects. The ledger (<state>/<vm>.json) keeps, per archive
+# id, the name and time it had when maintenance first saw it, and when that
+# was. Retention is decided on the ledger's times, and a VM's time is only
+# believed inside the window it could honestly be in: not after the moment
+# maintenance first saw the archive (plus clock_tolerance), not before the
+# newest archive already audited (minus clock_tolerance; the repository lock
+# orders a VM's own backups). Archives are removed by id, chosen here, never
+# by `borg prune` reading the VM's times.
+
+
+class Tampering(Exception):
+    """The repository shows what an honest client never writes. Carries
+    the findings; the VM gets an ALARM, no prune and no compact."""
+
+    def __init__(self, findings, vanished=()):
+        super().__init__("; ".join(findings))
+        self.findings = list(findings)
+        self.vanished = list(vanished)
 
 
 def archives_by_id(listing):
@@ -155,35 +185,185 @@ def vanished_archives(record, current, pruned_by_qborg=None):
     pruned = set(pruned_by_qborg or {})
     gone = [dict(info, id=aid) for aid, info in record.get("archives", {}).items()
             if aid not in current and aid not in pruned]
-    return sorted(gone, key=lambda a: (a.get("time") or "", a["name"]))
+    return sorted(gone, key=lambda a: (str(a.get("time") or ""), a["name"]))
 
 
-PRUNED_RE = re.compile(r"^Pruning archive.*\[([0-9a-f]{64})\]\s*$")
+def _claimed_time(text):
+    try:
+        return archive_timestamp(str(text))
+    except (ValueError, OverflowError, OSError):
+        return None
 
 
-def pruned_ids(log_json_text):
-    """Archive ids `borg prune --list --log-json` reports as pruned."""
-    ids = []
-    for line in log_json_text.splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
+def audit_archives(ledger, current, now, tolerance):
+    """Compare what the repository lists now with the ledger.
+
+    ledger: the last ledger or None (first audit); current: archives_by_id
+    of the listing. Returns the ledger's archives for the current listing:
+    {id: {"name", "time" (epoch, the time retention uses), "claimed" (the
+    VM's text), "first_seen"}}. Raises Tampering naming each finding:
+    archives gone that qborg did not prune, an archive dated in the future
+    or before archives already audited, an audited archive whose time or
+    name changed (a rewritten manifest)."""
+    known = (ledger or {}).get("archives") or {}
+    pruned_entries = (ledger or {}).get("pruned") or {}
+    pruned = set(pruned_entries)
+    high_water = (ledger or {}).get("high_water")
+    findings = []
+    vanished = vanished_archives(ledger, current, pruned)
+    if vanished:
+        findings.append("archives vanished without qborg pruning them: "
+                        + ", ".join(core.printable(a["name"]) for a in vanished))
+    entries = {}
+    for aid, info in sorted(current.items(), key=lambda kv: str(kv[1]["time"])):
+        name = core.printable(info["name"])
+        claimed = _claimed_time(info["time"])
+        if aid in known or "time" in (pruned_entries.get(aid) or {}):
+            # known, or pruned by qborg and back (a rollback on the server)
+            entry = {k: v for k, v in (known.get(aid) or pruned_entries[aid]).items()
+                     if k != "pruned_at"}
+            if entry.get("claimed") is not None and str(info["time"]) != entry["claimed"]:
+                findings.append(f"archive {name} was listed with the time {entry['claimed']} "
+                                f"and now {core.printable(info['time'])} (a rewritten manifest)")
+            entries[aid] = entry
             continue
-        if isinstance(entry, dict):
-            m = PRUNED_RE.match(str(entry.get("message", "")))
-            if m:
-                ids.append(m.group(1))
-    return ids
-
-
-def retention_args(retention):
-    args = []
-    for key in core.RETENTION_KEYS:
-        value = (retention or {}).get(key)
-        if value in (None, 0, ""):
+        if claimed is None:
+            findings.append(f"archive {name} has a time borg cannot read "
+                            f"({core.printable(info['time'])})")
             continue
-        args.append("--" + key.replace("_", "-") + "=" + str(value))
-    return args
+        if claimed > now + tolerance:
+            findings.append(f"archive {name} is dated in the future ({iso(claimed)})")
+            continue
+        if high_water is not None and claimed < high_water - tolerance:
+            findings.append(f"archive {name} is new but dated {iso(claimed)}, before archives "
+                            f"already audited (up to {iso(high_water)})")
+            continue
+        entries[aid] = {"name": info["name"], "claimed": str(info["time"]),
+                        "time": min(claimed, now), "first_seen": now}
+    if findings:
+        raise Tampering(findings, vanished)
+    return entries
+
+
+def upgraded_ledger(record, pruned=None):
+    """A ledger from the audit record of qborg before the ledger ({id:
+    {name, time as borg printed it}}, the ids of its own last prune in a
+    file of their own): each archive first seen at that record's last pass."""
+    if not record:
+        return record
+    seen = record.get("last_pass") or record.get("accepted") or time.time()
+    archives = {}
+    for aid, entry in (record.get("archives") or {}).items():
+        if "first_seen" in entry:
+            archives[aid] = entry
+            continue
+        claimed = _claimed_time(entry.get("time"))
+        archives[aid] = {"name": entry.get("name", ""), "claimed": str(entry.get("time")),
+                         "time": seen if claimed is None else min(claimed, seen),
+                         "first_seen": seen}
+    out = dict(record, archives=archives)
+    out["pruned"] = {aid: e if isinstance(e, dict) else {"name": e, "pruned_at": seen}
+                     for aid, e in dict(record.get("pruned") or {}, **(pruned or {})).items()}
+    if "high_water" not in out:
+        out["high_water"] = max((e["time"] for e in archives.values()), default=None)
+    return out
+
+
+PRUNED_KEPT = 5000  # entries of archives qborg deleted that the ledger remembers
+
+
+def new_ledger(vm, ledger, archives, now):
+    times = [e["time"] for e in archives.values()]
+    high_water = max([t for t in times + [(ledger or {}).get("high_water")] if t is not None],
+                     default=None)
+    pruned = {aid: e for aid, e in ((ledger or {}).get("pruned") or {}).items()
+              if aid not in archives and isinstance(e, dict)}
+    out = dict(ledger or {})
+    out.update(vm=vm, archives=archives, high_water=high_water, pruned=pruned)
+    out.setdefault("created", now)
+    return out
+
+
+def record_pruned(ledger, archives, chosen, now):
+    """Move the chosen ids from the ledger's archives to its pruned ones
+    (recent ones kept: after a rollback on the server they come back, and
+    are known, not new archives dated in the past)."""
+    pruned = dict(ledger.get("pruned") or {})
+    for aid in chosen:
+        pruned[aid] = dict(archives[aid], pruned_at=now)
+    if len(pruned) > PRUNED_KEPT:
+        newest = sorted(pruned, key=lambda aid: pruned[aid].get("pruned_at") or 0)[-PRUNED_KEPT:]
+        pruned = {aid: pruned[aid] for aid in newest}
+    ledger["pruned"] = pruned
+    ledger["archives"] = {aid: e for aid, e in archives.items() if aid not in set(chosen)}
+
+
+PRUNING_PATTERNS = (
+    ("keep_secondly", "%Y-%m-%d %H:%M:%S"),
+    ("keep_minutely", "%Y-%m-%d %H:%M"),
+    ("keep_hourly", "%Y-%m-%d %H"),
+    ("keep_daily", "%Y-%m-%d"),
+    ("keep_weekly", "%G-%V"),
+    ("keep_monthly", "%Y-%m"),
+    ("keep_yearly", "%Y"),
+)
+WITHIN_RE = re.compile(r"^([0-9]+)([Hdwmy])\Z")
+WITHIN_HOURS = {"H": 1, "d": 24, "w": 24 * 7, "m": 24 * 31, "y": 24 * 365}
+CHECKPOINT_RE = re.compile(r"\.checkpoint(\.[0-9]+)?\Z")
+
+
+def within_seconds(value, field="retention:keep_within"):
+    m = WITHIN_RE.match(str(value))
+    if not m or int(m.group(1)) <= 0:
+        raise core.QborgConfigError(f"{field}: {value!r} is not borg's keep-within interval "
+                                    "(a number and H, d, w, m or y, e.g. 2d); fix it in the "
+                                    "qborg pillar")
+    return int(m.group(1)) * WITHIN_HOURS[m.group(2)] * 3600
+
+
+def retention_keeps(archives, retention, now):
+    """The ids borg prune's rules keep (borg 1.2 prune_split and
+    prune_within, checkpoints as borg treats them), on the ledger's times.
+    archives: {id: {"name", "time"}}."""
+    if not any((retention or {}).get(k) for k in core.RETENTION_KEYS):
+        return set(archives)  # no rule: nothing is pruned
+    ordered = sorted(archives.items(), key=lambda kv: kv[1]["time"], reverse=True)
+    checkpoints = [aid for aid, e in ordered if CHECKPOINT_RE.search(e["name"])]
+    keep = set()
+    if ordered and checkpoints and ordered[0][0] == checkpoints[0]:
+        keep.add(checkpoints[0])  # the newest is a checkpoint: keep it, as borg does
+    candidates = [(aid, e) for aid, e in ordered if aid not in set(checkpoints)]
+    kept_because = set()
+    within = (retention or {}).get("keep_within")
+    if within:
+        limit = now - within_seconds(within)
+        for aid, e in candidates:
+            if e["time"] > limit:
+                kept_because.add(aid)
+    for rule, pattern in PRUNING_PATTERNS:
+        n = (retention or {}).get(rule) or 0
+        if not n:
+            continue
+        count, last, aid = 0, None, None
+        for aid, e in candidates:
+            period = time.strftime(pattern, time.localtime(e["time"]))
+            if period != last:
+                last = period
+                if aid not in kept_because:
+                    kept_because.add(aid)
+                    count += 1
+                    if count == n:
+                        break
+        if aid is not None and count < n and aid not in kept_because:
+            kept_because.add(aid)  # borg keeps the oldest when a rule is not filled
+    return keep | kept_because
+
+
+def choose_prunes(archives, retention, now):
+    """Ids to delete: every archive of the ledger retention does not keep."""
+    keep = retention_keeps(archives, retention, now)
+    return sorted((aid for aid in archives if aid not in keep),
+                  key=lambda aid: archives[aid]["time"])
 
 
 # --------------------------------------------------------------------------
@@ -203,6 +383,7 @@ class AdminBorg:
         self.paths = qborg_admin.admin_paths(settings, home)
         self.keystore = core.Keystore(self.paths["keystore"], owner)
         self._kh_path = None
+        self._session = None
 
     def known_hosts_path(self):
         """One file with the host key of every server a repository is on."""
@@ -268,12 +449,124 @@ class AdminBorg:
     def info(self, vm):
         return json.loads(self.checked(vm, ["info"], ["--json"]).stdout)
 
+    def delete_archives(self, vm, names):
+        """`borg delete REPO NAME...`: exact names (borg looks each up in the
+        manifest), after `--`, so a name the VM chose is never an option."""
+        env = self.env(vm)
+        argv = ["borg", "delete", "--lock-wait", "120", "--remote-path",
+                self.server["remote_path"], "--", self.url(vm), *names]
+        proc = core.run_as(argv, self.owner, self.home, env)
+        # 1: a warning (e.g. a name no longer there); the listing that
+        # follows says what is gone
+        if proc.returncode not in (0, 1):
+            raise core.QborgServerError(
+                f"borg delete of {len(names)} archive(s) of {vm}'s repository failed (exit "
+                f"{proc.returncode}): {core.printable(proc.stderr.strip()[-400:])}")
+
+    def audited_listing(self, vm):
+        """`borg list --json` for the audit: a repository that no longer
+        opens with the keystore's passphrase, or whose listing breaks on
+        what the VM wrote, is Tampering (an ALARM), not an error; a server
+        that is down or a lock that is held stays an error."""
+        proc = self.run(vm, ["list"], ["--json"])
+        if proc.returncode == 0:
+            try:
+                return archives_by_id(json.loads(proc.stdout))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise Tampering([f"{vm}'s repository lists archives borg's own JSON cannot "
+                                 "describe"]) from None
+        finding = tampering_in(proc.stderr)
+        if finding:
+            raise Tampering([finding])
+        self.checked(vm, ["list"], ["--json"])  # raises the usual error
+        raise core.QborgServerError(f"borg list of {vm}'s repository failed")
+
+    # -- what changes with every commit, seen through SFTP ------------------
+    def session(self):
+        """One SFTP session with the admin key for the whole run (closed by close())."""
+        if self._session is None:
+            self._session = qborg_admin.ServerSession(
+                self.settings, self.paths["admin_key"], self.paths["known_hosts"], self.owner)
+            self._session.__enter__()
+        return self._session
+
+    def close(self):
+        if self._session is not None:
+            self._session.__exit__(None, None, None)
+            self._session = None
+
+    def repository_state(self, vm):
+        """What every write by the VM changes, read over SFTP with the admin
+        key: the repository's `transactions` log, to which `borg serve
+        --append-only` (the VM's forced command) appends a line at each
+        commit, a patched client's that ignores locks included, and which the
+        admin's own deletes and compacts (no --append-only) never touch; and
+        the repository key in `config`, which a VM's `borg key
+        change-passphrase` rewrites. None for a repository on another
+        account (no SFTP there)."""
+        if not core.shares_server_account(self.settings, vm):
+            return None
+        path = core.repository_path(core.vm_server(self.settings, vm), vm)
+        session = self.session()
+        try:
+            try:
+                log = session.sftp.stat(path + "/transactions")
+                transactions = [log.st_size, log.st_mtime]
+            except FileNotFoundError:
+                transactions = None
+            config = session.read(path + "/config")
+        except OSError as exc:
+            raise core.QborgServerError(f"reading {vm}'s repository {path} over SFTP failed "
+                                        f"({exc}); nothing was compacted") from None
+        return {"transactions": transactions, "config": config_digest(config or "")}
+
+
+def config_digest(text):
+    """A digest of a repository's config by its values (the repository key
+    among them), not its layout: borg rewrites the same values with other
+    whitespace (a full `borg check` after `borg key import` does)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read_string(text)
+        values = sorted((section, key, "".join(value.split()))
+                        for section in parser.sections() for key, value in parser[section].items())
+        canonical = json.dumps(values)
+    except configparser.Error:
+        canonical = text
+    return hashlib.sha256(canonical.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+# what borg says when the repository holds something an honest client never
+# writes (and the admin's passphrase no longer opens it)
+TAMPERING_SIGNS = (
+    ("passphrase supplied", "the repository no longer opens with the keystore's passphrase "
+                            "(its key was changed with the VM's key)"),
+    ("Traceback", "borg fails on what the repository holds (a manifest or archive the VM "
+                  "wrote)"),
+    ("integrity error", "the repository's data fails borg's integrity check"),
+)
+
+
+def tampering_in(stderr):
+    lower = stderr.lower()
+    for sign, finding in TAMPERING_SIGNS:
+        if sign.lower() in lower:
+            return finding
+    return None
+
 
 # --------------------------------------------------------------------------
 # maintenance
 
 
+def one_line(text):
+    """text with its control characters escaped (core.printable) and its
+    backslashes kept: messages here are built from escaped parts already."""
+    return "".join(c if c == "\\" else core.printable(c) for c in str(text))
+
+
 def _log(home, owner, message):
+    message = one_line(message)
     path = maint_paths(home)["log"]
     core.ensure_dir(os.path.dirname(path), 0o700, owner)
     new = not os.path.exists(path)
@@ -285,90 +578,169 @@ def _log(home, owner, message):
             os.chown(path, owner[0], owner[1])
 
 
-def maintain_vm(borg, vm, maint, now=None, check=None):
-    """Audit one repository, then (only when the audit is clean) prune with
-    the VM's retention, compact, and check when due. Returns a JSON-able
-    result; never a secret."""
+def maintain_vm(borg, vm, maint, now=None, check=None, before_compact=None):
+    """Audit one repository; only when the audit is clean, delete the
+    archives retention does not keep (chosen on the ledger's times, by id),
+    check that every archive's objects are there, confirm the VM wrote
+    nothing since the audit, and compact. Returns a JSON-able result, never
+    a secret; every VM-chosen string in it is escaped (core.printable).
+
+    before_compact: called right before the last confirmation (tests put a
+    VM's write there)."""
     home, owner = borg.home, borg.owner
     now = time.time() if now is None else now
-    result = {"vm": vm, "alarm": False, "vanished": [], "pruned": [], "compacted": False,
-              "checked": False, "archives": None, "error": None, "first_audit": False}
-    record = _load_json(record_path(home, vm))
-    ledger = _load_json(pruned_path(home, vm), {}) or {}
-    before = archives_by_id(borg.listing(vm))
-    result["archives"] = len(before)
-    vanished = vanished_archives(record, before, ledger)
-    if vanished:
-        return _raise_alarm(borg, vm, result, vanished, now)
-    if record is None:
+    result = {"vm": vm, "alarm": False, "vanished": [], "findings": [], "pruned": [],
+              "compacted": False, "checked": False, "archives": None, "error": None,
+              "first_audit": False, "postponed": None}
+    ledger = upgraded_ledger(_load_json(record_path(home, vm)),
+                             _load_json(pruned_path(home, vm), {}))
+    try:
+        state, current = _listing_with_state(borg, vm, ledger)
+        result["archives"] = len(current)
+        archives = audit_archives(ledger, current, now, maint["clock_tolerance_seconds"])
+    except Tampering as exc:
+        return _raise_alarm(borg, vm, result, exc, now)
+    ledger = new_ledger(vm, ledger, archives, now)
+    if "last_pass" not in ledger:
         # no earlier audit to compare with: whatever a client deleted before
         # now cannot be told apart, so nothing is made permanent on this
         # pass; it only records the baseline
         result["first_audit"] = True
-        _save_json(record_path(home, vm), {
-            "vm": vm, "archives": before, "last_pass": now, "last_pass_iso": iso(now),
-            "last_check": None,
-        }, owner)
+        ledger.update(last_pass=now, last_pass_iso=iso(now), last_check=None)
+        _save_json(record_path(home, vm), ledger, owner)
         _remove(alarm_path(home, vm))
-        _log(home, owner, f"{vm}: first audit; baseline of {len(before)} archives recorded, "
+        _log(home, owner, f"{vm}: first audit; baseline of {len(archives)} archives recorded, "
                           "nothing pruned")
         return result
 
-    retention = borg.settings["vms"][vm].get("retention") or {}
-    rargs = retention_args(retention)
-    removed = []
-    if rargs:
-        proc = borg.checked(vm, ["prune"], ["--list", "--log-json", *rargs])
-        removed = [aid for aid in pruned_ids(proc.stderr + proc.stdout) if aid in before]
-        if removed:
-            ledger.update({aid: before[aid]["name"] for aid in removed})
-            _save_json(pruned_path(home, vm), ledger, owner)
-    result["pruned"] = sorted(before[aid]["name"] for aid in removed)
-    borg.checked(vm, ["compact"])
-    result["compacted"] = True
+    chosen = choose_prunes(archives, borg.settings["vms"][vm].get("retention") or {}, now)
+    if chosen:
+        # the intent first: an archive qborg is deleting is never taken for
+        # one the VM deleted, whatever stops this run
+        names = [archives[aid]["name"] for aid in chosen]
+        record_pruned(ledger, archives, chosen, now)
+        _save_json(record_path(home, vm), ledger, owner)
+        # by name, as borg deletes: while the VM writes nothing (confirmed
+        # below), each name is the id the audit chose
+        borg.delete_archives(vm, names)
+        result["pruned"] = [core.printable(n) for n in names]
+        archives = ledger["archives"]
+    result["archives"] = len(archives)
 
-    after = archives_by_id(borg.listing(vm))
-    result["archives"] = len(after)
-    # gone during this pass, and not by our prune: a client deleting right now
-    unexpected = [dict(before[aid], id=aid) for aid in before
-                  if aid not in after and aid not in ledger]
-    if unexpected:
-        return _raise_alarm(borg, vm, result, unexpected, now)
-
-    last_check = (record or {}).get("last_check")
-    due = last_check is None or now - last_check >= maint["check_interval_seconds"]
-    if check is True or (check is None and due):
-        proc = borg.run(vm, ["check"])
+    last_check = ledger.get("last_check")
+    full = check is True or (check is None and (
+        last_check is None or now - last_check >= maint["check_interval_seconds"]))
+    # the archives check runs when something may have changed since the last
+    # one: qborg deletes now, or the VM wrote (its transactions log moved)
+    written = state is None or state != ledger.get("checked_state")
+    if chosen or full or written:
+        args = [] if full else ["--archives-only"]
+        if maint.get("verify_data"):
+            args.append("--verify-data")
+        proc = borg.run(vm, ["check"], args)
         if proc.returncode != 0:
-            result["error"] = f"borg check failed (exit {proc.returncode}): {proc.stderr.strip()[-300:]}"
-            _log(home, owner, f"{vm}: borg check FAILED (exit {proc.returncode})")
-            return result
-        result["checked"] = True
-        last_check = now
+            finding = tampering_in(proc.stderr) or (
+                "borg check finds missing or damaged objects (exit %d): %s"
+                % (proc.returncode, core.printable(proc.stderr.strip()[-300:])))
+            return _raise_alarm(borg, vm, result, Tampering([finding]), now)
+        result["checked"] = full
+        if full:
+            last_check = now
+
+    if before_compact:
+        before_compact()
+    try:
+        if state is not None:
+            if borg.repository_state(vm) != state:
+                _confirm_unchanged(vm, archives, borg.audited_listing(vm), "during this pass",
+                                   allow_new=True)
+                raise Tampering([f"{vm}'s repository was written during this pass without an "
+                                 "archive changing (objects deleted or rewritten, or its key "
+                                 "changed)"])
+        elif chosen:
+            # on another account: the archive list is what can be compared
+            _confirm_unchanged(vm, archives, borg.audited_listing(vm), "during this pass",
+                               allow_new=True)
+    except _NewArchives as new:
+        # a backup ran meanwhile (a client that honours the lock waits for
+        # ours, then writes): nothing is wrong, but the check did not see it
+        result["postponed"] = (f"{new.count} new archive(s) during this pass: compact waits "
+                               "for the next pass, which checks them")
+        _save_ledger_pass(borg, vm, ledger, now, last_check)
+        _log(home, owner, f"{vm}: {len(archives)} archives, pruned {len(chosen)}; "
+                          f"{result['postponed']}")
+        return result
+    except Tampering as exc:
+        return _raise_alarm(borg, vm, result, exc, now)
+    if chosen:
+        # only what qborg deleted has anything to free
+        borg.checked(vm, ["compact"])
+        result["compacted"] = True
 
     # a clean pass: only now does the audit record move on
-    _save_json(record_path(home, vm), {
-        "vm": vm, "archives": after, "last_pass": now, "last_pass_iso": iso(now),
-        "last_check": last_check,
-    }, owner)
+    ledger["checked_state"] = state
+    _save_ledger_pass(borg, vm, ledger, now, last_check)
     _remove(pruned_path(home, vm))
     _remove(alarm_path(home, vm))
-    _log(home, owner, f"{vm}: clean; {len(after)} archives, pruned {len(removed)}"
-                      + (", checked" if result["checked"] else ""))
+    _log(home, owner, f"{vm}: clean; {len(archives)} archives, pruned {len(chosen)}"
+                      + (", full check" if full else ", archives checked"
+                         if chosen or written else ""))
     return result
 
 
-def _raise_alarm(borg, vm, result, vanished, now):
+def _listing_with_state(borg, vm, ledger, tries=3):
+    """The audit's listing and the repository's state (repository_state)
+    as of that listing: read before and after it, and listed again while a
+    write lands in between. No state for a first audit (nothing follows it)."""
+    if not (ledger and "last_pass" in ledger):
+        return None, borg.audited_listing(vm)
+    for _ in range(tries):
+        before = borg.repository_state(vm)
+        current = borg.audited_listing(vm)
+        if borg.repository_state(vm) == before:
+            return before, current
+    raise core.QborgServerError(f"{vm}'s repository was written during each of {tries} "
+                                "listings; nothing was pruned, the next pass tries again")
+
+
+class _NewArchives(Exception):
+    def __init__(self, count):
+        super().__init__(count)
+        self.count = count
+
+
+def _confirm_unchanged(vm, expected, current, when, allow_new=False):
+    """current (a listing) must hold exactly the expected archives;
+    archives gone are Tampering; new ones raise _NewArchives when allowed."""
+    gone = [expected[aid]["name"] for aid in expected if aid not in current]
+    if gone:
+        raise Tampering([f"archives vanished {when}: "
+                         + ", ".join(core.printable(n) for n in gone)],
+                        [dict(expected[aid], id=aid) for aid in expected if aid not in current])
+    new = [aid for aid in current if aid not in expected]
+    if new:
+        if allow_new:
+            raise _NewArchives(len(new))
+        raise Tampering([f"archives appeared {when}: "
+                         + ", ".join(core.printable(current[aid]["name"]) for aid in new)])
+
+
+def _save_ledger_pass(borg, vm, ledger, now, last_check):
+    ledger.update(last_pass=now, last_pass_iso=iso(now), last_check=last_check)
+    _save_json(record_path(borg.home, vm), ledger, borg.owner)
+
+
+def _raise_alarm(borg, vm, result, tampering, now):
     home, owner = borg.home, borg.owner
-    names = [a["name"] for a in vanished]
     previous = _load_json(alarm_path(home, vm), {}) or {}
+    vanished = [dict(a, name=core.printable(a["name"])) for a in tampering.vanished]
+    findings = [one_line(f) for f in tampering.findings]
     _save_json(alarm_path(home, vm), {
         "vm": vm, "since": previous.get("since", now), "since_iso": previous.get("since_iso", iso(now)),
-        "last_seen": now, "vanished": vanished,
+        "last_seen": now, "vanished": vanished, "findings": findings,
     }, owner)
-    result.update(alarm=True, vanished=names)
-    _log(home, owner, f"{vm}: ALARM: archives vanished without qborg pruning them: "
-                      f"{', '.join(names)}; prune and compact skipped")
+    result.update(alarm=True, vanished=[a["name"] for a in vanished], findings=findings)
+    _log(home, owner, f"{vm}: ALARM: {'; '.join(findings)}; prune and compact skipped")
     return result
 
 
@@ -378,8 +750,25 @@ def accept_vm(settings, home, owner, vm):
     _require_vm(settings, vm)
     borg = AdminBorg(settings, home, owner)
     current = archives_by_id(borg.listing(vm))
-    record = _load_json(record_path(home, vm), {}) or {}
-    record.update(vm=vm, archives=current, accepted=time.time(), accepted_iso=iso(time.time()))
+    now = time.time()
+    record = upgraded_ledger(_load_json(record_path(home, vm), {})) or {}
+    known = record.get("archives") or {}
+    archives = {}
+    for aid, info in current.items():
+        if aid in known and "first_seen" in known[aid]:
+            archives[aid] = known[aid]
+            continue
+        claimed = _claimed_time(info["time"])
+        # a time in the future (or unreadable) is taken as now: retention
+        # counts it from the moment the user accepted it
+        archives[aid] = {"name": info["name"], "claimed": str(info["time"]),
+                         "time": now if claimed is None else min(claimed, now),
+                         "first_seen": now}
+    record = new_ledger(vm, record, archives, now)
+    record.setdefault("last_pass", now)
+    record.setdefault("last_pass_iso", iso(now))
+    record.setdefault("last_check", None)
+    record.update(accepted=now, accepted_iso=iso(now))
     _save_json(record_path(home, vm), record, owner)
     _remove(pruned_path(home, vm))
     _remove(alarm_path(home, vm))
@@ -417,9 +806,10 @@ def break_lock(settings, home, owner, vm):
 
 
 def run_maintenance(settings, maint, home, owner=None, vms=None, scheduled=False, check=None,
-                    now=None):
+                    now=None, before_compact=None):
     """Maintain every configured repository (or `vms`). With scheduled, only
-    when the last run is older than qborg:maintenance:interval."""
+    when the last run is older than qborg:maintenance:interval.
+    before_compact(vm): see maintain_vm."""
     now = time.time() if now is None else now
     paths = maint_paths(home)
     core.ensure_dir(paths["state"], 0o700, owner)
@@ -445,15 +835,18 @@ def run_maintenance(settings, maint, home, owner=None, vms=None, scheduled=False
                     out["rotations"][vm] = rotate(settings, home, owner, vm)["stage"]
                 except core.QborgError as exc:
                     out["errors"][vm] = f"rotation: {exc}"
+            hook = (lambda vm=vm: before_compact(vm)) if before_compact else None
             try:
-                res = maintain_vm(borg, vm, maint, now=now, check=check)
+                res = maintain_vm(borg, vm, maint, now=now, check=check, before_compact=hook)
             except (core.QborgError, ValueError) as exc:
-                res = {"vm": vm, "alarm": False, "error": str(exc)}
+                res = {"vm": vm, "alarm": False, "error": core.printable(exc)}
+                _log(home, owner, f"{vm}: error: {res['error']}")
             out["vms"][vm] = res
             if res.get("alarm"):
                 out["alarms"].append(vm)
             if res.get("error"):
                 out["errors"][vm] = res["error"]
+        borg.close()
         _save_json(paths["last_run"], {"time": now, "iso": iso(now), "alarms": out["alarms"],
                                        "errors": sorted(out["errors"])}, owner)
     return out
@@ -483,7 +876,9 @@ def vm_status(borg, vm, now):
         entry.update(key_created=iso(created), key_age_seconds=int(now - created))
     alarm = _load_json(alarm_path(borg.home, vm))
     if alarm:
-        entry.update(alarm=True, alarm_archives=[a["name"] for a in alarm.get("vanished", [])])
+        entry.update(alarm=True,
+                     alarm_archives=[core.printable(a["name"]) for a in alarm.get("vanished", [])],
+                     alarm_findings=[one_line(f) for f in alarm.get("findings", [])])
     record = _load_json(record_path(borg.home, vm))
     if record and record.get("last_pass"):
         entry["last_maintenance"] = iso(record["last_pass"])
@@ -497,14 +892,17 @@ def vm_status(borg, vm, now):
         archives = borg.listing(vm).get("archives", [])
         stats = borg.info(vm).get("cache", {}).get("stats", {})
     except (core.QborgError, ValueError) as exc:
-        entry["error"] = str(exc)
+        entry["error"] = core.printable(exc)
         return entry
     entry["archives"] = len(archives)
     entry["repository_size"] = stats.get("unique_csize")
-    if archives:
-        last = max(archives, key=lambda a: archive_timestamp(a.get("time") or a["start"]))
-        ts = archive_timestamp(last.get("time") or last["start"])
-        entry.update(last_archive=last["name"], last_archive_time=iso(ts),
+    # the VM's times, but none after now: an archive dated in the future
+    # does not make a VM look fresh (maintenance raises the alarm for it)
+    dated = [(_claimed_time(a.get("time") or a.get("start")), a) for a in archives]
+    dated = [(min(ts, now), a) for ts, a in dated if ts is not None]
+    if dated:
+        ts, last = max(dated, key=lambda pair: pair[0])
+        entry.update(last_archive=core.printable(last["name"]), last_archive_time=iso(ts),
                      age_seconds=int(now - ts))
         entry["stale"] = now - ts > 2 * interval
     return entry
@@ -518,7 +916,15 @@ def status(settings, home, owner=None, now=None):
     borg = AdminBorg(settings, home, owner)
     vms = [vm_status(borg, vm, now) for vm in sorted(settings["vms"])]
     last_run = _load_json(maint_paths(home)["last_run"], {}) or {}
-    return {"generated": iso(now), "last_maintenance_run": last_run.get("iso"), "vms": vms}
+    return {"generated": iso(now), "last_maintenance_run": last_run.get("iso"), "vms": vms,
+            "warnings": status_warnings(settings)}
+
+
+def status_warnings(settings):
+    """Warnings about the settings themselves (core.shared_account_warnings
+    where this core has it)."""
+    warn = getattr(core, "shared_account_warnings", None)
+    return list(warn(settings)) if warn else []
 
 
 def status_table(data):
@@ -526,8 +932,10 @@ def status_table(data):
     rows = [header]
     for e in data["vms"]:
         flags = []
-        if e["alarm"]:
+        if e["alarm"] and e["alarm_archives"]:
             flags.append("ALARM: vanished " + ", ".join(e["alarm_archives"]))
+        elif e["alarm"]:
+            flags.append("ALARM: " + "; ".join(e.get("alarm_findings") or ["see the maint log"]))
         if e["error"]:
             flags.append("error: " + e["error"][:80])
         elif e["stale"]:
@@ -541,7 +949,8 @@ def status_table(data):
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
     lines.append(f"last maintenance run: {data.get('last_maintenance_run') or 'never'}")
-    return "\n".join(lines)
+    lines += [f"warning: {w}" for w in data.get("warnings") or []]
+    return "\n".join(one_line(line) for line in lines)
 
 
 # --------------------------------------------------------------------------
@@ -730,6 +1139,9 @@ def export_entries(settings, raw, home):
                 "repokey": core.read_text(os.path.join(keystore.vm_dir(vm), "repokey")) or "",
                 "known_hosts": vm_line,
                 "remote_path": own["remote_path"],
+                # the audit ledger: a rebuilt admin qube compares the server
+                # with what this one saw, never with what is there by then
+                "audit_ledger": core.read_text(record_path(home, vm)) or "",
             },
             "attachments": {f"{vm}.ssh_key": keystore.private_key(vm),
                             f"{vm}.repokey": core.read_text(
@@ -925,6 +1337,18 @@ def plan_import(settings, home, entries):
         new.append(want(f"{title} ssh_key.pub", keystore.key_path(title) + ".pub", public,
                         0o644))
         (imported if any(new) else unchanged).append(title)
+        ledger_text = props.get("audit_ledger", "").strip()
+        if ledger_text:
+            try:
+                ledger = json.loads(ledger_text)
+                assert isinstance(ledger, dict) and isinstance(ledger.get("archives"), dict)
+            except (ValueError, AssertionError):
+                raise core.QborgError(f"export entry {title}: audit_ledger is not a qborg audit "
+                                      "ledger; nothing was written") from None
+            # one this qube kept is newer than the export's: it stays
+            if core.read_text(record_path(home, title)) is None:
+                files.append((record_path(home, title), ledger_text + "\n", 0o600))
+                imported.append(f"{title} audit ledger")
     by_title = {e["title"]: e for e in entries}
     admin = by_title.get("admin key")
     if admin and admin["properties"].get("ssh_private_key", "").strip():
@@ -1023,13 +1447,14 @@ def _print_maintenance(out, as_json):
         return
     for vm, res in out["vms"].items():
         if res.get("alarm"):
-            print(f"{vm}: ALARM: archives vanished without qborg pruning them: "
-                  f"{', '.join(res['vanished'])}; prune and compact skipped", file=sys.stderr)
+            line = f"{vm}: ALARM: {'; '.join(res['findings'])}; prune and compact skipped"
+            print(one_line(line), file=sys.stderr)
         elif res.get("error"):
-            print(f"{vm}: error: {res['error']}", file=sys.stderr)
+            print(one_line(f"{vm}: error: {res['error']}"), file=sys.stderr)
         else:
-            print(f"{vm}: ok, {res['archives']} archives, pruned {len(res['pruned'])}"
-                  + (", checked" if res["checked"] else ""))
+            print(one_line(f"{vm}: ok, {res['archives']} archives, pruned {len(res['pruned'])}"
+                           + (", full check" if res["checked"] else "")
+                           + (f"; {res['postponed']}" if res.get("postponed") else "")))
 
 
 def main(argv, settings_path, prog="qborg"):

@@ -41,22 +41,154 @@ def test_new_archives_are_not_an_alarm():
     assert maint.vanished_archives(record(A), {A: {}, B: {}, C: {}}) == []
 
 
-def test_pruned_ids_from_borg_log_json():
-    lines = [
-        {"type": "log_message", "message": "Keeping archive (rule: hourly #1):  vm-c  "
-                                           f"Sat, 2026-11-28 04:30:52 [{C}]"},
-        {"type": "log_message", "message": "Pruning archive (1/2):  vm-a  "
-                                           f"Mon, 2024-01-01 10:00:00 [{A}]"},
-        {"type": "log_message", "message": f"Would prune:  vm-b  [{B}]"},
-    ]
-    text = "\n".join(json.dumps(l) for l in lines) + "\nnot json\n"
-    assert maint.pruned_ids(text) == [A]
+NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
+HOUR = 3600.0
+TOL = 900.0
 
 
-def test_retention_args_skip_zero_and_keep_order():
-    args = maint.retention_args({"keep_daily": 7, "keep_hourly": 0, "keep_within": "2d",
-                                 "keep_yearly": 1})
-    assert args == ["--keep-within=2d", "--keep-daily=7", "--keep-yearly=1"]
+def listing(**times):
+    """archives_by_id-shaped: {id: {"name", "time"}} from name=epoch."""
+    return {name.ljust(64, "0"): {"name": name, "time": maint.datetime.datetime.fromtimestamp(
+        ts).isoformat(timespec="microseconds")} for name, ts in times.items()}
+
+
+def ledger_of(archives, last_pass=NOW - 24 * HOUR):
+    return dict(maint.new_ledger("vm-a", None, archives, last_pass), last_pass=last_pass)
+
+
+def test_first_audit_takes_every_archive_of_the_past():
+    got = maint.audit_archives(None, listing(a=NOW - 5 * HOUR, b=NOW - HOUR), NOW, TOL)
+    assert sorted(e["name"] for e in got.values()) == ["a", "b"]
+    assert all(e["first_seen"] == NOW for e in got.values())
+
+
+def test_an_archive_dated_in_the_future_is_tampering():
+    with pytest.raises(maint.Tampering) as exc:
+        maint.audit_archives(None, listing(a=NOW - HOUR, f=NOW + 2 * TOL), NOW, TOL)
+    assert "archive f is dated in the future" in str(exc.value)
+    # within the tolerance: a clock a little ahead is not an attack
+    assert len(maint.audit_archives(None, listing(f=NOW + TOL / 2), NOW, TOL)) == 1
+
+
+def test_a_new_archive_dated_before_audited_ones_is_tampering():
+    seen = maint.audit_archives(None, listing(a=NOW - 30 * HOUR), NOW - 24 * HOUR, TOL)
+    ledger = ledger_of(seen)
+    with pytest.raises(maint.Tampering) as exc:
+        maint.audit_archives(ledger, dict(listing(a=NOW - 30 * HOUR), **listing(
+            old=NOW - 40 * HOUR)), NOW, TOL)
+    assert "archive old is new but dated" in str(exc.value)
+    ok = maint.audit_archives(ledger, dict(listing(a=NOW - 30 * HOUR), **listing(
+        b=NOW - 2 * HOUR)), NOW, TOL)
+    assert ok[("a".ljust(64, "0"))]["first_seen"] == NOW - 24 * HOUR  # kept from the ledger
+    assert ok[("b".ljust(64, "0"))]["first_seen"] == NOW
+
+
+def test_a_rewritten_time_of_an_audited_archive_is_tampering():
+    seen = maint.audit_archives(None, listing(a=NOW - 30 * HOUR), NOW - 24 * HOUR, TOL)
+    with pytest.raises(maint.Tampering) as exc:
+        maint.audit_archives(ledger_of(seen), listing(a=NOW - 300 * HOUR), NOW, TOL)
+    assert "a rewritten manifest" in str(exc.value)
+
+
+def test_vanished_archives_are_tampering_and_named():
+    seen = maint.audit_archives(None, listing(a=NOW - 30 * HOUR, b=NOW - 29 * HOUR),
+                                NOW - 24 * HOUR, TOL)
+    with pytest.raises(maint.Tampering) as exc:
+        maint.audit_archives(ledger_of(seen), listing(b=NOW - 29 * HOUR), NOW, TOL)
+    assert [v["name"] for v in exc.value.vanished] == ["a"]
+    assert "archives vanished without qborg pruning them: a" in str(exc.value)
+
+
+def test_retention_is_borgs_rules_on_the_ledger_times():
+    archives = {f"{h:02d}".ljust(64, "0"): {"name": f"h{h}", "time": NOW - h * HOUR}
+                for h in range(0, 72, 6)}  # every 6 hours for 3 days
+    keep = maint.retention_keeps(archives, {"keep_hourly": 2, "keep_daily": 2}, NOW)
+    names = sorted(archives[a]["name"] for a in keep)
+    # two newest hours, then the newest of each of the two days before them
+    assert len(keep) == 4 and "h0" in names and "h6" in names
+    assert maint.choose_prunes(archives, {}, NOW) == []  # no rule: nothing pruned
+
+
+def test_retention_keeps_the_oldest_when_a_rule_is_not_filled():
+    archives = {"a" * 64: {"name": "a", "time": NOW - HOUR},
+                "b" * 64: {"name": "b", "time": NOW - 50 * HOUR}}
+    assert maint.retention_keeps(archives, {"keep_daily": 7}, NOW) == set(archives)
+
+
+def test_retention_within_and_checkpoints():
+    archives = {"a" * 64: {"name": "a", "time": NOW - 2 * HOUR},
+                "b" * 64: {"name": "b", "time": NOW - 30 * HOUR},
+                "c" * 64: {"name": "c.checkpoint", "time": NOW - HOUR}}
+    keep = maint.retention_keeps(archives, {"keep_within": "1d"}, NOW)
+    assert keep == {"a" * 64, "c" * 64}  # the newest is a checkpoint: borg keeps it
+    with pytest.raises(core.QborgConfigError):
+        maint.retention_keeps(archives, {"keep_within": "1x"}, NOW)
+
+
+def test_forged_future_archives_cannot_push_genuine_ones_out():
+    """The attack in numbers: archives dated 2090 never reach the ledger (the
+    audit refuses them), so retention runs on genuine times only."""
+    genuine = listing(g1=NOW - 3 * 86400, g2=NOW - 2 * 86400, g3=NOW - 86400)
+    ledger = ledger_of(maint.audit_archives(None, genuine, NOW - 86400 + 60, TOL))
+    forged = {f"f{i}".ljust(64, "1"): {"name": f"f{i}", "time": f"2090-01-0{i + 1}T00:00:00"}
+              for i in range(3)}
+    with pytest.raises(maint.Tampering):
+        maint.audit_archives(ledger, dict(genuine, **forged), NOW, TOL)
+
+
+def test_an_old_record_becomes_a_ledger():
+    old = {"vm": "vm-a", "last_pass": NOW - HOUR,
+           "archives": {A: {"name": "vm-a-1", "time": "2024-01-01T00:00:00.000000"}}}
+    got = maint.upgraded_ledger(old, {B: "vm-b"})
+    assert got["archives"][A]["first_seen"] == NOW - HOUR
+    assert got["archives"][A]["time"] == maint.archive_timestamp("2024-01-01T00:00:00")
+    assert got["pruned"] == {B: {"name": "vm-b", "pruned_at": NOW - HOUR}}
+    assert got["high_water"] == got["archives"][A]["time"]
+
+
+def test_an_archive_qborg_pruned_that_comes_back_is_known_not_new():
+    """After a rollback on the server, archives qborg had pruned are back:
+    they keep their ledger entry (no alarm for their old times)."""
+    seen = maint.audit_archives(None, listing(a=NOW - 30 * HOUR, b=NOW - 29 * HOUR),
+                                NOW - 24 * HOUR, TOL)
+    ledger = ledger_of(seen)
+    maint.record_pruned(ledger, ledger["archives"], ["a".ljust(64, "0")], NOW - HOUR)
+    assert list(ledger["archives"]) == ["b".ljust(64, "0")]
+    back = maint.audit_archives(ledger, listing(a=NOW - 30 * HOUR, b=NOW - 29 * HOUR), NOW, TOL)
+    assert back["a".ljust(64, "0")]["first_seen"] == NOW - 24 * HOUR
+    gone = maint.audit_archives(ledger, listing(b=NOW - 29 * HOUR), NOW, TOL)
+    assert list(gone) == ["b".ljust(64, "0")]
+
+
+@pytest.mark.parametrize("name", ["evil\n2026-11-30T00:00:00Z vm-b: clean", "esc\x1b[2Jgone",
+                                  "bell\x07", "del\x7f", "rtl\u202eexe", "csi\x9b31m"])
+def test_vm_chosen_names_are_escaped_in_log_table_and_json(tmp_path, name):
+    home = str(tmp_path)
+    os.makedirs(maint.maint_paths(home)["state"])
+    result = {"vm": "vm-a", "alarm": False}
+
+    class FakeBorg:  # only the places _raise_alarm writes to
+        pass
+
+    borg = FakeBorg()
+    borg.home, borg.owner = home, None
+    res = maint._raise_alarm(borg, "vm-a", result, maint.Tampering(
+        [f"archives vanished without qborg pruning them: {core.printable(name)}"],
+        [{"id": A, "name": name, "time": "2024-01-01T00:00:00"}]), NOW)
+    with open(maint.maint_paths(home)["log"]) as f:
+        log = f.read()
+    assert log.count("\n") == 1 and "\x1b" not in log and "\x9b" not in log
+    assert core.printable(name) in log
+    data = {"vms": [{"vm": "vm-a", "last_archive_time": None, "age_seconds": None,
+                     "archives": 1, "repository_size": 1, "key_age_seconds": None,
+                     "alarm": True, "alarm_archives": res["vanished"], "error": None,
+                     "stale": False, "rotation": None}], "last_maintenance_run": None}
+    table = maint.status_table(data)
+    text = json.dumps(dict(data, result=res))
+    for out in (table, text):
+        assert not any(ord(c) < 32 and c != "\n" or 0x7f <= ord(c) < 0xa0 or c == "\u202e"
+                       for c in out), out
+    assert len(table.splitlines()) == 3
 
 
 def test_maintenance_settings_defaults_and_overrides():
@@ -389,3 +521,11 @@ def test_paper_export_holds_every_secret_in_a_private_file(admin_home, tmp_path,
         assert f.read().strip() in text
     assert "known_hosts: de1234.rsync.net ssh-ed25519 AAAAC3NzaHOST" in text
     assert '"vms"' not in text  # the settings stay in dom0's pillar
+
+
+def test_the_repository_config_digest_sees_the_key_not_the_layout():
+    config = ("[repository]\nversion = 1\nid = abc\nkey = QUJD\n\tREVG\n\n")
+    relaid = ("[repository]\nversion = 1\nid = abc\nkey = QUJD\n\tREVG\n\t\n")
+    other_key = ("[repository]\nversion = 1\nid = abc\nkey = QUJD\n\tREVH\n\n")
+    assert maint.config_digest(config) == maint.config_digest(relaid)
+    assert maint.config_digest(config) != maint.config_digest(other_key)
