@@ -6,8 +6,8 @@
 
 The tree, relative to /srv:
 
-    salt/qborg/                 the formula (init.sls dispatches on the minion id,
-                                init.top for `qubesctl top.enable qborg`)
+    salt/qborg/                 the formula (init.sls dispatches on the minion id;
+                                no state top: `state.apply qborg` needs none)
     salt/_modules/qborg.py      the execution module, and beside it
     salt/_modules/_qborg_*.py   copies of the core modules: salt-ssh gives a
                                 qube's loader _modules and _states, never _utils

@@ -1,7 +1,8 @@
 """`make dist`: the tarball unpacked into an empty tree laid out like dom0's
-/srv, with the pillar example in place and both tops enabled, renders qborg
-for every kind of qube with a real `salt-call --local`; `saltutil.sync_all`
-picks up the modules; and the RPM spec builds a package with the same files."""
+/srv, with the pillar example in place and the pillar top enabled, renders
+qborg for every kind of qube with a real `salt-call --local`; qborg ships no
+state top, so a highstate finds nothing of it; `saltutil.sync_all` picks up
+the modules; and the RPM spec builds a package with the same files."""
 
 import json
 import os
@@ -46,12 +47,16 @@ def srv(dist, tmp_path_factory):
                     "-C", str(root)], check=True)
     shutil.copy(root / "pillar" / "qborg" / "init.sls.example",
                 root / "pillar" / "qborg" / "init.sls")
+    # Qubes' pillar top (qubes-mgmt-salt-base-topd) merges the tops enabled
+    # with `qubesctl top.enable`: here qborg's (`top.enable qborg pillar=True`)
+    (root / "pillar" / "top.sls").write_text("{% include 'qborg/init.top' %}\n")
     return root
 
 
 def minion_config(srv, tmp_path, minion_id, root_dir=None):
-    """A dom0-like salt-call --local: /srv/salt and /srv/pillar, both qborg
-    tops enabled (what `qubesctl top.enable qborg [pillar=True]` does)."""
+    """A dom0-like salt-call --local: /srv/salt and /srv/pillar with their
+    top.sls (qborg's pillar top enabled, as `qubesctl top.enable qborg
+    pillar=True` does)."""
     conf = tmp_path / ("conf-" + minion_id)
     conf.mkdir(exist_ok=True)
     config = {
@@ -60,7 +65,6 @@ def minion_config(srv, tmp_path, minion_id, root_dir=None):
         "root_dir": str(root_dir or tmp_path / ("root-" + minion_id)),
         "file_roots": {"base": [str(srv / "salt")]},
         "pillar_roots": {"base": [str(srv / "pillar")]},
-        "state_top": "salt://qborg/init.top",
         "log_file": str(tmp_path / ("minion-%s.log" % minion_id)),
         "enable_fqdns_grains": False,
     }
@@ -83,7 +87,7 @@ def test_the_tarball_lays_out_srv_with_regular_files_only(dist, srv):
     assert all(m.isfile() or m.isdir() for m in members)  # no symlink, no device
     assert all(m.uid == 0 and m.gid == 0 for m in members)
     files = {m.name for m in members if m.isfile()}
-    expected = {"salt/qborg/init.sls", "salt/qborg/init.top", "salt/qborg/map.jinja",
+    expected = {"salt/qborg/init.sls", "salt/qborg/map.jinja",
                 "salt/qborg/defaults.yaml", "salt/_modules/qborg.py", "salt/_states/qborg.py",
                 "pillar/qborg/init.top", "pillar/qborg/init.sls.example"}
     for module in CORE:
@@ -93,6 +97,8 @@ def test_the_tarball_lays_out_srv_with_regular_files_only(dist, srv):
     assert all(name.startswith(("salt/qborg/", "salt/_modules/", "salt/_states/",
                                 "salt/_utils/", "pillar/qborg/")) for name in files)
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in files)
+    # no state top: a highstate never applies qborg (only the pillar's top)
+    assert [name for name in files if name.endswith(".top")] == ["pillar/qborg/init.top"]
     # the copies beside the execution module are the core itself
     for module in CORE:
         shipped = (srv / "salt" / "_modules" / ("_%s.py" % module)).read_bytes()
@@ -113,10 +119,12 @@ def test_make_dist_is_reproducible(dist, tmp_path):
     assert (again / name).read_bytes() == (dist / name).read_bytes()
 
 
-def test_both_tops_give_every_qube_qborg(srv, tmp_path):
-    for minion_id in ("dom0", "vm-personal", "sys-net"):
+def test_only_the_pillar_top_is_there_and_highstate_finds_no_qborg(srv, tmp_path):
+    """qborg's pillar top gives every qube the settings; qborg ships no state
+    top, so a highstate of any qube (dom0's own included) lists no qborg."""
+    for minion_id in ("dom0", "vm-personal", "backup-admin", "sys-net", "debian-12-xfce"):
         conf = minion_config(srv, tmp_path, minion_id)
-        assert salt_call(conf, "state.show_top") == {"base": ["qborg"]}
+        assert salt_call(conf, "state.show_top") == {}
     # read through a template: salt 3008 masks pillar values on the command line
     admin_vm = salt_call(conf, "slsutil.renderer", "string={{ pillar.qborg.admin_vm }}",
                          "default_renderer=jinja")
@@ -183,7 +191,8 @@ def test_the_rpm_spec_builds_a_package_with_the_same_files(dist, srv, tmp_path):
     assert [p.name for p in packages] == ["qborg-%s-1.noarch.rpm" % formula_version()]
     listing = subprocess.run(["rpm", "-qlp", str(packages[0])], capture_output=True,
                              text=True, check=True).stdout.split()
-    shipped = {"/srv/" + str(p.relative_to(srv)) for p in srv.rglob("*") if p.is_file()}
+    shipped = {"/srv/" + str(p.relative_to(srv)) for p in srv.rglob("*")
+               if p.is_file() and p != srv / "pillar" / "top.sls"}  # Qubes' own
     assert shipped <= set(listing)
     configs = subprocess.run(["rpm", "-qcp", str(packages[0])], capture_output=True,
                              text=True, check=True).stdout.split()
