@@ -19,8 +19,14 @@ The tree, relative to /srv:
 
 Every symlink in the source tree becomes a regular file (salt-ssh packs a
 symlink as a symlink, which dangles in the qube). The tarball is reproducible:
-sorted entries, owner root, modes 0755/0644, one timestamp
-(SOURCE_DATE_EPOCH, else the FORMULA file's).
+sorted entries, owner root, one timestamp (SOURCE_DATE_EPOCH, else the
+FORMULA file's). Its modes are the ones Qubes keeps everything under
+/srv/salt and /srv/pillar at (qubes-mgmt-salt-base-config:
+qubes/directories.sls): directories 0750, files 0640 (root reads them:
+dom0's salt-call, the copy of /srv that qubesctl hands the management
+disposable). It carries no entry for `salt` and `pillar` themselves, so
+`tar -xzf ... -C /srv` (as root, which restores a member's mode exactly)
+leaves /srv/salt and /srv/pillar as they are.
 
 Only the standard library: runs with any Python 3, dom0's included.
 """
@@ -50,6 +56,13 @@ base:
   '*':
     - qborg
 """
+
+
+# Qubes' modes under /srv/salt and /srv/pillar (qubes/directories.sls)
+DIR_MODE = 0o750
+FILE_MODE = 0o640
+# the roots Qubes owns: no member for them, tar leaves them as they are
+SRV_ROOTS = ("salt", "pillar")
 
 
 class DistError(RuntimeError):
@@ -120,11 +133,11 @@ def stage(destination, repo=REPO):
     written = []
     for path, source in layout(repo):
         target = os.path.join(destination, path)
-        os.makedirs(os.path.dirname(target), mode=0o755, exist_ok=True)
+        os.makedirs(os.path.dirname(target), mode=DIR_MODE, exist_ok=True)
         tmp = target + ".qborg-new"
         with open(tmp, "wb") as handle:
             handle.write(_content(source))
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, FILE_MODE)
         if os.path.islink(target) or os.path.isdir(target):
             if os.path.isdir(target) and not os.path.islink(target):
                 shutil.rmtree(target)
@@ -151,7 +164,7 @@ def tarball(out_dir, repo=REPO):
     dirs = set()
     for rel, _source in entries:
         parent = os.path.dirname(rel)
-        while parent:
+        while parent and parent not in SRV_ROOTS:
             dirs.add(parent)
             parent = os.path.dirname(parent)
     buffer = io.BytesIO()
@@ -164,11 +177,11 @@ def tarball(out_dir, repo=REPO):
             member.mtime = mtime
             if source is None:
                 member.type = tarfile.DIRTYPE
-                member.mode = 0o755
+                member.mode = DIR_MODE
                 tar.addfile(member)
             else:
                 data = _content(source)
-                member.mode = 0o644
+                member.mode = FILE_MODE
                 member.size = len(data)
                 tar.addfile(member, io.BytesIO(data))
     os.makedirs(out_dir, exist_ok=True)

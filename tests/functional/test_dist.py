@@ -1,12 +1,15 @@
-"""`make dist`: the tarball unpacked into an empty tree laid out like dom0's
-/srv, with the pillar example in place and the pillar top enabled, renders
-qborg for every kind of qube with a real `salt-call --local`; qborg ships no
-state top, so a highstate finds nothing of it; `saltutil.sync_all` picks up
-the modules; and the RPM spec builds a package with the same files."""
+"""`make dist`: the tarball unpacked as the README says over a /srv laid out
+as Qubes keeps it (/srv/salt and /srv/pillar 0750, files 0640), with the
+pillar example in place and the pillar top enabled, widens no mode there and
+renders qborg for every kind of qube with a real `salt-call --local`;
+qborg ships no state top, so a highstate finds nothing of it;
+`saltutil.sync_all` picks up the modules; and the RPM spec builds a package
+with the same files and modes."""
 
 import json
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -19,6 +22,10 @@ SALT_CALL = os.path.join(os.path.dirname(sys.executable), "salt-call")
 CORE = ("qborg_core", "qborg_admin", "qborg_maint")
 PART_PREFIXES = ("qborg-dom0-", "qborg-admin-", "qborg-client-", "qborg-template-",
                  "qborg-relay-")
+# what Qubes keeps under /srv/salt and /srv/pillar (qubes-mgmt-salt-base-config:
+# qubes/directories.sls)
+QUBES_DIR_MODE = 0o750
+QUBES_FILE_MODE = 0o640
 
 
 def formula_version():
@@ -36,27 +43,62 @@ def dist(tmp_path_factory):
     return out
 
 
+# Qubes' top files (qubes-mgmt-salt-base-topd) merge the tops enabled with
+# `qubesctl top.enable`: here, for pillar, only qborg's (`top.enable qborg
+# pillar=True`), and no state top of qborg's, since it ships none
+QUBES_FILES = {
+    "salt/top.sls": "# Qubes' own: no state top enabled\n{}\n",
+    "salt/_modules/qubes_own.py": "# Qubes' own module\n",
+    "pillar/top.sls": "# Qubes' own: the enabled pillar tops\n{% include 'qborg/init.top' %}\n",
+}
+
+
+def qubes_srv(root):
+    """ROOT laid out as dom0's /srv in Qubes: salt and pillar 0750, with files
+    of Qubes' own at 0640 (the tops, a module beside where qborg's go)."""
+    root.mkdir()
+    for sub in ("salt", "salt/_modules", "pillar"):
+        (root / sub).mkdir()
+        os.chmod(root / sub, QUBES_DIR_MODE)
+    for name, text in QUBES_FILES.items():
+        (root / name).write_text(text)
+        os.chmod(root / name, QUBES_FILE_MODE)
+    return root
+
+
+def unpack(tarball, root):
+    """`sudo tar -xzf qborg-VERSION.tar.gz -C /srv`, as the README says (root
+    restores each member's mode as it is in the tarball)."""
+    subprocess.run(["tar", "-xzf", str(tarball), "-C", str(root)], check=True)
+
+
+def modes(root):
+    """{path relative to ROOT: (is a directory, permission bits)} of the tree."""
+    found = {}
+    for path in [root, *root.rglob("*")]:
+        info = os.lstat(path)
+        assert stat.S_ISDIR(info.st_mode) or stat.S_ISREG(info.st_mode), path
+        found[str(path.relative_to(root))] = (stat.S_ISDIR(info.st_mode),
+                                              stat.S_IMODE(info.st_mode))
+    return found
+
+
 @pytest.fixture(scope="module")
 def srv(dist, tmp_path_factory):
-    """The tarball unpacked into an empty /srv, as the README says:
+    """The tarball unpacked over a /srv as Qubes keeps it, as the README says:
     `tar -xzf qborg-VERSION.tar.gz -C /srv`, the pillar example copied to
-    init.sls."""
-    root = tmp_path_factory.mktemp("dom0") / "srv"
-    root.mkdir()
-    subprocess.run(["tar", "-xzf", str(dist / ("qborg-%s.tar.gz" % formula_version())),
-                    "-C", str(root)], check=True)
+    init.sls (`cp -n`, which keeps the example's mode)."""
+    root = qubes_srv(tmp_path_factory.mktemp("dom0") / "srv")
+    unpack(dist / ("qborg-%s.tar.gz" % formula_version()), root)
     shutil.copy(root / "pillar" / "qborg" / "init.sls.example",
                 root / "pillar" / "qborg" / "init.sls")
-    # Qubes' pillar top (qubes-mgmt-salt-base-topd) merges the tops enabled
-    # with `qubesctl top.enable`: here qborg's (`top.enable qborg pillar=True`)
-    (root / "pillar" / "top.sls").write_text("{% include 'qborg/init.top' %}\n")
     return root
 
 
 def minion_config(srv, tmp_path, minion_id, root_dir=None):
     """A dom0-like salt-call --local: /srv/salt and /srv/pillar with their
-    top.sls (qborg's pillar top enabled, as `qubesctl top.enable qborg
-    pillar=True` does)."""
+    top.sls (QUBES_FILES: qborg's pillar top enabled, as `qubesctl
+    top.enable qborg pillar=True` does)."""
     conf = tmp_path / ("conf-" + minion_id)
     conf.mkdir(exist_ok=True)
     config = {
@@ -117,6 +159,37 @@ def test_make_dist_is_reproducible(dist, tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     name = "qborg-%s.tar.gz" % formula_version()
     assert (again / name).read_bytes() == (dist / name).read_bytes()
+
+
+def test_the_members_carry_qubes_modes_and_no_entry_for_salt_or_pillar(dist):
+    with tarfile.open(dist / ("qborg-%s.tar.gz" % formula_version())) as tar:
+        members = tar.getmembers()
+    assert not {m.name.rstrip("/") for m in members} & {"salt", "pillar", ".", ""}
+    assert {m.mode for m in members if m.isdir()} == {QUBES_DIR_MODE}
+    assert {m.mode for m in members if m.isfile()} == {QUBES_FILE_MODE}
+
+
+def test_unpacking_over_qubes_srv_widens_nothing(dist, tmp_path):
+    """As the README says, over /srv as Qubes keeps it, and once more (an
+    upgrade): no directory wider than 0750, no file wider than 0640, /srv/salt
+    and /srv/pillar and Qubes' own files as they were; what salt reads (as
+    root) is its owner's to read."""
+    tarball = dist / ("qborg-%s.tar.gz" % formula_version())
+    root = qubes_srv(tmp_path / "srv")
+    before = modes(root)
+    for _ in range(2):
+        unpack(tarball, root)
+        after = modes(root)
+        assert {path: after[path] for path in before} == before
+        too_wide = {path: oct(mode) for path, (is_dir, mode) in after.items()
+                    if path != "." and mode & ~(QUBES_DIR_MODE if is_dir else QUBES_FILE_MODE)}
+        assert too_wide == {}
+        unreadable = {path for path, (is_dir, mode) in after.items()
+                      if mode & (0o700 if is_dir else 0o600) != (0o700 if is_dir else 0o600)}
+        assert unreadable == set()
+    assert (root / "salt" / "qborg" / "init.sls").is_file()
+    if os.geteuid() == 0:  # the README's `sudo tar`: root's owner restored
+        assert {os.lstat(p).st_uid for p in root.rglob("*")} == {0}
 
 
 def test_only_the_pillar_top_is_there_and_highstate_finds_no_qborg(srv, tmp_path):
@@ -192,8 +265,15 @@ def test_the_rpm_spec_builds_a_package_with_the_same_files(dist, srv, tmp_path):
     listing = subprocess.run(["rpm", "-qlp", str(packages[0])], capture_output=True,
                              text=True, check=True).stdout.split()
     shipped = {"/srv/" + str(p.relative_to(srv)) for p in srv.rglob("*")
-               if p.is_file() and p != srv / "pillar" / "top.sls"}  # Qubes' own
+               if p.is_file() and str(p.relative_to(srv)) not in QUBES_FILES}
     assert shipped <= set(listing)
     configs = subprocess.run(["rpm", "-qcp", str(packages[0])], capture_output=True,
                              text=True, check=True).stdout.split()
     assert configs == ["/srv/pillar/qborg/init.sls"]
+    # Qubes' modes, and /srv, /srv/salt and /srv/pillar left to Qubes
+    perms = dict(line.split(" ", 1)[::-1] for line in subprocess.run(
+        ["rpm", "-qp", "--queryformat", "[%{FILEMODES:perms} %{FILENAMES}\n]",
+         str(packages[0])], capture_output=True, text=True, check=True).stdout.splitlines())
+    assert not {"/srv", "/srv/salt", "/srv/pillar"} & set(perms)
+    assert {mode for mode in perms.values() if mode.startswith("d")} == {"drwxr-x---"}
+    assert {mode for mode in perms.values() if not mode.startswith("d")} == {"-rw-r-----"}
