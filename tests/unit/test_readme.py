@@ -43,11 +43,6 @@ QUBESCTL_RE = re.compile(
 # --templates, --app, --standalones)
 TARGETING = ("--targets", "--all", "--templates", "--app", "--standalones")
 RUNS_STATES = ("state.apply", "state.highstate", "state.sls")
-# commands in README sections another change is rewriting, with the section:
-# drop an entry once its command carries --show-output
-PENDING = {
-    ("Maintenance (admin qube)", "--targets=vm-personal state.apply qborg"),
-}
 
 
 def qubesctl_commands(text):
@@ -94,8 +89,7 @@ def test_every_qubesctl_command_that_applies_a_qube_shows_its_output():
     hidden = {(section, " ".join(options + [function] + args))
               for section, options, function, args in commands
               if needs_show_output(options, function) and "--show-output" not in options}
-    assert hidden - PENDING == set()
-    assert PENDING - hidden == set(), "fixed in the README: drop it from PENDING"
+    assert hidden == set()
 
 
 def test_troubleshooting_names_the_log_and_show_output():
