@@ -9,6 +9,8 @@ module. No secret ever appears in ``changes`` or ``comment``.
         - config: {{ qborg | json }}
 """
 
+import os
+
 from salt.exceptions import CommandExecutionError
 
 __virtualname__ = "qborg"
@@ -246,4 +248,106 @@ def vm_netvm(name, relay_hint=False):
         ret.setdefault("warnings", []).append(warning)
         return ret
     ret["comment"] = f"{name} reaches the network through {netvm}"
+    return ret
+
+
+# Qubes makes /run/qubes-service/NAME at a qube's boot from QubesDB
+# (qubes-core-agent-linux: vm-systemd/qubes-sysinit.sh); cron.service
+# (Debian) and crond.service (Fedora) start only when the crond one exists
+# (vm-systemd/cron.service.d/30_qubes.conf, crond.service.d/30_qubes.conf)
+QUBES_SERVICE_DIR = "/run/qubes-service"
+
+
+def _unit_active(unit):
+    proc = __salt__["cmd.run_all"](["systemctl", "is-active", "--quiet", unit],
+                                   python_shell=False, ignore_retcode=True,
+                                   output_loglevel="quiet")
+    return proc["retcode"] == 0
+
+
+def cron_running(name, service="crond", unit=None):
+    """
+    In a qube (``name``): cron runs now, so the crontab qborg wrote runs from
+    this apply on, not from the qube's next restart.
+
+    Qubes starts cron at boot only when ``/run/qubes-service/crond`` exists,
+    which it makes at boot from QubesDB. dom0 enabling the service on a
+    running qube (qborg's dom0 part, ``qvm-service --enable``) writes
+    QubesDB's ``/qubes-service/crond`` at once, but neither makes the flag
+    nor starts cron. So when ``qubesdb-read /qubes-service/crond`` prints
+    ``1``, this does what Qubes does at boot: makes the flag if it is
+    missing and starts the cron unit (``unit``; default ``crond`` on Fedora,
+    ``cron`` elsewhere). When dom0 has not enabled it, cron runs neither now
+    nor after a restart: the state fails naming the fix (under test=True its
+    result is None: dom0's part of the same run may be about to enable it).
+    """
+    ret = _ret(name)
+    test = bool(__opts__.get("test"))
+    unit = unit or ("crond" if __grains__.get("os_family") == "RedHat" else "cron")
+    key = f"/qubes-service/{service}"
+    flag = os.path.join(QUBES_SERVICE_DIR, service)
+    if not __salt__["cmd.which"]("qubesdb-read"):
+        ret["result"] = False
+        ret["comment"] = (f"qubesdb-read not found in {name}: cron's {service} service comes "
+                          f"from QubesDB, which only a Qubes qube has; qborg's schedule will "
+                          f"not run here")
+        return ret
+    read = __salt__["cmd.run_all"](["qubesdb-read", key], python_shell=False,
+                                   ignore_retcode=True, output_loglevel="quiet")
+    value = read["stdout"].strip() if read["retcode"] == 0 else None
+    if value != "1":
+        found = "not set" if value is None else repr(value)
+        ret["result"] = None if test else False
+        ret["comment"] = (
+            f"dom0 has not enabled the {service} service for {name} (QubesDB {key}: {found}): "
+            f"cron does not run there, now or after a restart, so qborg's schedule in its "
+            f"crontab never runs. Fix it in dom0: apply qborg there (`sudo qubesctl state.apply "
+            f"qborg`, which enables it on every qube qborg schedules in) or run `qvm-service "
+            f"--enable {name} {service}`; then apply qborg to {name} again, which starts cron "
+            f"without a restart")
+        return ret
+    has_flag = os.path.exists(flag)
+    active = _unit_active(unit)
+    if has_flag and active:
+        ret["comment"] = f"cron runs ({unit}.service, {flag}): qborg's schedule runs"
+        return ret
+    changes = {}
+    if not has_flag:
+        changes[flag] = "would create" if test else "created"
+    if not active:
+        changes[f"{unit}.service"] = "would start" if test else "started"
+    todo = ([f"make {flag}"] if not has_flag else []) + (
+        [f"start {unit}.service"] if not active else [])
+    if has_flag:
+        why = f"the {service} service is on in {name}, but cron had stopped since its boot"
+    else:
+        why = (f"dom0 enabled the {service} service for {name} after it started, and Qubes "
+               f"starts cron only at boot")
+    if test:
+        ret.update(result=None, changes=changes, comment=f"{why}: would {' and '.join(todo)}")
+        return ret
+    if not has_flag:
+        try:
+            os.makedirs(QUBES_SERVICE_DIR, 0o755, exist_ok=True)
+            os.close(os.open(flag, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+        except OSError as exc:
+            ret["result"] = False
+            ret["comment"] = f"{why}, but {flag} could not be made: {exc}"
+            return ret
+        ret["changes"][flag] = "created"
+    if not active:
+        start = __salt__["cmd.run_all"](["systemctl", "start", f"{unit}.service"],
+                                        python_shell=False, ignore_retcode=True)
+        if start["retcode"] != 0 or not _unit_active(unit):
+            ret["result"] = False
+            ret["comment"] = (f"{why}; `systemctl start {unit}.service` "
+                              + (f"failed (exit {start['retcode']}): "
+                                 f"{(start['stderr'] or start['stdout']).strip()[:500]}"
+                                 if start["retcode"] != 0 else "left it inactive")
+                              + f"; see `systemctl status {unit}.service` in {name}")
+            return ret
+        ret["changes"][f"{unit}.service"] = "started"
+    did = [f"{path} {what}" for path, what in ret["changes"].items()]
+    ret["comment"] = (f"{why}: {' and '.join(did)}, as Qubes does at boot; qborg's schedule "
+                      f"runs from now on")
     return ret

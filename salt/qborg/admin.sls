@@ -149,3 +149,10 @@ qborg-admin-maint-schedule:
       - file: qborg-admin-program-qborg-maint
       - qborg: qborg-admin-maintenance-valid
       - qborg: qborg-admin-provisioned
+
+{#- cron runs the maintenance only once started: see qborg-client-cron #}
+qborg-admin-cron:
+  qborg.cron_running:
+    - name: {{ grains["id"] | json }}
+    - require:
+      - cron: qborg-admin-maint-schedule

@@ -154,4 +154,15 @@ qborg-client-schedule-boot:
       - file: qborg-client-backup-program
       - qborg: qborg-client-borgmatic
       - qborg: qborg-client-bundle
+
+{#- Qubes starts cron at boot, and only when dom0 had enabled the crond
+    service by then: in a qube running since before dom0's part enabled it,
+    start cron now as Qubes would at boot; fail naming the fix when dom0
+    has not enabled it #}
+qborg-client-cron:
+  qborg.cron_running:
+    - name: {{ vm | json }}
+    - require:
+      - cron: qborg-client-schedule
+      - cron: qborg-client-schedule-boot
 {%- endif %}

@@ -302,12 +302,14 @@ def crontab(lab, qube):
 
 
 def scheduled_command(lab, qube):
-    """The command of the every-few-minutes crontab entry, without its jitter."""
-    lines = [l for l in crontab(lab, qube).splitlines()
-             if l.startswith("*/5 ") and "qborg-backup --scheduled" in l]
-    assert len(lines) == 1, crontab(lab, qube)
-    argv = lines[0].split()[5:]
-    return argv + ["--jitter", "0"]
+    """The command of the every-few-minutes crontab entry, without its
+    jitter, in a qube whose cron runs (the lab's cron_tick runs nothing else)."""
+    assert lab.cron_running(qube), f"cron does not run in {qube}"
+    entries, _variables = lab.cron_entries(qube)
+    commands = [e["command"] for e in entries
+                if e["when"] == "*/5 * * * *" and "qborg-backup --scheduled" in e["command"]]
+    assert len(commands) == 1, crontab(lab, qube)
+    return commands[0].split() + ["--jitter", "0"]
 
 
 @pytest.mark.parametrize("qube", CLIENTS)
@@ -320,10 +322,10 @@ def test_two_ticks_at_once_back_up_once_with_the_users_borgmatic(lab, world, qub
     assert command[0] == os.path.join(lab.prefix(qube), "bin", "qborg-backup")
     before = lab.run(qube, ["borgbak", "list", "--short"]).stdout.split()
     results = []
-    # cron's own environment: PATH without /usr/local/bin
-    env = {"PATH": "/usr/bin:/bin"}
-    ticks = [threading.Thread(target=lambda: results.append(
-        lab.run(qube, command, check=False, env=env))) for _ in range(2)]
+    # the lab's cron: the crontab's entry as cron runs it (cron's PATH,
+    # without /usr/local/bin), only while the qube's cron runs
+    ticks = [threading.Thread(target=lambda: results.extend(
+        lab.cron_tick(qube, append=["--jitter", "0"]))) for _ in range(2)]
     for t in ticks:
         t.start()
     for t in ticks:
@@ -336,7 +338,7 @@ def test_two_ticks_at_once_back_up_once_with_the_users_borgmatic(lab, world, qub
         log = f.read()
     assert log.count("backup done") == 1 and "failed" not in log
     # a third tick within the interval does nothing
-    assert lab.run(qube, command, env=env).returncode == 0
+    assert [r.returncode for r in lab.cron_tick(qube, append=["--jitter", "0"])] == [0]
     assert lab.run(qube, ["borgbak", "list", "--short"]).stdout.split() == after
     status = lab.run(qube, ["borgbak", "status"]).stdout
     assert "last error: none" in status

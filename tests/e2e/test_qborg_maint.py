@@ -130,6 +130,11 @@ def test_admin_schedule_runs_the_installed_program(lab, world):
                              text=True, check=True).stdout
     program = os.path.join(lab.prefix(ADMIN), "bin", "qborg-maint")
     assert f"{program} --scheduled" in crontab
+    # the admin qube's cron runs it: started by the admin's apply if dom0
+    # enabled crond after the qube's boot (the lab's cron runs nothing else)
+    assert lab.cron_running(ADMIN)
+    entries, _variables = lab.cron_entries(ADMIN)
+    assert {"when": "17 * * * *", "command": f"{program} --scheduled"} in entries
     with open(program) as f:
         assert f.readline().startswith("#!/usr/bin/python3")
 

@@ -93,6 +93,18 @@ def test_salt_ssh_leaves_no_salt_in_the_qube(lab, ssh_world):
         assert not os.path.exists(lab.thin_dir(qube)), qube
 
 
+def test_salt_ssh_starts_cron_in_the_running_vm(lab, ssh_world):
+    """The VM booted (add_qube) before dom0's part enabled its crond service:
+    salt-ssh's run, as root of the qube, made its /run/qubes-service/crond
+    and started its cron, as Qubes does at boot, without a restart."""
+    result = ssh_world["client"]
+    cron = next(v for v in result.values() if v["__id__"] == "qborg-client-cron")
+    assert cron["changes"] == {"/run/qubes-service/crond": "created",
+                               "cron.service": "started"}, cron
+    assert lab.service_flag(NEW_VM) and lab.cron_running(NEW_VM)
+    assert lab.cron_running(ADMIN)
+
+
 def test_salt_call_gives_the_same_states_and_results(lab, ssh_world):
     """The same pillar through salt-call --local: the same state ids with the
     same results, and nothing left to change after salt-ssh's run."""
