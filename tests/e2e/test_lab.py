@@ -259,6 +259,26 @@ def test_first_matching_line_wins(lab, rpc):
     assert call(lab, "backup-admin", "vm-personal").returncode == 126
 
 
+def test_a_policy_line_qubes_refuses_makes_the_broker_refuse(lab, rpc):
+    """Qubes' parser refuses a `#` after a rule (it is one more field); the
+    whole policy then fails to load and every call is denied, also those
+    another file allows."""
+    rpc("%s * vm-personal backup-admin allow\n" % SERVICE)
+    assert call(lab, "vm-personal", ADMIN).returncode == 0
+    broken = os.path.join(lab.policy_dir(), "31-qborgtest-%s.policy" % uuid.uuid4().hex[:8])
+    try:
+        write_root_file(broken, "# a note\n%s * vm-work backup-admin allow  # work too\n"
+                        % SERVICE)
+        for caller in ("vm-personal", "vm-work"):
+            proc = call(lab, caller, ADMIN, env={"QBORG_LAB_DEBUG": "1"})
+            assert proc.returncode == 126 and proc.stdout == "", caller
+            assert "error loading policy" in proc.stderr
+            assert "%s:2: invalid action parameter syntax: '#'" % broken in proc.stderr
+    finally:
+        os.unlink(broken)
+    assert call(lab, "vm-personal", ADMIN).returncode == 0
+
+
 def test_missing_or_bad_service_is_refused(lab, rpc):
     rpc("* * @anyvm @anyvm allow\n")
     for service in ("qborgtest.Missing", "../../bin/sh", "a/b", "x" * 65):

@@ -1,130 +1,99 @@
-"""The policy file the dom0 part writes, checked against the qrexec policy
-grammar of Qubes R4.1/R4.2 (/etc/qubes/policy.d/*.policy), as documented
-for qubes-core-qrexec ("Multifile policy") and enforced by its parser:
+"""The policy file the dom0 part writes, checked twice:
 
-    SERVICE  ARGUMENT  SOURCE  DESTINATION  ACTION  [PARAM=VALUE ...]
+1. Qubes' own checks: the file must load in qubes-core-qrexec's parser
+   (qrexec/policy/parser.py, the R4.1/R4.2 format of
+   /etc/qubes/policy.d/*.policy). A line that parser refuses fails the load
+   of the whole policy, and every qrexec call is then denied. The parser
+   used is the lab broker's (lab/bin/qrexec-broker), which follows
+   parser.py check for check:
 
-- SERVICE is `*` or a name of letters, digits, `-`, `.`, `_`;
-- ARGUMENT is `*` or `+` followed by those characters (and `+`); a `*`
-  service takes only a `*` argument;
-- SOURCE: a qube name, @adminvm, @anyvm, @tag:TAG, @type:TYPE,
-  @dispvm:NAME, @dispvm:@tag:TAG;
-- DESTINATION: those, @default and @dispvm (never `*`: the old format's
-  wildcard is not a token of this one);
-- ACTION allow (params target=, user=, notify=, autostart=), deny
-  (notify=), ask (target=, default_target=, user=, notify=, autostart=);
-  target= and default_target= name a qube, @adminvm, @dispvm or
-  @dispvm:NAME; notify and autostart are yes or no; no param twice; an
-  allow towards @default needs target=;
-- a line starting with `#` is a comment (no inline comments), `!include`,
-  `!include-dir`, `!include-service`, `!compat-4.0` are directives.
+       SERVICE  ARGUMENT  SOURCE  DESTINATION  ACTION  [PARAM=VALUE ...]
+
+   - SERVICE is `*` or letters, digits, `-`, `.`, `_`; ARGUMENT is `*` or
+     `+` and those characters (and `+`); a `*` service takes only a `*`
+     argument;
+   - SOURCE: `*`, @adminvm, @anyvm, @tag:X, @type:X, @dispvm:X,
+     @dispvm:@tag:X, or any token without `@` (a qube name, not checked
+     further); DESTINATION: those, @default and @dispvm;
+   - ACTION allow (target=, user=, notify=, autostart=), deny (notify=), ask
+     (target=, default_target=, user=, notify=, autostart=); target= and
+     default_target= name a qube, @adminvm, @dispvm or @dispvm:X; notify and
+     autostart are yes or no; no parameter twice; an allow towards @default
+     needs target=;
+   - only a line starting with `#` is a comment: a `#` after a rule is one
+     more field, a parameter without `=`, and refused; `!include`,
+     `!include-dir`, `!include-service`, `!compat-4.0` are directives.
+
+2. qborg's own lint, stricter than Qubes and not Qubes' rule: no `*` as a
+   source or destination (qborg names each qube, and ends with an explicit
+   @anyvm deny), a token without `@` must be a valid qube name (Qubes'
+   parser would take `$anyvm` or `vm#1` as one and match nothing), @type:
+   one of Qubes' classes, @tag: a plain tag.
 """
 
+import importlib.machinery
+import importlib.util
+import pathlib
 import re
 
 import pytest
 
+BROKER = pathlib.Path(__file__).resolve().parents[2] / "lab" / "bin" / "qrexec-broker"
+
+
+def _load_broker():
+    name = "qrexec_broker_grammar"
+    loader = importlib.machinery.SourceFileLoader(name, str(BROKER))
+    module = importlib.util.module_from_spec(importlib.util.spec_from_loader(name, loader))
+    loader.exec_module(module)
+    return module
+
+
+qubes = _load_broker()
+QubesSyntaxError = qubes.PolicySyntaxError
+
 QUBE_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9_.-]{0,30}$")
-SERVICE = re.compile(r"^[A-Za-z0-9_.-]+$")
-ARGUMENT = re.compile(r"^\+[A-Za-z0-9_.+-]*$")
 TAG = re.compile(r"^[A-Za-z0-9_.-]+$")
 VM_TYPES = {"AppVM", "TemplateVM", "StandaloneVM", "DispVM", "AdminVM"}
-PARAMS = {
-    "allow": {"target", "user", "notify", "autostart"},
-    "deny": {"notify"},
-    "ask": {"target", "default_target", "user", "notify", "autostart"},
-}
-DIRECTIVES = {"!include": 1, "!include-dir": 1, "!include-service": 3, "!compat-4.0": 0}
 
 
-class PolicySyntaxError(ValueError):
-    pass
+class LintError(ValueError):
+    """A line Qubes loads but qborg's lint refuses."""
 
 
-def qube_token(token, where):
-    """A token in SOURCE ('source'), DESTINATION ('target') or target=
-    ('redirect') position; raises PolicySyntaxError when it is not one."""
-    if token == "dom0":  # the parser's alias of @adminvm
-        token = "@adminvm"
+def lint_token(token, where):
+    """qborg's rules for a SOURCE, DESTINATION or redirect Qubes accepted."""
+    if token == "*":
+        raise LintError(f"{where} `*`: qborg names each qube (or @anyvm for its deny)")
     if not token.startswith("@"):
-        if not QUBE_NAME.match(token):
-            raise PolicySyntaxError(f"{where} {token!r} is not a qube name or @token")
-        return token
-    exact = {"source": {"@adminvm", "@anyvm"},
-             "target": {"@adminvm", "@anyvm", "@default", "@dispvm"},
-             "redirect": {"@adminvm", "@dispvm"}}[where]
-    if token in exact:
-        return token
-    if token.startswith("@dispvm:@tag:") and where != "redirect":
-        if TAG.match(token[len("@dispvm:@tag:"):]):
-            return token
-    elif token.startswith("@dispvm:"):
-        if QUBE_NAME.match(token[len("@dispvm:"):]):
-            return token
-    elif token.startswith("@tag:") and where != "redirect":
-        if TAG.match(token[len("@tag:"):]):
-            return token
-    elif token.startswith("@type:") and where != "redirect":
-        if token[len("@type:"):] in VM_TYPES:
-            return token
-    raise PolicySyntaxError(f"invalid {where} token {token!r}")
+        if token != "dom0" and not QUBE_NAME.match(token):
+            raise LintError(f"{where} {token!r} is not a valid qube name")
+    elif token.startswith("@type:") and token[len("@type:"):] not in VM_TYPES:
+        raise LintError(f"{where} {token!r}: no such class of qube")
+    elif token.startswith(("@tag:", "@dispvm:@tag:")) and not TAG.match(token.split(":")[-1]):
+        raise LintError(f"{where} {token!r}: not a plain tag")
 
 
-def parse_rule(line):
-    fields = line.split()
-    if len(fields) < 5:
-        raise PolicySyntaxError(f"wrong number of fields: {line!r}")
-    service, argument, source, target, action, *params = fields
-    if service != "*" and not SERVICE.match(service):
-        raise PolicySyntaxError(f"service {service!r} contains invalid characters")
-    if argument != "*":
-        if not ARGUMENT.match(argument):
-            raise PolicySyntaxError(f"argument {argument!r} must be * or start with +")
-        if service == "*":
-            raise PolicySyntaxError("only * argument allowed for * service")
-    source = qube_token(source, "source")
-    target = qube_token(target, "target")
-    if action not in PARAMS:
-        raise PolicySyntaxError(f"invalid action: {action}")
-    options = {}
-    for param in params:
-        if "=" not in param:
-            raise PolicySyntaxError(f"invalid action parameter syntax: {param!r}")
-        key, value = param.split("=", 1)
-        if key in options:
-            raise PolicySyntaxError(f"parameter given twice: {key!r}")
-        if key not in PARAMS[action]:
-            raise PolicySyntaxError(f"invalid parameter {key!r} for action {action}")
-        if key in ("notify", "autostart") and value not in ("yes", "no"):
-            raise PolicySyntaxError(f"{key!r} is {value!r}, but can be only 'yes' or 'no'")
-        if key in ("target", "default_target"):
-            value = qube_token(value, "redirect")
-        options[key] = value
-    if target == "@default" and action == "allow" and "target" not in options:
-        raise PolicySyntaxError("allow action for @default rule must specify target= option")
-    return {"service": service, "argument": argument, "source": source, "target": target,
-            "action": action, "params": options}
+def lint(rules):
+    for rule in rules:
+        try:
+            lint_token(rule.source, "source")
+            lint_token(rule.target, "target")
+            for key in ("target", "default_target"):
+                if key in rule.params:
+                    lint_token(rule.params[key], key + "=")
+        except LintError as error:
+            raise LintError(f"line {rule.lineno}: {error}") from None
+    return rules
 
 
 def parse_policy(text):
-    """The rules of a policy file, in order; PolicySyntaxError names the line."""
-    rules = []
-    for number, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        try:
-            if "#" in line:
-                raise PolicySyntaxError("inline comments are not allowed")
-            if line.startswith("!"):
-                directive, *params = line.split()
-                if DIRECTIVES.get(directive) != len(params):
-                    raise PolicySyntaxError(f"invalid directive {line!r}")
-                continue
-            rules.append(parse_rule(line))
-        except PolicySyntaxError as error:
-            raise PolicySyntaxError(f"line {number}: {error}") from None
-    return rules
+    """The rules of a policy file as Qubes loads them (QubesSyntaxError,
+    FILE:LINE, where Qubes refuses), then qborg's lint (LintError)."""
+    rules = lint(qubes.parse_policy_text(text))
+    return [{"service": r.service or "*", "argument": r.argument or "*", "source": r.source,
+             "target": r.target, "action": r.action, "params": r.params, "lineno": r.lineno}
+            for r in rules]
 
 
 # --- the file the dom0 part writes -------------------------------------------------
@@ -169,6 +138,7 @@ def test_the_written_policy_with_a_relay_parses_as_r42_policy(loaders_for, tmp_p
 
 
 def test_the_written_policy_parses_as_r42_policy(written_policy):
+    """Qubes loads the file, qborg's lint passes it, the rules in order."""
     rules = parse_policy(written_policy)
     assert [(r["service"], r["source"], r["target"], r["action"]) for r in rules] == [
         ("qborg.GetBundle", "vm-personal", "backup-admin", "allow"),
@@ -180,6 +150,7 @@ def test_the_written_policy_parses_as_r42_policy(written_policy):
 
 
 def test_the_written_policy_has_no_wildcard_qube_and_ends_with_the_deny(written_policy):
+    """qborg's own rules for its file (Qubes would allow `*`)."""
     rules = parse_policy(written_policy)
     assert all("*" not in (r["source"], r["target"]) for r in rules)
     getbundle = [r for r in rules if r["service"] == "qborg.GetBundle"]
@@ -189,7 +160,7 @@ def test_the_written_policy_has_no_wildcard_qube_and_ends_with_the_deny(written_
     assert all(r["argument"] == "*" and not r["params"] for r in rules)
 
 
-# --- the parser rejects what the grammar rejects ----------------------------------------
+# --- what Qubes refuses, and what only qborg's lint does ----------------------------------
 
 @pytest.mark.parametrize("line", [
     "qborg.GetBundle * vm-personal backup-admin allow",
@@ -206,36 +177,56 @@ def test_valid_lines_parse(line):
 
 
 @pytest.mark.parametrize("line,why", [
-    ("qborg.GetBundle * * backup-admin allow", "not a qube name"),
-    ("qborg.GetBundle * vm-personal * allow", "not a qube name"),
-    ("qborg.GetBundle * $anyvm backup-admin allow", "not a qube name"),
     ("qborg.GetBundle * @default backup-admin allow", "invalid source token"),
     ("qborg.GetBundle * vm-personal backup-admin", "wrong number of fields"),
     ("qborg.GetBundle * vm-personal backup-admin permit", "invalid action"),
-    ("qborg.GetBundle arg vm-personal backup-admin allow", "must be * or start with +"),
+    ("qborg.GetBundle arg vm-personal backup-admin allow", "does not start with +"),
     ("* +arg @anyvm @anyvm deny", "only * argument"),
     ("qborg/GetBundle * vm-personal backup-admin allow", "invalid characters"),
-    ("qborg.GetBundle * vm-personal backup-admin deny target=vm-work", "invalid parameter"),
+    ("qborg.GetBundle * vm-personal backup-admin deny target=vm-work", "invalid parameters"),
     ("qborg.GetBundle * vm-personal backup-admin allow default_target=vm-work",
-     "invalid parameter"),
+     "invalid parameters"),
     ("qborg.GetBundle * vm-personal backup-admin allow user=a user=b", "given twice"),
     ("qborg.GetBundle * vm-personal backup-admin allow notify=maybe", "only 'yes' or 'no'"),
     ("qborg.GetBundle * vm-personal backup-admin allow target=@anyvm", "invalid redirect"),
     ("qborg.GetBundle * vm-personal backup-admin allow,user=root", "invalid action"),
     ("qborg.GetBundle * vm-personal @default allow", "must specify target="),
-    ("qborg.GetBundle * @tag: @anyvm deny", "invalid source token"),
-    ("qborg.GetBundle * @type:Bogus @anyvm deny", "invalid source token"),
-    ("qborg.GetBundle * vm-personal backup-admin allow # ok", "inline comments"),
-    ("!include-dir", "invalid directive"),
+    ("qborg.GetBundle * @tag: @anyvm deny", "invalid empty @tag: token"),
+    # no inline comments: the `#` is a parameter without `=`
+    ("qborg.GetBundle * vm-personal backup-admin allow # ok",
+     "invalid action parameter syntax: '#'"),
+    ("!include-dir", "invalid number of params"),
 ])
-def test_malformed_lines_are_rejected(line, why):
-    with pytest.raises(PolicySyntaxError, match=re.escape(why)) as error:
+def test_qubes_refuses_these_lines(line, why):
+    """Qubes' parser refuses each: the whole policy fails to load."""
+    with pytest.raises(QubesSyntaxError, match=re.escape(why)) as error:
         parse_policy("# header\n" + line + "\n")
+    assert ":2: " in str(error.value)
+
+
+@pytest.mark.parametrize("line,why", [
+    ("qborg.GetBundle * * backup-admin allow", "source `*`"),
+    ("qborg.GetBundle * vm-personal * allow", "target `*`"),
+    ("qborg.GetBundle * $anyvm backup-admin allow", "not a valid qube name"),
+    ("qborg.GetBundle * vm#1 backup-admin allow", "not a valid qube name"),
+    ("qborg.GetBundle * @type:Bogus @anyvm deny", "no such class"),
+    ("qborg.GetBundle * @tag:a/b @anyvm deny", "not a plain tag"),
+])
+def test_qubes_loads_these_lines_qborgs_lint_refuses_them(line, why):
+    """Valid R4.2 policy (Qubes loads it: `*` is its wildcard, a token
+    without `@` a qube name, @type:/@tag: take any value), refused by
+    qborg's stricter lint only."""
+    text = "# header\n" + line + "\n"
+    assert qubes.parse_policy_text(text)
+    with pytest.raises(LintError, match=re.escape(why)) as error:
+        parse_policy(text)
     assert "line 2" in str(error.value)
 
 
 def test_a_broken_template_would_be_caught(written_policy):
-    """The same checks fail on a file that used the old R4.0 wildcard."""
+    """qborg's lint fails on a file that used `*` for its deny (Qubes itself
+    would load it: `* *` matches every caller, dom0 included)."""
     broken = written_policy.replace("@anyvm @anyvm deny", "* * deny")
-    with pytest.raises(PolicySyntaxError):
+    assert qubes.parse_policy_text(broken)
+    with pytest.raises(LintError):
         parse_policy(broken)
