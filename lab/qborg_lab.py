@@ -1001,8 +1001,13 @@ class Lab:
         return pillar
 
     def qubes_pillar(self, qube):
-        """What dom0's Qubes pillar (qvm_prefs) gives a target: `qubes:type`
-        and `qubes:netvm` as str(vm.netvm), 'None' for a qube without one."""
+        """What dom0's Qubes ext_pillar (qubes-mgmt-salt-base: _pillar/
+        qvm_prefs.py, qvm_features.py, qvm_tags.py) gives a target:
+        `qubes:type`; `qubes:template` for a qube based on one (AppVM,
+        DispVM); `qubes:netvm` as str(vm.netvm), 'None' for a qube without
+        one, and no key for dom0 (it has no netvm property); `qubes:features`,
+        only its service.* and vm-config.* features, raw values; and
+        `qubes:tags`. None for a name dom0 does not have."""
         try:
             entry = self.dom0_qube(qube)
         except (OSError, ValueError, KeyError):
@@ -1012,7 +1017,15 @@ class Lab:
         klass = entry.get("klass")
         kind = {"AdminVM": "admin", "TemplateVM": "template",
                 "StandaloneVM": "standalone"}.get(klass, "app")
-        return {"type": kind, "netvm": str(entry.get("netvm"))}
+        pillar = {"type": kind}
+        if klass in self.TEMPLATE_BASED:
+            pillar["template"] = entry.get("template") or self.DEFAULT_TEMPLATE
+        if klass != "AdminVM":
+            pillar["netvm"] = str(entry.get("netvm"))
+        pillar["features"] = {key: value for key, value in (entry.get("features") or {}).items()
+                              if key.startswith(("vm-config.", "service."))}
+        pillar["tags"] = list(entry.get("tags") or [])
+        return pillar
 
     def _write_salt_config(self, qube):
         salt_dir = self.salt_dir(qube)
@@ -1708,10 +1721,17 @@ class Lab:
     # the qubes every Qubes system has besides the lab's own; the lab's qubes
     # get DEFAULT_NETVM, as Qubes gives a new AppVM the default netvm
     DEFAULT_NETVM = "sys-firewall"
+    # the template of the lab's AppVMs (the host is Debian 12, as they are)
+    DEFAULT_TEMPLATE = "debian-12-xfce"
+    # the classes that have a `template` property
+    TEMPLATE_BASED = ("AppVM", "DispVM")
     SYSTEM_QUBES = {
         "dom0": {"klass": "AdminVM", "netvm": None},
-        "sys-net": {"klass": "AppVM", "netvm": None, "provides_network": True},
-        "sys-firewall": {"klass": "AppVM", "netvm": "sys-net", "provides_network": True},
+        DEFAULT_TEMPLATE: {"klass": "TemplateVM", "netvm": None},
+        "sys-net": {"klass": "AppVM", "netvm": None, "provides_network": True,
+                    "template": DEFAULT_TEMPLATE},
+        "sys-firewall": {"klass": "AppVM", "netvm": "sys-net", "provides_network": True,
+                         "template": DEFAULT_TEMPLATE},
     }
 
     @property
@@ -1756,11 +1776,16 @@ class Lab:
                                    "netvm_is_default": True, "features": {}}
                 if qube in self.offline:  # a qube without network: netvm none
                     qubes[qube].update(netvm=None, netvm_is_default=False)
+            for entry in qubes.values():  # a record from before templates
+                if entry.get("klass") in self.TEMPLATE_BASED:
+                    entry.setdefault("template", self.DEFAULT_TEMPLATE)
         self._edit_dom0_qubes(change)
 
-    def register_qube(self, qube, netvm=DEFAULT_NETVM, klass="AppVM"):
+    def register_qube(self, qube, netvm=DEFAULT_NETVM, klass="AppVM", template=None,
+                      tags=None):
         """Make QUBE exist in dom0 only (qvm-check finds it), without a unix
-        user: a qube that qborg's dom0 part may name but the lab runs nothing in."""
+        user: a qube that qborg's dom0 part may name but the lab runs nothing in.
+        An AppVM's template is DEFAULT_TEMPLATE unless given; TAGS a list."""
         if not re.match(r"^[a-zA-Z][a-zA-Z0-9_.-]{0,30}\Z", qube or "") or qube == "dom0":
             raise LabError("not a qube name: %r" % (qube,))
         self._load_state()
@@ -1768,6 +1793,12 @@ class Lab:
         def change(data):
             entry = data["qubes"].setdefault(qube, {"features": {}})
             entry.update(klass=klass, netvm=netvm, netvm_is_default=False)
+            if klass in self.TEMPLATE_BASED:
+                entry["template"] = template or self.DEFAULT_TEMPLATE
+            else:
+                entry.pop("template", None)
+            if tags is not None:
+                entry["tags"] = list(tags)
         self._edit_dom0_qubes(change)
 
     def unregister_qube(self, qube):
@@ -1777,7 +1808,8 @@ class Lab:
         self._edit_dom0_qubes(lambda data: data["qubes"].pop(qube, None))
 
     def dom0_qube(self, qube):
-        """The record of QUBE in dom0 ({klass, netvm, features}), None if none."""
+        """The record of QUBE in dom0 ({klass, netvm, features}, and template
+        and tags when it has them), None if none."""
         with open(self.dom0_qubes_path, encoding="utf-8") as handle:
             return json.load(handle)["qubes"].get(qube)
 

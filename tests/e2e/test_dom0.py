@@ -232,17 +232,24 @@ def test_qvm_exists_and_missing_ask_qvm_check(lab):
 
 
 def test_qvm_features_dry_run_then_set_then_default(lab):
+    """qvm.features reports the raw values, as qubes-mgmt-salt-dom0-qvm's
+    does (None for a missing feature, "1" enabled, "" disabled); only
+    qvm.service maps them to labels."""
     before = dom0_state(lab)
     ret = qvm_state(lab, "qvm.features", "name=vm-work", "enable=[qborg-probe]", test=True)
     assert ret["result"] is None
-    assert ret["changes"] == {"qborg-probe": {"old": "Missing", "new": "Enabled"}}
+    assert ret["changes"] == {"qborg-probe": {"old": None, "new": "1"}}
     assert dom0_state(lab) == before
     ret = qvm_state(lab, "qvm.features", "name=vm-work", "enable=[qborg-probe]")
     assert ret["result"] is True and lab.dom0_qube("vm-work")["features"]["qborg-probe"] == "1"
     assert qvm_state(lab, "qvm.features", "name=vm-work", "enable=[qborg-probe]")["changes"] == {}
+    ret = qvm_state(lab, "qvm.features", "name=vm-work", "disable=[qborg-probe]")
+    assert ret["changes"] == {"qborg-probe": {"old": "1", "new": ""}}
     ret = qvm_state(lab, "qvm.features", "name=vm-work", "default=[qborg-probe]")
-    assert ret["changes"] == {"qborg-probe": {"old": "Enabled", "new": "Missing"}}
+    assert ret["changes"] == {"qborg-probe": {"old": "", "new": None}}
     assert dom0_state(lab) == before
+    ret = qvm_state(lab, "qvm.service", "name=vm-work", "enable=[qborg-probe]", test=True)
+    assert ret["changes"] == {"qborg-probe": {"old": "Missing", "new": "Enabled"}}
 
 
 def test_qvm_service_and_prefs_on_a_missing_qube_fail(lab):

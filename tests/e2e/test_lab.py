@@ -419,6 +419,40 @@ def test_salt_call_has_qube_id_and_pillar(lab, qube):
     assert pillar["paths"]["policy_dir"] == lab.policy_dir()
 
 
+def test_qubes_pillar_is_what_dom0s_ext_pillar_gives(lab):
+    """qubes-mgmt-salt-base's qvm_prefs, qvm_features and qvm_tags
+    ext_pillar: type, template (qubes based on one), netvm as str() (none
+    for dom0), the service.* and vm-config.* features raw, the tags."""
+    def qubes(qube):
+        proc = lab.salt_call(qube, "--out=json", "pillar.get", "qubes", check=True)
+        return json.loads(proc.stdout)["local"]
+
+    dom0 = qubes("dom0")
+    assert dom0["type"] == "admin" and dom0["tags"] == []
+    assert "netvm" not in dom0 and "template" not in dom0
+    assert lab.qubes_pillar(lab.DEFAULT_TEMPLATE) == {
+        "type": "template", "netvm": "None", "features": {}, "tags": []}
+
+    def change(data):
+        entry = data["qubes"]["vm-work"]
+        saved.update(entry=json.loads(json.dumps(entry)))
+        entry["features"].update({"vm-config.qborg-probe": "x", "qborg-probe": "1",
+                                  "service.qborg-probe": ""})
+        entry["tags"] = ["qborg-probe"]
+    saved = {}
+    lab._edit_dom0_qubes(change)
+    try:
+        work = qubes("vm-work")
+        assert work["type"] == "app" and work["template"] == lab.DEFAULT_TEMPLATE
+        assert work["netvm"] == str(saved["entry"]["netvm"])
+        assert work["features"]["vm-config.qborg-probe"] == "x"
+        assert work["features"]["service.qborg-probe"] == ""
+        assert "qborg-probe" not in work["features"]
+        assert work["tags"] == ["qborg-probe"]
+    finally:
+        lab._edit_dom0_qubes(lambda data: data["qubes"].update({"vm-work": saved["entry"]}))
+
+
 def test_pillar_edits_reach_the_next_call(lab):
     original = lab.user_pillar()
     try:

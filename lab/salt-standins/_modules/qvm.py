@@ -10,8 +10,11 @@ It keeps the real module's calls and results for what qborg uses:
 - ``qvm.service VMNAME enable=[...] disable=[...] default=[...]`` and
   ``qvm.features VMNAME enable=[...] disable=[...] default=[...] set={...}``
   change the ``service.NAME`` / NAME features through ``qvm-service`` and
-  ``qvm-features``; changes per name ``{"old": label, "new": label}``
-  (labels Enabled, Disabled, Missing), nothing written under test=True;
+  ``qvm-features``; nothing written under test=True. As in the real module,
+  ``qvm.service`` reports changes per name with labels
+  (``{"old": "Missing", "new": "Enabled"}``; Enabled, Disabled, Missing),
+  ``qvm.features`` with the raw values (``{"old": None, "new": "1"}``:
+  None for a missing feature, "" for a disabled one);
 - ``qvm.prefs VMNAME [PROPERTY...]`` gets, ``qvm.prefs VMNAME netvm=NAME``
   sets through ``qvm-prefs``.
 
@@ -141,7 +144,10 @@ def _manage(vmname, key_of, kwargs, kind):
             if proc.returncode != 0:
                 return _status(proc.returncode, changes, proc.stderr.strip(), proc.stdout,
                                proc.stderr)
-        changes[name] = {"old": _label(current), "new": _label(new)}
+        if kind == "Service":
+            changes[name] = {"old": _label(current), "new": _label(new)}
+        else:
+            changes[name] = {"old": current, "new": new}
         comments.append(f"{'would set' if test else 'set'} {kind.lower()} '{name}' to "
                         f"{_label(new)} (was {_label(current)})")
     return _status(0, changes, "\n".join(comments))
