@@ -32,6 +32,9 @@ SERVER_USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
 HOSTNAME_RE = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?\Z")
 REMOTE_PATH_RE = re.compile(r"^[A-Za-z0-9_./+-]{1,200}\Z")
 REPOS_DIR_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]{0,200}\Z")
+# qborg:paths:*: they reach crontab lines, file names and commands, so a
+# plain absolute path: no space, quote, ';', '$' or newline to interpret
+LOCAL_PATH_RE = re.compile(r"^/[A-Za-z0-9_./-]{0,200}\Z")
 HOST_KEY_RE = re.compile(
     r"^(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|ssh-rsa)"
     r" [A-Za-z0-9+/]+={0,3}\Z"
@@ -272,8 +275,7 @@ def validate_settings(raw):
     prefix = paths.get("prefix") or "/usr/local"
     policy_dir = paths.get("policy_dir") or "/etc/qubes/policy.d"
     for key, value in (("prefix", prefix), ("policy_dir", policy_dir)):
-        _require(isinstance(value, str) and value.startswith("/") and "\n" not in value,
-                 f"qborg:paths:{key}", "must be an absolute path")
+        check_local_path(value, f"qborg:paths:{key}")
 
     defaults = raw.get("defaults") or {}
     _require(isinstance(defaults, dict), "qborg:defaults", "must be a mapping")
@@ -406,6 +408,18 @@ def check_repositories_apart(settings):
                          f"{origin(outer)}); {why}")
             _require(False, field(outer),
                      f"{url(outer)} contains {vm}'s repository ({url(vm)}, {origin(vm)}); {why}")
+
+
+def check_local_path(value, field):
+    """A qborg:paths value: an absolute path of letters, digits, '_', '.',
+    '-' and '/' only (it reaches crontab lines and commands), without '.' or
+    '..' segments or '//', at most 201 characters."""
+    _require(isinstance(value, str) and LOCAL_PATH_RE.match(value)
+             and "//" not in value and not {".", ".."} & set(value.split("/")), field,
+             f"{value!r} must be a plain absolute path such as /usr/local: '/' followed by "
+             f"letters, digits, '_', '.', '-' and '/' only, no '.' or '..' segment, no '//', "
+             f"at most 201 characters")
+    return value
 
 
 def check_templates(raw):

