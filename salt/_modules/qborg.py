@@ -235,9 +235,16 @@ def client_install_bundle(config, test=False):
     host key (0600, atomically). Returns ``{"changes": {file: "updated"}}``.
     """
     settings = _settings(config)
-    owner, home = _account(settings["user"])
+    owner, _home = _account(settings["user"])
     paths = client_paths(config)
     bundle = _fetch_bundle(settings)
+    try:
+        return _install_bundle(paths, bundle, owner, test)
+    except core.QborgError as exc:  # a link planted in the home, named
+        raise CommandExecutionError(str(exc)) from None
+
+
+def _install_bundle(paths, bundle, owner, test):
     wanted = {
         "ssh_key": (paths["ssh_key"], bundle["ssh_private_key"]),
         "passphrase": (paths["passphrase"], bundle["passphrase"].strip() + "\n"),
@@ -416,9 +423,16 @@ def client_borgmatic_config(config, test=False):
     owner, home = _account(settings["user"])
     paths = client_paths(config)
     vm = __grains__["id"]
-    path = paths["borgmatic_config"]
     version = borgmatic_version(config)
     text = borgmatic_config(config, version=version)
+    try:
+        return _put_borgmatic_config(config, owner, home, paths, vm, version, text, test)
+    except core.QborgError as exc:  # a link planted in the home, named
+        raise CommandExecutionError(str(exc)) from None
+
+
+def _put_borgmatic_config(config, owner, home, paths, vm, version, text, test):
+    path = paths["borgmatic_config"]
     current = core.read_text(path)
     if current == text:
         st = os.stat(path)
@@ -463,31 +477,70 @@ def client_borgmatic_config(config, test=False):
 def client_ssh_config(config, test=False):
     """
     Put the managed ``Host qborg`` block first in the user's ~/.ssh/config,
-    keeping every other byte of the file; follows a symlinked config to its
-    file and keeps that file's mode. Returns ``{"changes": {...}, "comment": str}``.
+    keeping every other byte of the file and its mode. A symbolic link there
+    (or at ~/.ssh) is refused, naming it: Salt runs as root, and a link the
+    user controls could point at any file. Returns ``{"changes": {...}, "comment": str}``.
     """
     settings = _settings(config)
     owner, _home = _account(settings["user"])
     path = client_paths(config)["ssh_config"]
-    target = os.path.realpath(path)
     try:
-        with open(target, "rb") as handle:
-            raw = handle.read()
-        current = raw.decode("utf-8", "surrogateescape")
-        mode = os.stat(target).st_mode & 0o777
+        fd = core.open_file(path, os.O_RDONLY)
     except FileNotFoundError:
-        current, mode = None, 0o600
+        current, mode, st = None, 0o600, None
+    except core.QborgError as exc:
+        raise CommandExecutionError(str(exc)) from None
+    else:
+        with os.fdopen(fd, "rb") as handle:
+            st = os.fstat(handle.fileno())
+            current = handle.read().decode("utf-8", "surrogateescape")
+        mode = st.st_mode & 0o777
     text = core.render_ssh_config(current, ssh_config_block(config))
     if text == current:
         return {"changes": {}, "comment": f"the Host {core.SSH_ALIAS} block in {path} is up to date"}
     action = "created" if current is None else "updated"
     if not test:
-        st = os.stat(target) if current is not None else None
-        core.atomic_write(target, text.encode("utf-8", "surrogateescape"), mode,
-                          (st.st_uid, st.st_gid) if st else owner)
+        try:
+            core.atomic_write(path, text.encode("utf-8", "surrogateescape"), mode,
+                              (st.st_uid, st.st_gid) if st else owner)
+        except core.QborgError as exc:
+            raise CommandExecutionError(str(exc)) from None
     return {"changes": {"ssh_config": ("would be " + action) if test else action},
             "comment": f"the Host {core.SSH_ALIAS} block {'would be' if test else 'was'} put "
                        f"first in {path}, every other line kept"}
+
+
+def home_directory(path, user, mode="0700", test=False):
+    """
+    The directory ``path`` in ``user``'s home exists with ``mode`` (and its
+    missing parents, 0755), all owned by the user. Walked without following
+    a symbolic link the user controls (Salt runs as root): a link on the way
+    is refused, naming it. Returns ``{"changes": {...}, "comment": str}``.
+    """
+    owner, home = _account(user)
+    mode = int(str(mode), 8)
+    if os.path.commonpath([home, os.path.abspath(path)]) != home:
+        raise CommandExecutionError(f"{path} is not in {user}'s home {home}")
+    try:
+        if test:
+            try:
+                fd = core.open_dir(path)
+            except FileNotFoundError:
+                return {"changes": {path: "would create"}, "comment": f"{path} would be created"}
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if (st.st_mode & 0o7777, st.st_uid, st.st_gid) == (mode, *owner):
+                return {"changes": {}, "comment": f"{path} is in place"}
+            return {"changes": {path: f"would set mode {mode:04o} and owner {user}"},
+                    "comment": f"{path} would be set to {mode:04o}, owned by {user}"}
+        if core.ensure_dir(path, mode, owner):
+            return {"changes": {path: f"{mode:04o}, owned by {user}"},
+                    "comment": f"{path} made or set to {mode:04o}, owned by {user}"}
+        return {"changes": {}, "comment": f"{path} is in place"}
+    except core.QborgError as exc:
+        raise CommandExecutionError(str(exc)) from None
 
 
 def admin_write_settings(config, test=False):
@@ -578,7 +631,7 @@ def _client_passphrase_next(paths, bundle, owner, test):
         if current is None:
             return {}
         if not test:
-            os.unlink(path)
+            core.remove_file(path)
         return {"passphrase_next": "would remove" if test else "removed"}
     if (not isinstance(wanted, str) or any(c in wanted for c in "\r\n\0")
             or len(wanted) < 20):

@@ -142,6 +142,28 @@ def client_ssh_config(name, config):
     return ret
 
 
+def home_directory(name, user, mode="0700"):
+    """
+    The directory ``name`` in ``user``'s home exists with ``mode`` (missing
+    parents 0755), owned by the user; a symbolic link on the way, which the
+    user could point anywhere, is refused naming it (Salt runs as root and
+    ``file.directory`` would follow it, and chown its target).
+    """
+    ret = _ret(name)
+    test = bool(__opts__.get("test"))
+    try:
+        out = __salt__["qborg.home_directory"](name, user, mode=mode, test=test)
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["comment"] = str(exc)
+        return ret
+    ret["comment"] = out["comment"]
+    if out["changes"]:
+        ret["changes"] = out["changes"]
+        ret["result"] = None if test else True
+    return ret
+
+
 def admin_settings(name, config):
     """
     The admin qube's settings file holds the current qborg settings (read by

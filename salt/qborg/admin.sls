@@ -14,13 +14,12 @@ qborg-admin-pillar-valid:
     - order: 1
     - failhard: True
 
+{#- refuses a symbolic link the user planted on the way (see the client part) #}
 qborg-admin-keystore:
-  file.directory:
-    - name: {{ home }}/.local/share/qborg
-    - user: {{ qborg.user }}
-    - group: {{ account.get("gid", qborg.user) }}
+  qborg.home_directory:
+    - name: {{ (home ~ "/.local/share/qborg") | json }}
+    - user: {{ qborg.user | json }}
     - mode: '0700'
-    - makedirs: True
     - require:
       - qborg: qborg-admin-pillar-valid
 
@@ -84,7 +83,7 @@ qborg-admin-provisioned:
   qborg.admin_provisioned:
     - config: {{ qborg | json }}
     - require:
-      - file: qborg-admin-keystore
+      - qborg: qborg-admin-keystore
 
 {#- maintenance: the qborg command, the scheduled audit/prune/compact/check #}
 qborg-admin-maintenance-valid:

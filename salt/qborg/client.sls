@@ -9,7 +9,6 @@
 {%- set vm = grains["id"] %}
 {%- set account = salt["user.info"](qborg.user) or {} %}
 {%- set home = account.get("home", "/home/" ~ qborg.user) %}
-{%- set group = account.get("gid", qborg.user) %}
 {%- set prefix = qborg.paths.prefix %}
 {%- set conf = home ~ "/.config/qborg" %}
 {%- set state_dir = home ~ "/.local/state/qborg" %}
@@ -50,11 +49,12 @@ qborg-client-bundle:
     - require:
       - qborg: qborg-client-pillar-valid
 
+{#- directories in the home: qborg.home_directory refuses a symbolic link
+    the user planted on the way, which file.directory (as root) follows #}
 qborg-client-ssh-dir:
-  file.directory:
-    - name: {{ home }}/.ssh
-    - user: {{ qborg.user }}
-    - group: {{ group }}
+  qborg.home_directory:
+    - name: {{ (home ~ "/.ssh") | json }}
+    - user: {{ qborg.user | json }}
     - mode: '0700'
     - require:
       - qborg: qborg-client-pillar-valid
@@ -67,25 +67,21 @@ qborg-client-ssh-config:
     - name: {{ (home ~ "/.ssh/config") | json }}
     - config: {{ qborg | json }}
     - require:
-      - file: qborg-client-ssh-dir
+      - qborg: qborg-client-ssh-dir
 
 qborg-client-state-dir:
-  file.directory:
-    - name: {{ state_dir }}
-    - user: {{ qborg.user }}
-    - group: {{ group }}
+  qborg.home_directory:
+    - name: {{ state_dir | json }}
+    - user: {{ qborg.user | json }}
     - mode: '0700'
-    - makedirs: True
     - require:
       - qborg: qborg-client-pillar-valid
 
 qborg-client-borgmatic-dir:
-  file.directory:
-    - name: {{ home }}/.config/borgmatic.d
-    - user: {{ qborg.user }}
-    - group: {{ group }}
+  qborg.home_directory:
+    - name: {{ (home ~ "/.config/borgmatic.d") | json }}
+    - user: {{ qborg.user | json }}
     - mode: '0700'
-    - makedirs: True
     - require:
       - qborg: qborg-client-pillar-valid
 
@@ -97,7 +93,7 @@ qborg-client-borgmatic:
     - name: {{ (home ~ "/.config/borgmatic.d/qborg.yaml") | json }}
     - config: {{ qborg | json }}
     - require:
-      - file: qborg-client-borgmatic-dir
+      - qborg: qborg-client-borgmatic-dir
 
 qborg-client-borgbak:
   file.managed:

@@ -586,3 +586,60 @@ def test_a_source_directory_the_qube_lacks_is_skipped_and_named(lab, world, qube
         rc, result = apply(lab, qube)
         assert rc == 0, failed(result)
     assert "skipped" not in lab.run(qube, ["borgbak", "status"]).stdout
+
+
+# the user plants a link where qborg (Salt, as root) writes in the home,
+# pointing at something of root's: one directory, one file
+PLANTED = {
+    "config-dir": (".config/qborg", "dir", "qborg-client-bundle"),
+    "state-parent": (".local/state", "dir", "qborg-client-state-dir"),
+    "ssh-config": (".ssh/config", "file", "qborg-client-ssh-config"),
+}
+
+
+def owner_mode_content(path):
+    st = os.lstat(path)
+    if stat.S_ISDIR(st.st_mode):
+        content = {name: read_bytes(os.path.join(path, name)) for name in sorted(os.listdir(path))}
+    else:
+        content = read_bytes(path)
+    return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), content
+
+
+@pytest.mark.parametrize("case", list(PLANTED))
+def test_a_link_planted_in_the_home_is_refused_and_its_target_unchanged(lab, world, case):
+    qube = "vm-personal"
+    relpath, kind, state_id = PLANTED[case]
+    link = os.path.join(lab.home(qube), relpath)
+    owner = pwd.getpwnam(lab.user(qube))
+    target = tempfile.mkdtemp(prefix="qborg-root-owned-", dir="/var/tmp")
+    os.chmod(target, 0o700)
+    with open(os.path.join(target, "passphrase"), "w") as f:
+        f.write("root's own\n")
+    if kind == "file":
+        os.chmod(os.path.join(target, "passphrase"), 0o600)
+        target = os.path.join(target, "passphrase")
+    before = owner_mode_content(target)
+    aside = link + ".aside"
+    os.rename(link, aside)
+    try:
+        # planted by the qube's user, as a compromised qube's user would
+        lab.run(qube, ["ln", "-s", target, link])
+        assert os.lstat(link).st_uid == owner.pw_uid
+        rc, result = apply(lab, qube)
+        assert rc != 0
+        refused = failed(result)
+        assert f"{link} is a symbolic link (to {target})" in refused.get(state_id, ""), refused
+        assert "nothing was written there" in refused[state_id]
+        assert os.path.islink(link) and os.readlink(link) == target
+        assert owner_mode_content(target) == before
+    finally:
+        if os.path.islink(link):
+            os.unlink(link)
+        os.rename(aside, link)
+        base = target if kind == "dir" else os.path.dirname(target)
+        for name in os.listdir(base):
+            os.unlink(os.path.join(base, name))
+        os.rmdir(base)
+    rc, result = apply(lab, qube)
+    assert rc == 0 and changed(result) == [], failed(result)

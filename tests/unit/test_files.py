@@ -48,7 +48,7 @@ def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch, fail
     path.write_text("old\n")
     os.chmod(path, 0o600)
 
-    def boom(*_args):
+    def boom(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(core.os, failing, boom)
@@ -111,10 +111,10 @@ def test_atomic_write_order_temp_mode_fsync_rename_then_directory(tmp_path, monk
     real = {name: getattr(os, name) for name in ("fchmod", "fsync", "replace")}
 
     def spy(name):
-        def call(*args):
+        def call(*args, **kwargs):
             target = os.readlink(f"/proc/self/fd/{args[0]}") if name != "replace" else args[0]
             calls.append((name, os.path.basename(str(target))))
-            return real[name](*args)
+            return real[name](*args, **kwargs)
         return call
 
     for name in real:
@@ -157,3 +157,99 @@ def test_remove_dead_temps_without_a_write(tmp_path):
     leftover.write_text("partial")
     assert core.remove_dead_temps(str(tmp_path / "ssh_key")) == [leftover.name]
     assert os.listdir(tmp_path) == ["ssh_key"]
+
+
+# --------------------------------------------------------------------------
+# root writing into a user's home follows no link the user planted
+
+
+@pytest.fixture
+def user_home(tmp_path, monkeypatch):
+    """A home its user (not root) owns, as qborg's Salt states (root) see it;
+    and a root-owned directory outside it that a planted link points at."""
+    home = tmp_path / "home"
+    (home / ".config").mkdir(parents=True)
+    victim = tmp_path / "root-owned"
+    victim.mkdir(mode=0o700)
+    (victim / "file").write_text("root's\n")
+    os.chmod(victim, 0o700)
+    if os.geteuid() == 0:
+        for path in (home, home / ".config"):
+            os.chown(path, 65534, 65534)
+    else:
+        # as a user: the test's own directories play the user's, root is simulated
+        monkeypatch.setattr(core, "_running_as_root", lambda: True)
+        os.chown(victim, os.getuid(), os.getgid())
+    return home, victim
+
+
+def snapshot(path):
+    st = os.lstat(path)
+    return (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode), sorted(os.listdir(path)),
+            (path / "file").read_text())
+
+
+@pytest.mark.parametrize("where", ["conf-dir", "parent"])
+def test_a_planted_directory_link_in_a_home_is_refused_naming_it(user_home, where):
+    home, victim = user_home
+    before = snapshot(victim)
+    if where == "conf-dir":
+        (home / ".config" / "qborg").symlink_to(victim)
+        link = home / ".config" / "qborg"
+    else:
+        (home / ".local").symlink_to(victim)
+        link = home / ".local"
+    calls = {
+        "ensure_dir": lambda: core.ensure_dir(
+            str(home / (".config/qborg" if where == "conf-dir" else ".local/state/qborg")),
+            0o700, (65534, 65534)),
+        "atomic_write": lambda: core.atomic_write(
+            str(link / "passphrase"), "secret\n", 0o600, (65534, 65534)),
+        "read_text": lambda: core.read_text(str(link / "file")),
+        "remove_file": lambda: core.remove_file(str(link / "file")),
+        "remove_dead_temps": lambda: core.remove_dead_temps(str(link / "file")),
+    }
+    for name, call in calls.items():
+        with pytest.raises(core.QborgUnsafePathError) as exc:
+            call()
+        message = str(exc.value)
+        assert f"{link} is a symbolic link (to {victim})" in message, name
+        assert "nothing was written" in message and "rm " in message, name
+        assert snapshot(victim) == before, name
+
+
+def test_a_planted_file_link_is_not_read_through_and_is_replaced_not_followed(user_home):
+    home, victim = user_home
+    conf = home / ".config" / "qborg"
+    conf.mkdir()
+    if os.geteuid() == 0:
+        os.chown(conf, 65534, 65534)
+    (conf / "passphrase").symlink_to(victim / "file")
+    with pytest.raises(core.QborgUnsafePathError, match="passphrase is a symbolic link"):
+        core.read_text(str(conf / "passphrase"))
+    core.atomic_write(str(conf / "passphrase"), "new\n", 0o600)
+    assert not (conf / "passphrase").is_symlink()
+    assert (victim / "file").read_text() == "root's\n"
+
+
+def test_links_root_controls_are_followed(tmp_path):
+    """/usr/local -> /rw/usrlocal in a Qubes AppVM: a link in a directory only
+    root can change is followed."""
+    real = tmp_path / "rw" / "usrlocal"
+    real.mkdir(parents=True)
+    (tmp_path / "usrlocal").symlink_to(real)
+    assert core.ensure_dir(str(tmp_path / "usrlocal" / "etc" / "qborg"), 0o755) is True
+    core.atomic_write(str(tmp_path / "usrlocal" / "etc" / "qborg" / "x"), "x\n", 0o644)
+    assert (real / "etc" / "qborg" / "x").read_text() == "x\n"
+    assert core.read_text(str(tmp_path / "usrlocal" / "etc" / "qborg" / "x")) == "x\n"
+
+
+def test_ensure_dir_creates_parents_owned_by_the_user_and_sets_mode(user_home):
+    home, _victim = user_home
+    owner = (os.getuid(), os.getgid()) if os.geteuid() != 0 else (65534, 65534)
+    target = home / ".local" / "state" / "qborg"
+    assert core.ensure_dir(str(target), 0o700, owner) is True
+    for path in (home / ".local", home / ".local" / "state"):
+        assert (os.stat(path).st_uid, mode(path)) == (owner[0], 0o755)
+    assert (os.stat(target).st_uid, mode(target)) == (owner[0], 0o700)
+    assert core.ensure_dir(str(target), 0o700, owner) is False
