@@ -1073,8 +1073,20 @@ def rotate(settings, home, owner, vm):
             pass  # an earlier run changed it and stopped before promoting
         else:
             _set_rotation(keystore, vm, "changing")
-            proc = borg.run(vm, ["key", "change-passphrase"], env_extra={
-                "BORG_NEW_PASSPHRASE": core.read_text(next_pass).strip()})
+            # both passphrases reach borg on a pipe, answering its prompts
+            # (in a session of its own borg has no terminal, and Python's
+            # getpass reads stdin): never in an environment or on a command
+            # line. Without BORG_PASSCOMMAND, which borg would also take as
+            # the new passphrase.
+            env = borg.env(vm)
+            del env["BORG_PASSCOMMAND"]
+            env["BORG_DISPLAY_PASSPHRASE"] = "no"
+            answers = "".join(f"{text}\n" for text in (
+                keystore.passphrase(vm), *[core.read_text(next_pass).strip()] * 2))
+            proc = core.run_as(["borg", "key", "change-passphrase", "--lock-wait", "120",
+                                "--remote-path", borg.server["remote_path"], borg.url(vm)],
+                               owner, home, env, stdin=None, input=answers,
+                               start_new_session=True)
             if proc.returncode != 0:
                 raise core.QborgServerError(
                     f"borg key change-passphrase of {vm}'s repository failed (exit "
