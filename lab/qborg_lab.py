@@ -1942,6 +1942,8 @@ def main(argv=None):
                 args = ["--retcode-passthrough", "state.apply", "qborg"] + args
             argv_, env = lab.salt_command(opts.qube, *args)
             return subprocess.run(argv_, env=env, check=False).returncode
+        if opts.command in ("boot", "tick"):
+            lab._load_state()  # the lab must be up
         if opts.command == "boot":
             lab.boot(opts.qube)
             print("%s booted: crond flag %s, cron %s"
