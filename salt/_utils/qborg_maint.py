@@ -569,13 +569,19 @@ def _log(home, owner, message):
     message = one_line(message)
     path = maint_paths(home)["log"]
     core.ensure_dir(os.path.dirname(path), 0o700, owner)
-    new = not os.path.exists(path)
-    with open(path, "a", encoding="utf-8") as handle:
+    with _owned_file(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, owner) as handle:
         handle.write(time.strftime("%Y-%m-%dT%H:%M:%SZ ", time.gmtime()) + message + "\n")
-    if new:
-        os.chmod(path, 0o600)
-        if owner is not None and os.geteuid() == 0:
-            os.chown(path, owner[0], owner[1])
+
+
+def _owned_file(path, flags, owner):
+    """A text file of the admin user's state, opened through core.open_file
+    (a link the user planted is never followed as root), mode 0600 and
+    the user's own when Salt (root) creates it."""
+    fd = core.open_file(path, flags, 0o600)
+    if owner is not None and os.geteuid() == 0:
+        os.fchown(fd, owner[0], owner[1])  # Salt runs as root, cron as the user
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "a" if flags & os.O_APPEND else "w", encoding="utf-8")
 
 
 def maintain_vm(borg, vm, maint, now=None, check=None, before_compact=None):
@@ -785,9 +791,7 @@ def break_lock(settings, home, owner, vm):
     _require_vm(settings, vm)
     paths = maint_paths(home)
     core.ensure_dir(paths["state"], 0o700, owner)
-    with open(paths["lock"], "w", encoding="utf-8") as lock:
-        if owner is not None and os.geteuid() == 0:
-            os.fchown(lock.fileno(), owner[0], owner[1])
+    with _owned_file(paths["lock"], os.O_WRONLY | os.O_CREAT, owner) as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -816,9 +820,7 @@ def run_maintenance(settings, maint, home, owner=None, vms=None, scheduled=False
     last = _load_json(paths["last_run"], {}) or {}
     if scheduled and last.get("time") and now - last["time"] < maint["interval_seconds"]:
         return {"ran": False, "vms": {}, "alarms": [], "errors": {}, "rotations": {}}
-    with open(paths["lock"], "w", encoding="utf-8") as lock:
-        if owner is not None and os.geteuid() == 0:
-            os.fchown(lock.fileno(), owner[0], owner[1])  # Salt runs as root, cron as the user
+    with _owned_file(paths["lock"], os.O_WRONLY | os.O_CREAT, owner) as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -529,3 +529,36 @@ def test_the_repository_config_digest_sees_the_key_not_the_layout():
     other_key = ("[repository]\nversion = 1\nid = abc\nkey = QUJD\n\tREVH\n\n")
     assert maint.config_digest(config) == maint.config_digest(relaid)
     assert maint.config_digest(config) != maint.config_digest(other_key)
+
+
+def test_the_log_and_the_lock_follow_no_link_the_user_planted(tmp_path, monkeypatch):
+    """As root (Salt), a link at maint.log or the lock file pointing at a
+    file of root's is refused, the file unchanged."""
+    home = tmp_path / "home"
+    state = home / ".local" / "state" / "qborg" / "maint"
+    state.mkdir(parents=True)
+    target = tmp_path / "root-file"
+    target.write_text("root's\n")
+    os.chmod(target, 0o600)
+    if os.geteuid() == 0:
+        user = (65534, 65534)
+        for d in (home, home / ".local", home / ".local" / "state", state.parent, state):
+            os.chown(d, *user)
+    else:
+        # as a user: the test's own directories play the user's, root is simulated
+        monkeypatch.setattr(core, "_running_as_root", lambda: True)
+        user = (os.getuid(), os.getgid())
+    before = (target.read_text(), os.stat(target).st_uid)
+    paths = maint.maint_paths(str(home))
+    for path, act in ((paths["log"], lambda: maint._log(str(home), user, "x")),
+                      (paths["lock"], lambda: maint.run_maintenance(
+                          {"vms": {}}, {"interval_seconds": 1}, str(home), user, vms=[]))):
+        os.symlink(target, path)
+        os.lchown(path, *user)
+        with pytest.raises(core.QborgError):
+            act()
+        assert (target.read_text(), os.stat(target).st_uid) == before
+        os.unlink(path)
+    maint._log(str(home), user, "a line")
+    assert os.stat(paths["log"]).st_uid == user[0]
+    assert stat.S_IMODE(os.stat(paths["log"]).st_mode) == 0o600
