@@ -919,14 +919,7 @@ def status(settings, home, owner=None, now=None):
     vms = [vm_status(borg, vm, now) for vm in sorted(settings["vms"])]
     last_run = _load_json(maint_paths(home)["last_run"], {}) or {}
     return {"generated": iso(now), "last_maintenance_run": last_run.get("iso"), "vms": vms,
-            "warnings": status_warnings(settings)}
-
-
-def status_warnings(settings):
-    """Warnings about the settings themselves (core.shared_account_warnings
-    where this core has it)."""
-    warn = getattr(core, "shared_account_warnings", None)
-    return list(warn(settings)) if warn else []
+            "warnings": core.shared_account_warnings(settings)}
 
 
 def status_table(data):

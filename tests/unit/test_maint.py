@@ -240,6 +240,20 @@ def test_status_table_marks_alarm_stale_and_errors():
     assert table.splitlines()[-1] == "last maintenance run: never"
 
 
+def test_status_warns_of_vms_sharing_the_account_without_a_quota(tmp_path, merged):
+    """qborg status (no VM provisioned here: no server is reached) carries
+    the shared-account warning, in its JSON and as the table's last line."""
+    settings = core.validate_settings(merged)
+    for vm in settings["vms"].values():
+        vm["storage_quota"] = None
+    data = maint.status(settings, str(tmp_path))
+    assert data["warnings"] == core.shared_account_warnings(settings) != []
+    assert maint.status_table(data).splitlines()[-1].startswith("warning: the server's account")
+    for vm in settings["vms"].values():
+        vm["storage_quota"] = "200G"
+    assert maint.status(settings, str(tmp_path))["warnings"] == []
+
+
 @pytest.fixture
 def store(tmp_path, merged):
     settings = core.validate_settings(merged)
