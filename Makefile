@@ -19,7 +19,7 @@ BORGMATIC_LATEST_SPEC ?= borgmatic==2.1.10
 SALT_FILES := $(wildcard salt/qborg/*.sls salt/qborg/*.top salt/qborg/*.jinja)
 
 .PHONY: all deps venv borgmatic-latest demo test unit lint lab-up lab-down clean dist rpm \
-	matrix-deps salt-latest borg-1.4 test-matrix bench
+	matrix-deps salt-latest salt-3007 borg-1.4 test-matrix test-matrix-3007 test-matrix-3008 bench
 
 all: test
 
@@ -82,13 +82,23 @@ clean:
 # `make test` runs salt 3006 (the main venv), Debian 12's borg 1.2 and
 # borgmatic 1.7.7, and the newest borgmatic (vm-work). `make test-matrix` runs
 # the unit and functional tests and the lab's core end-to-end tests again with
-# the newest salt, and with borg 1.4 on the clients and the server.
+# salt 3007 (test-matrix-3007) and with the newest salt (test-matrix-3008),
+# both with borg 1.4 on the clients and the server.
 # Each lives in a venv of Debian's /usr/bin/python3 in a world-readable place,
 # so the lab's qube and server users can run it.
 SALT_LATEST ?= /opt/qborg-test/salt-latest
 # the newest salt tested (3008.5 wants a certifi newer than PyPI serves here);
 # raise it (or set SALT_LATEST_SPEC=salt) to try a newer one
 SALT_LATEST_SPEC ?= salt==3008.4
+# what Qubes' Fedora 42 management disposables run (Fedora 41's: 3007.1)
+SALT_3007 ?= /opt/qborg-test/salt-3007
+SALT_3007_SPEC ?= salt==3007.5
+# salt 3007.0 to 3007.14 on PyPI declare no dependencies: these are its
+# requirements (requirements/base.txt, zeromq.txt, crypto.txt)
+SALT_3007_DEPS := Jinja2 jmespath msgpack PyYAML MarkupSafe requests certifi distro psutil \
+	packaging looseversion tornado aiohttp croniter setproctitle timelib pyopenssl \
+	python-dateutil python-gnupg cherrypy importlib-metadata zipp cryptography rpm-vercmp \
+	contextvars immutables urllib3 jaraco.text jaraco.functools frozenlist pyzmq pycryptodomex
 BORG14 ?= /opt/qborg-test/borg-1.4
 # borg 1.4 has no wheel on PyPI: it compiles against these
 BORG14_SPEC ?= borgbackup==1.4.5
@@ -98,8 +108,10 @@ MATRIX_PYTEST_ARGS ?=
 # lint (salt-lint, yamllint) runs once, in `make test`: its findings do not
 # depend on the salt version.
 # the lab's core: backup, list, restore, append-only and repository isolation,
-# zero changes on re-apply, the admin's batch, a VM added on its own
-MATRIX_E2E := tests/e2e/test_qborg.py tests/e2e/test_qborg_admin.py
+# zero changes on re-apply, the admin's batch, a VM added on its own, and the
+# admin qube and a VM applied through salt-ssh (as qubesctl does)
+MATRIX_E2E := tests/e2e/test_qborg.py tests/e2e/test_qborg_admin.py tests/e2e/test_salt_ssh.py
+MATRIX_TESTS := tests/unit tests/functional $(MATRIX_E2E) --ignore=tests/functional/test_lint.py
 
 matrix-deps: deps
 	$(call apt_install,$(MATRIX_DEB_PACKAGES))
@@ -114,6 +126,17 @@ $(SALT_LATEST)/.installed: setup.py | deps
 
 salt-latest: $(SALT_LATEST)/.installed
 
+$(SALT_3007)/.installed: setup.py | deps
+	install -d -m 0755 $(dir $(SALT_3007))
+	test -x $(SALT_3007)/bin/python || $(PYTHON) -m venv $(SALT_3007)
+	$(SALT_3007)/bin/python -m pip install -q --upgrade pip
+	$(SALT_3007)/bin/python -m pip install -q '$(SALT_3007_SPEC)' $(SALT_3007_DEPS) \
+		paramiko passlib pyyaml 'pytest>=8' 'pytest-salt-factories>=1.0'
+	$(SALT_3007)/bin/salt-call --version
+	touch $@
+
+salt-3007: $(SALT_3007)/.installed
+
 $(BORG14)/.installed: | matrix-deps
 	install -d -m 0755 $(dir $(BORG14))
 	test -x $(BORG14)/bin/python || /usr/bin/python3 -m venv $(BORG14)
@@ -125,11 +148,23 @@ $(BORG14)/.installed: | matrix-deps
 
 borg-1.4: $(BORG14)/.installed
 
-test-matrix: deps venv borgmatic-latest salt-latest borg-1.4
-	@echo "== salt: $$($(SALT_LATEST)/bin/salt-call --version); borg 1.4 on clients and server: $$($(BORG14)/bin/borg --version)"
+# $(call matrix_run,SALT VENV): the matrix's tests with that venv's salt and borg 1.4
+define matrix_run
+	@echo "== salt: $$($(1)/bin/salt-call --version); borg 1.4 on clients and server: $$($(BORG14)/bin/borg --version)"
 	QBORG_BORGMATIC_LATEST=$(BORGMATIC_LATEST)/bin/borgmatic QBORG_LAB_BORG=$(BORG14)/bin/borg \
-		$(SALT_LATEST)/bin/python -m pytest tests/unit tests/functional $(MATRIX_E2E) \
-		--ignore=tests/functional/test_lint.py $(MATRIX_PYTEST_ARGS)
+		$(1)/bin/python -m pytest $(MATRIX_TESTS) $(MATRIX_PYTEST_ARGS)
+endef
+
+test-matrix-3007: deps venv borgmatic-latest salt-3007 borg-1.4
+	$(call matrix_run,$(SALT_3007))
+
+test-matrix-3008: deps venv borgmatic-latest salt-latest borg-1.4
+	$(call matrix_run,$(SALT_LATEST))
+
+# one after the other, also under make -j: both use the lab of $$QBORG_LAB_TAG
+test-matrix:
+	$(MAKE) test-matrix-3007
+	$(MAKE) test-matrix-3008
 
 # --- benchmarks (make bench; BENCH_QUICK=1 for smaller data) -----------------
 # bench/run.py runs each script in bench/run.py's BENCHES in a lab of its own

@@ -35,6 +35,8 @@ def pytest_configure(config):
     config.addinivalue_line("filterwarnings",
                             "ignore:the load_module\\(\\) method is deprecated:DeprecationWarning")
     config.addinivalue_line("filterwarnings", "ignore:'crypt' is deprecated:DeprecationWarning")
+    # salt 3007's linux_shadow imports spwd
+    config.addinivalue_line("filterwarnings", "ignore:'spwd' is deprecated:DeprecationWarning")
 
 
 @pytest.fixture(scope="session")
