@@ -62,7 +62,7 @@ def loaders_for(salt_factories, pillar_tree):
 
     def make(minion_id, grains=None):
         """grains: static grains over the host's (e.g. {"os_family": "RedHat"})."""
-        key = (minion_id, tuple(sorted((grains or {}).items())))
+        key = (minion_id, repr(sorted((grains or {}).items())))  # grains may hold lists
         if key not in made:
             overrides = {
                 "file_client": "local",
