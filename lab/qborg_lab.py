@@ -1039,6 +1039,9 @@ class Lab:
             "log_level_logfile": "info",
             # reverse lookups of every address only slow each call down
             "enable_fqdns_grains": False,
+            # salt 3008 masks pillar.items' values ("**********"): render_pillar
+            # hands them to salt-ssh as the qube's pillar (older salts ignore it)
+            "pillar_mask_output": False,
         }
         if qube == "dom0":
             minion.update(self._dom0_salt_stand_ins())
