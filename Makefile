@@ -57,9 +57,31 @@ borgmatic-latest: $(BORGMATIC_LATEST)/.installed
 demo: deps venv
 	$(VPY) lab/demo.py
 
+# The end-to-end modules run in two labs at once (lab tags e2ea and e2eb: unix
+# users, sshds and brokers of their own), each group about half the time.
+E2E_GROUP_A := tests/e2e/test_attacks.py tests/e2e/test_faults.py tests/e2e/test_qborg.py \
+	tests/e2e/test_highstate.py tests/e2e/test_relay.py
+E2E_GROUP_B := $(filter-out $(E2E_GROUP_A),$(sort $(wildcard tests/e2e/test_*.py)))
+
+# $(call in_two_labs,TAG A,COMMAND A,TAG B,COMMAND B): both commands at once, each
+# with QBORG_LAB_TAG set (a lab of its own); their output one after the other;
+# fails if either does
+define in_two_labs
+	@rm -f .pytest-$(1).log .pytest-$(3).log; \
+	QBORG_LAB_TAG=$(1) $(2) > .pytest-$(1).log 2>&1 & a=$$!; \
+	QBORG_LAB_TAG=$(3) $(4) > .pytest-$(3).log 2>&1 & b=$$!; \
+	wait $$a; ra=$$?; wait $$b; rb=$$?; \
+	echo "== lab $(1)"; cat .pytest-$(1).log; echo "== lab $(3)"; cat .pytest-$(3).log; \
+	rm -f .pytest-$(1).log .pytest-$(3).log; \
+	echo "== lab $(1): exit $$ra; lab $(3): exit $$rb"; test $$ra -eq 0 -a $$rb -eq 0
+endef
+
+TEST_ENV = QBORG_BORGMATIC_LATEST=$(BORGMATIC_LATEST)/bin/borgmatic
+
 test: deps venv borgmatic-latest lint
-	QBORG_BORGMATIC_LATEST=$(BORGMATIC_LATEST)/bin/borgmatic $(VPY) -m pytest \
+	$(TEST_ENV) $(VPY) -m pytest tests/unit tests/functional \
 		--ignore=tests/functional/test_lint.py $(PYTEST_ARGS)
+	$(call in_two_labs,e2ea,$(TEST_ENV) $(VPY) -m pytest -p no:cacheprovider $(E2E_GROUP_A) $(PYTEST_ARGS),e2eb,$(TEST_ENV) $(VPY) -m pytest -p no:cacheprovider $(E2E_GROUP_B) $(PYTEST_ARGS))
 
 lint: venv
 	$(VENV)/bin/salt-lint $(SALT_FILES)
@@ -148,11 +170,12 @@ $(BORG14)/.installed: | matrix-deps
 
 borg-1.4: $(BORG14)/.installed
 
+MATRIX_ENV = QBORG_BORGMATIC_LATEST=$(BORGMATIC_LATEST)/bin/borgmatic QBORG_LAB_BORG=$(BORG14)/bin/borg
+
 # $(call matrix_run,SALT VENV): the matrix's tests with that venv's salt and borg 1.4
 define matrix_run
 	@echo "== salt: $$($(1)/bin/salt-call --version); borg 1.4 on clients and server: $$($(BORG14)/bin/borg --version)"
-	QBORG_BORGMATIC_LATEST=$(BORGMATIC_LATEST)/bin/borgmatic QBORG_LAB_BORG=$(BORG14)/bin/borg \
-		$(1)/bin/python -m pytest $(MATRIX_TESTS) $(MATRIX_PYTEST_ARGS)
+	$(MATRIX_ENV) $(1)/bin/python -m pytest $(MATRIX_TESTS) $(MATRIX_PYTEST_ARGS)
 endef
 
 test-matrix-3007: deps venv borgmatic-latest salt-3007 borg-1.4
@@ -161,10 +184,10 @@ test-matrix-3007: deps venv borgmatic-latest salt-3007 borg-1.4
 test-matrix-3008: deps venv borgmatic-latest salt-latest borg-1.4
 	$(call matrix_run,$(SALT_LATEST))
 
-# one after the other, also under make -j: both use the lab of $$QBORG_LAB_TAG
-test-matrix:
-	$(MAKE) test-matrix-3007
-	$(MAKE) test-matrix-3008
+# both salts at once, each in a lab of its own (tags m3007, m3008)
+test-matrix: deps venv borgmatic-latest salt-3007 salt-latest borg-1.4
+	@echo "== salt $$($(SALT_3007)/bin/salt-call --version) and $$($(SALT_LATEST)/bin/salt-call --version); borg 1.4 on clients and server: $$($(BORG14)/bin/borg --version)"
+	$(call in_two_labs,m3007,$(MATRIX_ENV) $(SALT_3007)/bin/python -m pytest -p no:cacheprovider $(MATRIX_TESTS) $(MATRIX_PYTEST_ARGS),m3008,$(MATRIX_ENV) $(SALT_LATEST)/bin/python -m pytest -p no:cacheprovider $(MATRIX_TESTS) $(MATRIX_PYTEST_ARGS))
 
 # --- benchmarks (make bench; BENCH_QUICK=1 for smaller data) -----------------
 # bench/run.py runs each script in bench/run.py's BENCHES in a lab of its own
