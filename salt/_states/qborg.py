@@ -26,6 +26,24 @@ def _ret(name):
     return {"name": name, "changes": {}, "result": True, "comment": ""}
 
 
+def _ensure(name, function, *args, **kwargs):
+    """A state over an execution function that returns {changes, comment}
+    and takes test: its error fails the state, test=True reports None."""
+    ret = _ret(name)
+    test = bool(__opts__.get("test"))
+    try:
+        out = __salt__[function](*args, test=test, **kwargs)
+    except CommandExecutionError as exc:
+        ret["result"] = False
+        ret["comment"] = str(exc)
+        return ret
+    ret["comment"] = out["comment"]
+    if out["changes"]:
+        ret["changes"] = out["changes"]
+        ret["result"] = None if test else True
+    return ret
+
+
 def settings_valid(name, config):
     """Fail (and, with failhard, stop the run) if the qborg pillar is invalid."""
     ret = _ret(name)
@@ -107,19 +125,7 @@ def client_borgmatic_config(name, config):
     rendered from pillar for the borgmatic the qube's user runs, checked by
     that borgmatic's own validator before it replaces the file in place.
     """
-    ret = _ret(name)
-    test = bool(__opts__.get("test"))
-    try:
-        out = __salt__["qborg.client_borgmatic_config"](config, test=test)
-    except CommandExecutionError as exc:
-        ret["result"] = False
-        ret["comment"] = str(exc)
-        return ret
-    ret["comment"] = out["comment"]
-    if out["changes"]:
-        ret["changes"] = out["changes"]
-        ret["result"] = None if test else True
-    return ret
+    return _ensure(name, "qborg.client_borgmatic_config", config)
 
 
 def client_ssh_config(name, config):
@@ -127,19 +133,7 @@ def client_ssh_config(name, config):
     The managed ``Host qborg`` block comes first in the user's ~/.ssh/config
     (name: its path, for the record); every other line stays as it was.
     """
-    ret = _ret(name)
-    test = bool(__opts__.get("test"))
-    try:
-        out = __salt__["qborg.client_ssh_config"](config, test=test)
-    except CommandExecutionError as exc:
-        ret["result"] = False
-        ret["comment"] = str(exc)
-        return ret
-    ret["comment"] = out["comment"]
-    if out["changes"]:
-        ret["changes"] = out["changes"]
-        ret["result"] = None if test else True
-    return ret
+    return _ensure(name, "qborg.client_ssh_config", config)
 
 
 def home_directory(name, user, mode="0700"):
@@ -149,19 +143,7 @@ def home_directory(name, user, mode="0700"):
     user could point anywhere, is refused naming it (Salt runs as root and
     ``file.directory`` would follow it, and chown its target).
     """
-    ret = _ret(name)
-    test = bool(__opts__.get("test"))
-    try:
-        out = __salt__["qborg.home_directory"](name, user, mode=mode, test=test)
-    except CommandExecutionError as exc:
-        ret["result"] = False
-        ret["comment"] = str(exc)
-        return ret
-    ret["comment"] = out["comment"]
-    if out["changes"]:
-        ret["changes"] = out["changes"]
-        ret["result"] = None if test else True
-    return ret
+    return _ensure(name, "qborg.home_directory", name, user, mode=mode)
 
 
 def admin_settings(name, config):
