@@ -3,21 +3,11 @@
     Python libraries the admin qube's programs import (paramiko, passlib,
     cryptography, pykeepass). qborg:admin_template names that template;
     unset, every template gets them.
-    The names are those of Debian 12 and 13 and Fedora 41 and 42 (checked
-    against each release's package index; tests/functional/test_template.py). #}
-{%- from "qborg/map.jinja" import qborg with context %}
-{%- set packages = {
-      "Debian": {
-        "base": ["borgbackup", "borgmatic", "openssh-client", "cron"],
-        "admin": ["python3-paramiko", "python3-passlib", "python3-cryptography",
-                  "python3-pykeepass"],
-      },
-      "RedHat": {
-        "base": ["borgbackup", "borgmatic", "openssh-clients", "cronie"],
-        "admin": ["python3-paramiko", "python3-passlib", "python3-cryptography",
-                  "python3-pykeepass"],
-      },
-    } %}
+    The names, per os_family, are qborg:packages and qborg:admin_packages
+    (defaults.yaml, those of Debian 12 and 13 and Fedora 41 and 42, checked
+    against each release's package index; tests/functional/test_template.py);
+    map.jinja picks this template's family and checks a pillar override. #}
+{%- from "qborg/map.jinja" import qborg, packages with context %}
 {%- set family = grains["os_family"] %}
 {%- set admin_template = qborg.get("admin_template") %}
 {%- set for_admin = not admin_template or admin_template == grains["id"] %}
@@ -29,15 +19,23 @@
 {%- set dnf5 = grains.get("os") == "Fedora" and (grains.get("osmajorrelease") or 0) | int >= 41 %}
 {%- set salt_version = (grains.get("saltversioninfo") or [])[:2] %}
 {%- set salt_lacks_dnf5 = dnf5 and salt_version and salt_version < [3006, 10] %}
-{%- if grains["id"] == "dom0" or family not in packages %}
+{%- set names = (packages.base + (packages.admin if for_admin else [])) if packages else [] %}
+{%- if grains["id"] == "dom0" or packages is none %}
 
 qborg-template-unsupported:
   test.fail_without_changes:
     - name: >-
         qborg's template part installs packages in Debian and Fedora
-        templates only, not in {{ grains["id"] }} ({{ family }})
+        templates only, not in {{ grains["id"] }} ({{ family }}); for
+        another family, list its names under qborg:packages:{{ family }}
+        and qborg:admin_packages:{{ family }}
+{%- elif not names %}
+
+qborg-template-nothing-to-install:
+  test.nop:
+    - name: {{ ("qborg:packages:%s and qborg:admin_packages:%s name nothing for %s"
+               % (family, family, grains["id"])) | json }}
 {%- elif salt_lacks_dnf5 %}
-{%- set names = packages[family].base + (packages[family].admin if for_admin else []) %}
 
 {%- set workaround -%}
 salt {{ grains["saltversion"] }} cannot install packages in {{ grains["id"] }}:
@@ -57,14 +55,17 @@ qborg-template-salt-without-dnf5:
     - comment: {{ workaround.split() | join(" ") | json }}
     - unless: rpm -q {{ names | join(" ") }}
 {%- else %}
+{#- one of the two may be empty (pillar []) #}
+{%- if packages.base %}
 
 qborg-template-packages:
   pkg.installed:
-    - pkgs: {{ packages[family].base | json }}
-{%- if for_admin %}
+    - pkgs: {{ packages.base | json }}
+{%- endif %}
+{%- if for_admin and packages.admin %}
 
 qborg-template-admin-packages:
   pkg.installed:
-    - pkgs: {{ packages[family].admin | json }}
+    - pkgs: {{ packages.admin | json }}
 {%- endif %}
 {%- endif %}
