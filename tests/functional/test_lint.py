@@ -27,6 +27,7 @@ RENDERED = [
     ("template", "debian-12-xfce", {"os_family": "Debian", "os": "Debian"}),
     ("template", "fedora-41", {"os_family": "RedHat", "os": "Fedora"}),
     ("template", "arch-tpl", {"os_family": "Arch", "os": "Arch"}),
+    ("clean", "vm-personal", None), ("clean", "backup-admin", None), ("clean", "dom0", None),
 ]
 
 
