@@ -18,7 +18,8 @@ BORGMATIC_LATEST_SPEC ?= borgmatic==2.1.10
 # (.yamllint) and, in tests/functional/test_lint.py, each .sls as Salt renders it
 SALT_FILES := $(wildcard salt/qborg/*.sls salt/qborg/*.top salt/qborg/*.jinja)
 
-.PHONY: all deps venv borgmatic-latest demo test unit lint lab-up lab-down clean dist rpm \
+.PHONY: all deps venv borgmatic-latest demo test unit integration functional e2e lint lab-up \
+	lab-down clean dist rpm \
 	matrix-deps salt-latest salt-3007 borg-1.4 test-matrix test-matrix-3007 test-matrix-3008 bench
 
 all: test
@@ -78,18 +79,32 @@ endef
 
 TEST_ENV = QBORG_BORGMATIC_LATEST=$(BORGMATIC_LATEST)/bin/borgmatic
 
-test: deps venv borgmatic-latest lint
-	$(TEST_ENV) $(VPY) -m pytest tests/unit tests/functional \
-		--ignore=tests/functional/test_lint.py $(PYTEST_ARGS)
-	$(call in_two_labs,e2ea,$(TEST_ENV) $(VPY) -m pytest -p no:cacheprovider $(E2E_GROUP_A) $(PYTEST_ARGS),e2eb,$(TEST_ENV) $(VPY) -m pytest -p no:cacheprovider $(E2E_GROUP_B) $(PYTEST_ARGS))
+# The test layers (pytest.ini says what each needs; `pytest -m LAYER` selects
+# one): every test runs in `make test`, lint first, then each layer, the
+# quickest first.
+test: lint unit integration functional e2e
 
 lint: venv
 	$(VENV)/bin/salt-lint $(SALT_FILES)
 	$(VENV)/bin/yamllint --strict .
 	$(VPY) -m pytest -q tests/functional/test_lint.py
 
+# pure logic, no real tool: seconds
 unit: venv
 	$(VPY) -m pytest tests/unit $(PYTEST_ARGS)
+
+# the core against real borg, borgmatic, ssh, Debian's python3 and pykeepass
+integration: deps venv borgmatic-latest
+	$(TEST_ENV) $(VPY) -m pytest tests/integration $(PYTEST_ARGS)
+
+# Salt's loader; test_lint.py runs in `make lint`
+functional: deps venv borgmatic-latest
+	$(TEST_ENV) $(VPY) -m pytest tests/functional \
+		--ignore=tests/functional/test_lint.py $(PYTEST_ARGS)
+
+# the lab, as root: the two groups at once, each in a lab of its own
+e2e: deps venv borgmatic-latest
+	$(call in_two_labs,e2ea,$(TEST_ENV) $(VPY) -m pytest -p no:cacheprovider $(E2E_GROUP_A) $(PYTEST_ARGS),e2eb,$(TEST_ENV) $(VPY) -m pytest -p no:cacheprovider $(E2E_GROUP_B) $(PYTEST_ARGS))
 
 lab-up: deps venv
 	$(VPY) lab/qborg_lab.py up
@@ -103,9 +118,9 @@ clean:
 # --- the version matrix (make test-matrix) ----------------------------------
 # `make test` runs salt 3006 (the main venv), Debian 12's borg 1.2 and
 # borgmatic 1.7.7, and the newest borgmatic (vm-work). `make test-matrix` runs
-# the unit and functional tests and the lab's core end-to-end tests again with
-# salt 3007 (test-matrix-3007) and with the newest salt (test-matrix-3008),
-# both with borg 1.4 on the clients and the server.
+# the unit, integration and functional tests and the lab's core end-to-end
+# tests again with salt 3007 (test-matrix-3007) and with the newest salt
+# (test-matrix-3008), both with borg 1.4 on the clients and the server.
 # Each lives in a venv of Debian's /usr/bin/python3 in a world-readable place,
 # so the lab's qube and server users can run it.
 SALT_LATEST ?= /opt/qborg-test/salt-latest
@@ -133,7 +148,8 @@ MATRIX_PYTEST_ARGS ?=
 # zero changes on re-apply, the admin's batch, a VM added on its own, and the
 # admin qube and a VM applied through salt-ssh (as qubesctl does)
 MATRIX_E2E := tests/e2e/test_qborg.py tests/e2e/test_qborg_admin.py tests/e2e/test_salt_ssh.py
-MATRIX_TESTS := tests/unit tests/functional $(MATRIX_E2E) --ignore=tests/functional/test_lint.py
+MATRIX_TESTS := tests/unit tests/integration tests/functional $(MATRIX_E2E) \
+	--ignore=tests/functional/test_lint.py
 
 matrix-deps: deps
 	$(call apt_install,$(MATRIX_DEB_PACKAGES))

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchlib as b  # noqa: E402
 
 import admin_scale  # noqa: E402
-import qborg_core as core  # noqa: E402
+import _qborg_repos as repos  # noqa: E402
 
 ADMIN = "backup-admin"
 ALLOWANCE = 10.0  # seconds over the floor
@@ -55,7 +55,7 @@ def measure(lab, n):
         if "qborg-admin-provisioned" not in b.changed_ids(result):
             raise RuntimeError("the admin apply provisioned nothing: %s" % b.changed_ids(result))
         with open(lab.authorized_keys_path, encoding="utf-8") as handle:
-            lines = len(core.split_managed_block(handle.read())[1])
+            lines = len(repos.split_managed_block(handle.read())[1])
         if lines != n:
             raise RuntimeError("authorized_keys has %d managed lines, not %d" % (lines, n))
         applies.append(seconds)

@@ -28,12 +28,16 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "lab"))
-sys.path.insert(0, os.path.join(REPO, "salt", "_utils"))
+sys.path.insert(0, os.path.join(REPO, "salt", "_modules"))
 
 import yaml  # noqa: E402
 
-import qborg_admin as admin  # noqa: E402
-import qborg_core as core  # noqa: E402
+import _qborg_base as base_mod  # noqa: E402
+import _qborg_settings as settings_mod  # noqa: E402
+import _qborg_repos as repos  # noqa: E402
+import _qborg_keystore as keystore_mod  # noqa: E402
+import _qborg_server as server_mod  # noqa: E402
+import _qborg_admin as admin  # noqa: E402
 from qborg_lab import Lab  # noqa: E402
 
 
@@ -45,7 +49,7 @@ def settings_for(lab, n):
     raw.update(admin_vm="backup-admin", user=overlay["user"], paths=overlay["paths"])
     raw["server"].update(overlay["server"])
     raw["vms"] = {f"vm-bench{i:03d}": {} for i in range(n)}
-    return core.validate_settings(raw)
+    return settings_mod.validate_settings(raw)
 
 
 def prepare(lab, n, original):
@@ -61,11 +65,11 @@ def prepare(lab, n, original):
     with open(lab.authorized_keys_path, "wb") as f:
         f.write(original)
     settings = settings_for(lab, n)
-    store = core.Keystore(keystore, owner)
+    store = keystore_mod.Keystore(keystore, owner)
     for vm in settings["vms"]:
         for path in (store.base, os.path.join(store.base, "vms"), store.vm_dir(vm)):
-            core.ensure_dir(path, 0o700, owner)
-        core.atomic_write(os.path.join(store.vm_dir(vm), "repokey"), "stub\n", 0o600, owner)
+            base_mod.ensure_dir(path, 0o700, owner)
+        base_mod.atomic_write(os.path.join(store.vm_dir(vm), "repokey"), "stub\n", 0o600, owner)
         repo = os.path.join(lab.home(lab.server_user), "qborg", vm)
         os.makedirs(repo)
         open(os.path.join(repo, "config"), "w").close()
@@ -79,10 +83,10 @@ def run(lab, n, original):
     entry = pwd.getpwnam(lab.user("backup-admin"))
     owner = (entry.pw_uid, entry.pw_gid)
     settings = prepare(lab, n, original)
-    store = core.Keystore(os.path.join(home, ".local", "share", "qborg"), owner)
+    store = keystore_mod.Keystore(os.path.join(home, ".local", "share", "qborg"), owner)
     counts = {"connections": 0, "uploads": 0}
-    real_client = admin.ServerSession._new_client
-    real_upload = admin.ServerSession.upload_authorized_keys
+    real_client = server_mod.ServerSession._new_client
+    real_upload = server_mod.ServerSession.upload_authorized_keys
 
     def counting_client(self):
         counts["connections"] += 1
@@ -92,17 +96,17 @@ def run(lab, n, original):
         counts["uploads"] += 1
         return real_upload(self, *args)
 
-    admin.ServerSession._new_client = counting_client
-    admin.ServerSession.upload_authorized_keys = counting_upload
+    server_mod.ServerSession._new_client = counting_client
+    server_mod.ServerSession.upload_authorized_keys = counting_upload
     try:
         started = time.perf_counter()
         admin.provision(settings, home, owner)
         seconds = time.perf_counter() - started
     finally:
-        admin.ServerSession._new_client = real_client
-        admin.ServerSession.upload_authorized_keys = real_upload
+        server_mod.ServerSession._new_client = real_client
+        server_mod.ServerSession.upload_authorized_keys = real_upload
     with open(lab.authorized_keys_path, encoding="utf-8") as f:
-        block = core.split_managed_block(f.read())[1]
+        block = repos.split_managed_block(f.read())[1]
     assert block == admin.managed_lines(settings, store), "authorized_keys lines differ"
     return {"vms": n, "seconds": round(seconds, 3), "lines": len(block), **counts}
 

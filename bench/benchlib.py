@@ -24,7 +24,7 @@ import tempfile
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-for _path in (os.path.join(REPO, "lab"), os.path.join(REPO, "salt", "_utils")):
+for _path in (os.path.join(REPO, "lab"), os.path.join(REPO, "salt", "_modules")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
 

@@ -9,11 +9,10 @@ The tree, relative to /srv:
     salt/qborg/                 the formula (init.sls dispatches on the minion id;
                                 no state top: `state.apply qborg` needs none)
     salt/_modules/qborg.py      the execution module, and beside it
-    salt/_modules/_qborg_*.py   copies of the core modules: salt-ssh gives a
-                                qube's loader _modules and _states, never _utils
+    salt/_modules/_qborg_*.py   the Salt-free core (private to Salt's loader;
+                                salt-ssh ships only the files of _modules and
+                                _states to a qube, so the core lives there)
     salt/_states/qborg.py
-    salt/_utils/qborg_*.py      the core, for dom0's own salt-call and the
-                                programs the admin part installs
     pillar/qborg/init.top       for `qubesctl top.enable qborg pillar=True`
     pillar/qborg/init.sls.example   pillar.example; copy it to init.sls and edit
 
@@ -42,9 +41,8 @@ import tarfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "qborg"
-CORE_MODULES = ("qborg_core", "qborg_admin", "qborg_maint")
-# shipped only as files a state installs (relay.sls: salt://_utils/qborg_relay.py)
-UTILS_ONLY = ("qborg_relay",)
+# the core: every _qborg_*.py beside the execution module (the one list)
+CORE_GLOB = re.compile(r"^_qborg_[a-z0-9_]+\.py$")
 
 # the pillar's own top file: every qube gets the qborg pillar, so that
 # init.sls can tell each one its part (or none)
@@ -106,12 +104,9 @@ def layout(repo=REPO):
             entries[os.path.join("salt", os.path.relpath(source, salt_dir))] = source
     entries["salt/_modules/qborg.py"] = os.path.join(salt_dir, "_modules", "qborg.py")
     entries["salt/_states/qborg.py"] = os.path.join(salt_dir, "_states", "qborg.py")
-    for module in CORE_MODULES:
-        source = os.path.join(salt_dir, "_utils", module + ".py")
-        entries["salt/_utils/%s.py" % module] = source
-        entries["salt/_modules/_%s.py" % module] = source
-    for module in UTILS_ONLY:
-        entries["salt/_utils/%s.py" % module] = os.path.join(salt_dir, "_utils", module + ".py")
+    for name in sorted(os.listdir(os.path.join(salt_dir, "_modules"))):
+        if CORE_GLOB.match(name):
+            entries["salt/_modules/" + name] = os.path.join(salt_dir, "_modules", name)
     entries["pillar/qborg/init.top"] = Text(PILLAR_TOP)
     entries["pillar/qborg/init.sls.example"] = os.path.join(repo, "pillar.example")
     for path, source in entries.items():

@@ -16,68 +16,50 @@ qborg-admin-pillar-valid:
 
 {#- refuses a symbolic link the user planted on the way (see the client part) #}
 qborg-admin-keystore:
-  qborg.home_directory:
+  qborg.home_directory_present:
     - name: {{ (home ~ "/.local/share/qborg") | json }}
     - user: {{ qborg.user | json }}
     - mode: '0700'
     - require:
       - qborg: qborg-admin-pillar-valid
 
-{%- for lib in ["qborg_core", "qborg_admin"] %}
-
-qborg-admin-lib-{{ lib }}:
-  file.managed:
-    - name: {{ prefix }}/lib/qborg/{{ lib }}.py
-    - source: salt://_utils/{{ lib }}.py
-    - user: root
-    - group: root
-    - mode: '0644'
-    - makedirs: True
+{#- the core the programs and services below run (their one static entry
+    calls it): every _qborg_*.py module, compiled once, because the admin
+    qube's user, who runs them, cannot write __pycache__ beside them #}
+qborg-admin-core:
+  qborg.core_installed:
+    - name: {{ (prefix ~ "/lib/qborg") | json }}
     - require:
       - qborg: qborg-admin-pillar-valid
-{%- endfor %}
 
 {#- owned by the admin qube's user: qborg.UpdateSettings (pushed from dom0)
     replaces it with the same serialisation #}
 qborg-admin-settings:
-  qborg.admin_settings:
+  qborg.admin_settings_managed:
     - config: {{ qborg | json }}
     - require:
       - qborg: qborg-admin-pillar-valid
 
-qborg-admin-getbundle-service:
-  file.managed:
-    - name: {{ prefix }}/etc/qubes-rpc/qborg.GetBundle
-    - source: salt://qborg/files/admin/qborg.GetBundle.j2
-    - template: jinja
-    - context:
-        lib_dir: {{ (prefix ~ "/lib/qborg") | json }}
-        settings: {{ (prefix ~ "/etc/qborg/admin.json") | json }}
-    - user: root
-    - group: root
-    - mode: '0755'
-    - makedirs: True
-    - require:
-      - file: qborg-admin-lib-qborg_core
-      - file: qborg-admin-lib-qborg_admin
-      - qborg: qborg-admin-settings
+{#- one static entry, installed under each name; the name picks what runs #}
+{%- set entries = {
+      "qborg-admin-getbundle-service": "etc/qubes-rpc/qborg.GetBundle",
+      "qborg-admin-updatesettings-service": "etc/qubes-rpc/qborg.UpdateSettings",
+      "qborg-admin-program-qborg": "bin/qborg",
+      "qborg-admin-program-qborg-maint": "bin/qborg-maint"} %}
+{%- for id, path in entries | dictsort %}
 
-qborg-admin-updatesettings-service:
+{{ id }}:
   file.managed:
-    - name: {{ prefix }}/etc/qubes-rpc/qborg.UpdateSettings
-    - source: salt://qborg/files/admin/qborg.UpdateSettings.j2
-    - template: jinja
-    - context:
-        lib_dir: {{ (prefix ~ "/lib/qborg") | json }}
-        settings: {{ (prefix ~ "/etc/qborg/admin.json") | json }}
+    - name: {{ (prefix ~ "/" ~ path) | json }}
+    - source: salt://qborg/files/common/qborg-entry
     - user: root
     - group: root
     - mode: '0755'
     - makedirs: True
     - require:
-      - file: qborg-admin-lib-qborg_core
-      - file: qborg-admin-lib-qborg_admin
+      - qborg: qborg-admin-core
       - qborg: qborg-admin-settings
+{%- endfor %}
 
 qborg-admin-provisioned:
   qborg.admin_provisioned:
@@ -91,51 +73,6 @@ qborg-admin-maintenance-valid:
     - config: {{ qborg | json }}
     - order: 1
     - failhard: True
-
-qborg-admin-lib-qborg_maint:
-  file.managed:
-    - name: {{ prefix }}/lib/qborg/qborg_maint.py
-    - source: salt://_utils/qborg_maint.py
-    - user: root
-    - group: root
-    - mode: '0644'
-    - makedirs: True
-    - require:
-      - qborg: qborg-admin-pillar-valid
-    - require_in:
-      - file: qborg-admin-getbundle-service
-
-{#- the services and programs run as the admin qube's user, who cannot write
-    __pycache__ beside these root-owned modules: compiled here once, or each
-    qborg.GetBundle request compiles all three again #}
-qborg-admin-lib-compiled:
-  cmd.run:
-    - name: {{ ("/usr/bin/python3 -m compileall -q " ~ ((prefix ~ "/lib/qborg") | quote)) | json }}
-    - onchanges:
-      - file: qborg-admin-lib-qborg_core
-      - file: qborg-admin-lib-qborg_admin
-      - file: qborg-admin-lib-qborg_maint
-    - require_in:
-      - file: qborg-admin-getbundle-service
-
-{%- for program in ["qborg", "qborg-maint"] %}
-
-qborg-admin-program-{{ program }}:
-  file.managed:
-    - name: {{ prefix }}/bin/{{ program }}
-    - source: salt://qborg/files/admin/{{ program }}.j2
-    - template: jinja
-    - context:
-        lib_dir: {{ (prefix ~ "/lib/qborg") | json }}
-        settings: {{ (prefix ~ "/etc/qborg/admin.json") | json }}
-    - user: root
-    - group: root
-    - mode: '0755'
-    - makedirs: True
-    - require:
-      - file: qborg-admin-lib-qborg_maint
-      - qborg: qborg-admin-settings
-{%- endfor %}
 
 qborg-admin-maint-schedule:
   cron.present:

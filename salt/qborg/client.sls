@@ -44,15 +44,15 @@ qborg-client-configured:
 {%- else %}
 
 qborg-client-bundle:
-  qborg.client_bundle:
+  qborg.bundle_installed:
     - config: {{ qborg | json }}
     - require:
       - qborg: qborg-client-pillar-valid
 
-{#- directories in the home: qborg.home_directory refuses a symbolic link
+{#- directories in the home: qborg.home_directory_present refuses a symbolic link
     the user planted on the way, which file.directory (as root) follows #}
 qborg-client-ssh-dir:
-  qborg.home_directory:
+  qborg.home_directory_present:
     - name: {{ (home ~ "/.ssh") | json }}
     - user: {{ qborg.user | json }}
     - mode: '0700'
@@ -63,14 +63,14 @@ qborg-client-ssh-dir:
     Host * or Match of the user's cannot override it); every other line of
     the user's file kept byte for byte #}
 qborg-client-ssh-config:
-  qborg.client_ssh_config:
+  qborg.ssh_config_managed:
     - name: {{ (home ~ "/.ssh/config") | json }}
     - config: {{ qborg | json }}
     - require:
       - qborg: qborg-client-ssh-dir
 
 qborg-client-state-dir:
-  qborg.home_directory:
+  qborg.home_directory_present:
     - name: {{ state_dir | json }}
     - user: {{ qborg.user | json }}
     - mode: '0700'
@@ -78,7 +78,7 @@ qborg-client-state-dir:
       - qborg: qborg-client-pillar-valid
 
 qborg-client-borgmatic-dir:
-  qborg.home_directory:
+  qborg.home_directory_present:
     - name: {{ (home ~ "/.config/borgmatic.d") | json }}
     - user: {{ qborg.user | json }}
     - mode: '0700'
@@ -89,7 +89,7 @@ qborg-client-borgmatic-dir:
     checked by that borgmatic's own validator before it replaces the file:
     a config borgmatic rejects never replaces a working one #}
 qborg-client-borgmatic:
-  qborg.client_borgmatic_config:
+  qborg.borgmatic_config_managed:
     - name: {{ (home ~ "/.config/borgmatic.d/qborg.yaml") | json }}
     - config: {{ qborg | json }}
     - require:

@@ -72,7 +72,7 @@ qborg-dom0-crond-{{ qube }}:
 {%- for qube in (admin + vms + ([relay_vm] if relay_vm else [])) if qube not in relayed %}
 
 qborg-dom0-netvm-{{ qube }}:
-  qborg.vm_netvm:
+  qborg.vm_networked:
     - name: {{ qube | json }}
     - relay_hint: {{ (qube in vms) | json }}
     - require:

@@ -2,24 +2,10 @@
     then to each target, so the part applied depends on the minion id:
     dom0 -> dom0 part, the admin qube -> admin part, a configured VM ->
     client part, a template -> package part, anything else -> nothing. #}
-{%- from "qborg/map.jinja" import qborg with context %}
+{#- the role is map.jinja's, the one place that decides it (clean.sls uses it too) #}
+{%- from "qborg/map.jinja" import role with context %}
 {%- set minion = grains["id"] %}
-{%- set is_template = salt["pillar.get"]("qubes:type") == "template"
-                      or minion in (qborg.templates or []) %}
-{%- if minion == "dom0" %}
-{%- set part = "dom0" %}
-{%- elif minion == qborg.admin_vm %}
-{%- set part = "admin" %}
-{%- elif qborg.relay_vm and minion == qborg.relay_vm %}
-{#- the networked qube that carries offline VMs' ssh (qborg:relay_vm) #}
-{%- set part = "relay" %}
-{%- elif minion in (qborg.vms or {}) %}
-{%- set part = "client" %}
-{%- elif is_template %}
-{%- set part = "template" %}
-{%- else %}
-{%- set part = "" %}
-{%- endif %}
+{%- set part = "" if role == "none" else role %}
 
 {%- if part %}
 include:

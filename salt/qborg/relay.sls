@@ -14,19 +14,11 @@ qborg-relay-pillar-valid:
     - order: 1
     - failhard: True
 
-{%- for lib in ["qborg_core", "qborg_relay"] %}
-
-qborg-relay-lib-{{ lib }}:
-  file.managed:
-    - name: {{ lib_dir }}/{{ lib }}.py
-    - source: salt://_utils/{{ lib }}.py
-    - user: root
-    - group: root
-    - mode: '0644'
-    - makedirs: True
+qborg-relay-core:
+  qborg.core_installed:
+    - name: {{ lib_dir | json }}
     - require:
       - qborg: qborg-relay-pillar-valid
-{%- endfor %}
 
 {#- root's, readable by the service (which runs as the qube's user): the
     caller cannot change where its bytes go #}
@@ -44,16 +36,11 @@ qborg-relay-config:
 qborg-relay-service:
   file.managed:
     - name: {{ prefix }}/etc/qubes-rpc/qborg.SshRelay
-    - source: salt://qborg/files/relay/qborg.SshRelay.j2
-    - template: jinja
-    - context:
-        lib_dir: {{ lib_dir | json }}
-        config: {{ relay_config | json }}
+    - source: salt://qborg/files/common/qborg-entry
     - user: root
     - group: root
     - mode: '0755'
     - makedirs: True
     - require:
-      - file: qborg-relay-lib-qborg_core
-      - file: qborg-relay-lib-qborg_relay
+      - qborg: qborg-relay-core
       - file: qborg-relay-config

@@ -11,7 +11,6 @@ user with a timeout.
 
 import glob
 import hashlib
-import json
 import os
 import pwd
 import shlex
@@ -20,7 +19,8 @@ import socket
 import subprocess
 import time
 
-ADMIN = "backup-admin"
+from helpers import ADMIN, backup, changed, keystore, maint, read_bytes, repo_dir, url  # noqa: F401
+from helpers import archives as client_archives  # noqa: F401
 
 
 # --------------------------------------------------------------- salt results
@@ -32,10 +32,6 @@ def failed(result):
     return {v["__id__"]: v["comment"] for v in result.values() if v.get("result") is False}
 
 
-def changed(result):
-    return sorted(v["__id__"] for v in result.values() if v.get("changes"))
-
-
 def applied_ok(lab, qube, *args):
     rc, result = lab.apply(qube, *args)
     assert rc == 0 and not failed(result), (qube, failed(result) or lab.last.stderr[-2000:])
@@ -45,25 +41,8 @@ def applied_ok(lab, qube, *args):
 # ------------------------------------------------------------------ places
 
 
-def keystore(lab):
-    return os.path.join(lab.home(ADMIN), ".local", "share", "qborg")
-
-
 def maint_state(lab):
     return os.path.join(lab.home(ADMIN), ".local", "state", "qborg", "maint")
-
-
-def repo_dir(lab, vm):
-    return os.path.join(lab.home(lab.server_user), "qborg", vm)
-
-
-def url(lab, vm):
-    return "ssh://%s@127.0.0.1:%d/./qborg/%s" % (lab.server_user, lab.port, vm)
-
-
-def read_bytes(path):
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def sha(path):
@@ -242,23 +221,6 @@ def admin_borg(lab, vm, *args, key=None, check=True):
 
 def admin_list(lab, vm):
     return admin_borg(lab, vm, "list", "--short", url(lab, vm)).stdout.split()
-
-
-def maint(lab, *vms):
-    proc = lab.run(ADMIN, ["qborg-maint", "--json", *vms], check=False)
-    assert proc.returncode in (0, 3), proc.stdout + proc.stderr
-    return proc.returncode, json.loads(proc.stdout)
-
-
-def client_archives(lab, qube):
-    return lab.run(qube, ["borgbak", "list", "--short"]).stdout.split()
-
-
-def backup(lab, qube):
-    """A backup the way the schedule makes it, which must succeed."""
-    proc = lab.run(qube, ["qborg-backup"], check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return client_archives(lab, qube)
 
 
 def forget_repository(lab, vm, qubes=()):

@@ -24,7 +24,7 @@ import sandbox
 from sandbox import ADMIN, applied_ok, failed
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "salt", "_utils"))
+sys.path.insert(0, os.path.join(REPO, "salt", "_modules"))
 
 MALLORY = "vm-mallory"
 VICTIM = "vm-victim"
@@ -305,7 +305,7 @@ def test_x11_forwarding_is_refused_by_the_key_options(lab, world):
 
 
 def test_getbundle_naming_another_vm_returns_only_the_callers_own(lab, world):
-    import qborg_core as core
+    import _qborg_keystore as keystore_mod
 
     audit = os.path.join(lab.home(ADMIN), ".local", "state", "qborg", "audit.log")
     lines_before = len(open(audit).read().splitlines())
@@ -317,9 +317,9 @@ def test_getbundle_naming_another_vm_returns_only_the_callers_own(lab, world):
                    input=json.dumps({"vm": VICTIM}) + "\n" + VICTIM + "\n",
                    env={"QREXEC_REMOTE_DOMAIN": VICTIM, "QREXEC_SERVICE_ARGUMENT": VICTIM})
     assert proc.returncode == 0, proc.stderr
-    bundle = core.parse_bundle(proc.stdout, MALLORY)
+    bundle = keystore_mod.parse_bundle(proc.stdout, MALLORY)
     assert bundle["repository"].endswith("/qborg/" + MALLORY)
-    assert core.public_key_of(bundle["ssh_private_key"]).split()[:2] == own_pub.split()[:2]
+    assert keystore_mod.public_key_of(bundle["ssh_private_key"]).split()[:2] == own_pub.split()[:2]
     assert victim_secret.strip() not in proc.stdout
     # the lines past the constant header: the victim's public and private key
     assert not [l for l in victim_key.splitlines()[2:-1] if l in proc.stdout]

@@ -9,20 +9,10 @@ import subprocess
 
 import pytest
 
+from helpers import by_id, changed, failed
+
 ADMIN = "backup-admin"
 CLIENTS = ("vm-personal", "vm-work")
-
-
-def changed(result):
-    return sorted(v["__id__"] for v in result.values() if v.get("changes"))
-
-
-def failed(result):
-    return {v["__id__"]: v["comment"] for v in result.values() if v.get("result") is False}
-
-
-def by_id(result, sid):
-    return next(v for v in result.values() if v["__id__"] == sid)
 
 
 def apply_dom0(lab, test=False):

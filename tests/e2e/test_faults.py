@@ -21,15 +21,19 @@ import tempfile
 
 import pytest
 
+from helpers import admin_owner, by_id
 import sandbox
 from sandbox import ADMIN, applied_ok, failed
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-UTILS = os.path.join(REPO, "salt", "_utils")
+UTILS = os.path.join(REPO, "salt", "_modules")
 sys.path.insert(0, UTILS)
 
-import qborg_admin as admin  # noqa: E402
-import qborg_core as core  # noqa: E402
+import _qborg_base as base  # noqa: E402
+import _qborg_settings as settings_mod  # noqa: E402
+import _qborg_keystore as keystore_mod  # noqa: E402
+import _qborg_server as server_mod  # noqa: E402
+import _qborg_admin as admin  # noqa: E402
 
 FRAGILE = "vm-fragile"
 LATE = "vm-late"
@@ -54,10 +58,6 @@ def world(lab):
         box.restore()
 
 
-def by_id(result, state_id):
-    return next(v for v in result.values() if v["__id__"] == state_id)
-
-
 def last_error(lab, qube):
     path = os.path.join(lab.home(qube), ".local", "state", "qborg", "last-error")
     return open(path).read() if os.path.exists(path) else ""
@@ -75,12 +75,7 @@ def check_repository(lab, vm):
 
 def admin_settings(lab):
     with open(os.path.join(lab.prefix(ADMIN), "etc", "qborg", "admin.json")) as f:
-        return core.validate_settings(json.load(f))
-
-
-def admin_owner(lab):
-    entry = pwd.getpwnam(lab.user(ADMIN))
-    return (entry.pw_uid, entry.pw_gid)
+        return settings_mod.validate_settings(json.load(f))
 
 
 # ------------------------------------------------------------ the server
@@ -136,7 +131,7 @@ def test_connection_cut_mid_upload_leaves_authorized_keys_whole_and_the_next_run
     home, owner = lab.home(ADMIN), admin_owner(lab)
     before = sandbox.read_bytes(lab.authorized_keys_path)
     tmp = os.path.join(os.path.dirname(lab.authorized_keys_path), "authorized_keys.qborg-tmp")
-    real_write = admin.ServerSession._write
+    real_write = server_mod.ServerSession._write
     cut = {}
 
     def write_cut_midway(self, path, text, mode=0o600):
@@ -154,14 +149,14 @@ def test_connection_cut_mid_upload_leaves_authorized_keys_whole_and_the_next_run
             handle.flush()
         return None
 
-    monkeypatch.setattr(admin.ServerSession, "_write", write_cut_midway)
+    monkeypatch.setattr(server_mod.ServerSession, "_write", write_cut_midway)
     # paramiko's transport thread logs the reset connection on its own; the
     # error provision raises is what counts
     transport_log = logging.getLogger("paramiko.transport")
     level = transport_log.level
     transport_log.setLevel(logging.CRITICAL + 1)
     try:
-        with pytest.raises(core.QborgServerError) as exc:
+        with pytest.raises(base.QborgServerError) as exc:
             admin.provision(settings, home, owner)
     finally:
         monkeypatch.undo()
@@ -390,7 +385,7 @@ def test_repository_lock_held_on_the_server_is_left_alone_until_qborg_break_lock
 WRITER = r"""
 import os, sys
 sys.path.insert(0, sys.argv[1])
-import qborg_core as core
+import _qborg_base as base
 path, fifo, uid, gid = sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5])
 real_fsync = os.fsync
 
@@ -403,14 +398,14 @@ def held_fsync(fd):
     real_fsync(fd)
 
 os.fsync = held_fsync
-core.atomic_write(path, sys.stdin.read(), 0o600, (uid, gid))
+base.atomic_write(path, sys.stdin.read(), 0o600, (uid, gid))
 """
 
 
 def test_killed_while_writing_a_key_the_previous_key_stays_whole(lab, world):
     key = os.path.join(lab.home(FRAGILE), ".config", "qborg", "ssh_key")
     before, st = sandbox.read_bytes(key), os.stat(key)
-    new_key = core.generate_ssh_key(f"qborg:{FRAGILE}")[0]
+    new_key = keystore_mod.generate_ssh_key(f"qborg:{FRAGILE}")[0]
     work = tempfile.mkdtemp(prefix="qborg-fault-", dir="/var/tmp")
     fifo = os.path.join(work, "hold")
     os.mkfifo(fifo)

@@ -22,10 +22,10 @@ import sandbox
 from sandbox import ADMIN, applied_ok
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "salt", "_utils"))
+sys.path.insert(0, os.path.join(REPO, "salt", "_modules"))
 
-import qborg_core as core  # noqa: E402
-import qborg_maint  # noqa: E402
+import _qborg_settings as settings_mod  # noqa: E402
+import _qborg_maint as maint_mod  # noqa: E402
 
 FORGER = "vm-forger"
 BYSTANDER = "vm-bystander"
@@ -194,7 +194,7 @@ def test_chunks_deleted_with_the_vm_key_raise_the_alarm_and_nothing_is_compacted
 def admin_settings(lab):
     with open(os.path.join(lab.prefix(ADMIN), "etc", "qborg", "admin.json")) as f:
         raw = json.load(f)
-    return core.validate_settings(raw), qborg_maint.maintenance_settings(raw)
+    return settings_mod.validate_settings(raw), settings_mod.maintenance_settings(raw)
 
 
 @pytest.mark.parametrize("attack", ["delete-archive", "delete-object"])
@@ -222,7 +222,7 @@ def test_a_deletion_between_the_check_and_compact_stops_the_compact(lab, world, 
 
     settings, maint = admin_settings(lab)
     admin = pwd.getpwnam(lab.user(ADMIN))
-    out = qborg_maint.run_maintenance(settings, maint, lab.home(ADMIN),
+    out = maint_mod.run_maintenance(settings, maint, lab.home(ADMIN),
                                       (admin.pw_uid, admin.pw_gid), vms=[FORGER],
                                       before_compact=strike)
     assert struck == [FORGER]

@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from helpers import changed, failed, keystore, read_bytes
+
 CLIENTS = ("vm-personal", "vm-work")
 # made by `make borgmatic-latest` (a dependency of `make test`)
 LATEST_BORGMATIC = os.environ.get("QBORG_BORGMATIC_LATEST",
@@ -25,18 +27,6 @@ def apply(lab, qube, *args, test=False):
     rc, result = lab.apply(qube, *args, test=test)
     OUTPUTS.append(lab.last.stdout + lab.last.stderr)
     return rc, result
-
-
-def changed(result):
-    return sorted(v["__id__"] for v in result.values() if v.get("changes"))
-
-
-def failed(result):
-    return {v["__id__"]: v["comment"] for v in result.values() if v.get("result") is False}
-
-
-def keystore(lab):
-    return os.path.join(lab.home("backup-admin"), ".local", "share", "qborg")
 
 
 def secrets(lab):
@@ -265,11 +255,6 @@ def test_delete_and_compact_with_vm_key_free_nothing(lab, world):
 
 def borgmatic_conf_path(lab, qube):
     return os.path.join(lab.home(qube), ".config", "borgmatic.d", "qborg.yaml")
-
-
-def read_bytes(path):
-    with open(path, "rb") as f:
-        return f.read()
 
 
 def version_of(lab, qube):

@@ -14,25 +14,19 @@ import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(REPO, "salt", "_utils"))
+from helpers import admin_owner, by_id, changed, failed, read_bytes
 
-import qborg_admin as admin  # noqa: E402
-import qborg_core as core  # noqa: E402
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.join(REPO, "salt", "_modules"))
+
+import _qborg_base as base  # noqa: E402
+import _qborg_settings as settings_mod  # noqa: E402
+import _qborg_repos as repos  # noqa: E402
+import _qborg_keystore as keystore_mod  # noqa: E402
+import _qborg_server as server_mod  # noqa: E402
+import _qborg_admin as admin  # noqa: E402
 
 NEW_VM = "vm-new"
-
-
-def changed(result):
-    return sorted(v["__id__"] for v in result.values() if v.get("changes"))
-
-
-def failed(result):
-    return {v["__id__"]: v["comment"] for v in result.values() if v.get("result") is False}
-
-
-def by_id(result, state_id):
-    return next(v for v in result.values() if v["__id__"] == state_id)
 
 
 def applied_ok(lab, qube, test=False):
@@ -65,17 +59,7 @@ def server_home(lab):
 
 def admin_settings(lab):
     with open(os.path.join(lab.prefix("backup-admin"), "etc", "qborg", "admin.json")) as f:
-        return core.validate_settings(json.load(f))
-
-
-def admin_owner(lab):
-    entry = pwd.getpwnam(lab.user("backup-admin"))
-    return (entry.pw_uid, entry.pw_gid)
-
-
-def read_bytes(path):
-    with open(path, "rb") as f:
-        return f.read()
+        return settings_mod.validate_settings(json.load(f))
 
 
 @pytest.fixture(scope="module")
@@ -95,14 +79,14 @@ def test_upload_dropping_the_admin_key_is_refused_before_anything_is_written(adm
                                                                             monkeypatch):
     lab = admin_lab
     before = snapshot(server_home(lab))
-    real = core.render_authorized_keys
+    real = repos.render_authorized_keys
 
     def without_admin(existing, lines):
         text = real(existing, lines + ["# rendered by the test"])
         return "".join(l for l in text.splitlines(keepends=True) if "qborg-lab-admin" not in l)
 
-    monkeypatch.setattr(core, "render_authorized_keys", without_admin)
-    with pytest.raises(core.QborgServerError, match="lacks the admin key.*nothing was written"):
+    monkeypatch.setattr(admin, "render_authorized_keys", without_admin)
+    with pytest.raises(base.QborgServerError, match="lacks the admin key.*nothing was written"):
         admin.provision(admin_settings(lab), lab.home("backup-admin"), admin_owner(lab))
     assert snapshot(server_home(lab)) == before
 
@@ -111,7 +95,7 @@ def test_login_failure_after_upload_is_rolled_back_byte_for_byte(admin_lab, monk
     lab = admin_lab
     original = read_bytes(lab.authorized_keys_path)
     before = set(os.listdir(os.path.dirname(lab.authorized_keys_path)))
-    real = core.render_authorized_keys
+    real = repos.render_authorized_keys
 
     def admin_only_from_elsewhere(existing, lines):
         # still carries the admin key, but sshd no longer lets it in from 127.0.0.1
@@ -119,8 +103,8 @@ def test_login_failure_after_upload_is_rolled_back_byte_for_byte(admin_lab, monk
         return "".join('from="192.0.2.1" ' + l if "qborg-lab-admin" in l else l
                        for l in text.splitlines(keepends=True))
 
-    monkeypatch.setattr(core, "render_authorized_keys", admin_only_from_elsewhere)
-    with pytest.raises(core.QborgServerError) as exc:
+    monkeypatch.setattr(admin, "render_authorized_keys", admin_only_from_elsewhere)
+    with pytest.raises(base.QborgServerError) as exc:
         admin.provision(admin_settings(lab), lab.home("backup-admin"), admin_owner(lab))
     message = str(exc.value)
     assert "could no longer log in" in message and "refused the admin key" in message
@@ -141,8 +125,8 @@ def test_host_key_mismatch_names_the_host_and_the_fix_and_uploads_nothing(admin_
     lab = admin_lab
     before = snapshot(server_home(lab))
     settings = admin_settings(lab)
-    settings["server"]["host_key"] = core.generate_ssh_key("x")[1].rsplit(" ", 1)[0]
-    with pytest.raises(core.QborgServerError) as exc:
+    settings["server"]["host_key"] = keystore_mod.generate_ssh_key("x")[1].rsplit(" ", 1)[0]
+    with pytest.raises(base.QborgServerError) as exc:
         admin.provision(settings, lab.home("backup-admin"), admin_owner(lab))
     message = str(exc.value)
     assert f"host key of [127.0.0.1]:{lab.port} does not match the pinned key" in message
@@ -158,9 +142,9 @@ def test_learned_host_key_mismatch_says_how_to_re_pin(admin_lab, tmp_path):
     settings["vms"] = {}
     keystore = tmp_path / ".local" / "share" / "qborg"
     keystore.mkdir(parents=True)
-    wrong = core.generate_ssh_key("x")[1].rsplit(" ", 1)[0]
+    wrong = keystore_mod.generate_ssh_key("x")[1].rsplit(" ", 1)[0]
     (keystore / "known_hosts").write_text(f"[127.0.0.1]:{lab.port} {wrong}\n")
-    with pytest.raises(core.QborgServerError) as exc:
+    with pytest.raises(base.QborgServerError) as exc:
         admin.provision(settings, str(tmp_path), None)
     message = str(exc.value)
     assert f"[127.0.0.1]:{lab.port}" in message and str(keystore / "known_hosts") in message
@@ -168,7 +152,7 @@ def test_learned_host_key_mismatch_says_how_to_re_pin(admin_lab, tmp_path):
     assert snapshot(server_home(lab)) == before
     # first use on an empty keystore learns the key; the next run trusts it
     (keystore / "known_hosts").unlink()
-    with admin.ServerSession(settings, lab.admin_key_path, str(keystore / "known_hosts")):
+    with server_mod.ServerSession(settings, lab.admin_key_path, str(keystore / "known_hosts")):
         pass
     assert (keystore / "known_hosts").read_text() == f"[127.0.0.1]:{lab.port} {lab.host_key}\n"
 
@@ -386,9 +370,9 @@ def test_a_valid_push_from_a_qube_is_refused_by_the_service_itself(admin_lab):
     more["vms"]["vm-extra"] = {}
     elsewhere = admin.pushed_settings(json.loads(json.dumps(current)))
     elsewhere["server"]["host"] = "backup.example.org"
-    payloads = [core.settings_file_text(p) for p in (more, elsewhere)]
+    payloads = [settings_mod.settings_file_text(p) for p in (more, elsewhere)]
     for pushed in (more, elsewhere):  # what dom0 could push
-        core.validate_settings(dict(pushed, paths=current["paths"], user=current["user"]))
+        settings_mod.validate_settings(dict(pushed, paths=current["paths"], user=current["user"]))
     before = file_state(settings_path)
     audit_path = os.path.join(lab.home("backup-admin"), ".local", "state", "qborg", "audit.log")
     audit_lines = len(open(audit_path).read().splitlines())
@@ -425,7 +409,7 @@ def test_a_valid_push_from_a_qube_is_refused_by_the_service_itself(admin_lab):
         if os.path.exists(slip):
             os.unlink(slip)
         if read_bytes(settings_path) != before[0]:
-            proc = push_from_dom0(core.settings_file_text(admin.pushed_settings(current)))
+            proc = push_from_dom0(settings_mod.settings_file_text(admin.pushed_settings(current)))
             assert proc.returncode == admin.SETTINGS_UPDATED, proc.stderr
     assert read_bytes(settings_path) == before[0]
 
@@ -438,7 +422,7 @@ def test_many_vms_cost_one_session_and_one_upload(admin_lab, monkeypatch):
     n = 60
     settings = admin_settings(lab)
     home, owner = lab.home("backup-admin"), admin_owner(lab)
-    store = core.Keystore(os.path.join(home, ".local", "share", "qborg"), owner)
+    store = keystore_mod.Keystore(os.path.join(home, ".local", "share", "qborg"), owner)
     many = [f"vm-scale{i:03d}" for i in range(n)]
     srv = pwd.getpwnam(lab.server_user)
     for vm in many:
@@ -451,8 +435,8 @@ def test_many_vms_cost_one_session_and_one_upload(admin_lab, monkeypatch):
         open(os.path.join(repo, "config"), "w").close()
         os.chown(repo, srv.pw_uid, srv.pw_gid)
     counts = {"connections": 0, "uploads": 0}
-    real_client, real_upload = admin.ServerSession._new_client, \
-        admin.ServerSession.upload_authorized_keys
+    real_client, real_upload = server_mod.ServerSession._new_client, \
+        server_mod.ServerSession.upload_authorized_keys
 
     def counting_client(self):
         counts["connections"] += 1
@@ -462,15 +446,15 @@ def test_many_vms_cost_one_session_and_one_upload(admin_lab, monkeypatch):
         counts["uploads"] += 1
         return real_upload(self, *args)
 
-    monkeypatch.setattr(admin.ServerSession, "_new_client", counting_client)
-    monkeypatch.setattr(admin.ServerSession, "upload_authorized_keys", counting_upload)
+    monkeypatch.setattr(server_mod.ServerSession, "_new_client", counting_client)
+    monkeypatch.setattr(server_mod.ServerSession, "upload_authorized_keys", counting_upload)
     try:
         changes, _ = admin.provision(settings, home, owner)
         # one session, plus the fresh login that proves the admin still gets in
         assert counts == {"connections": 2, "uploads": 1}
         assert sorted(changes["authorized_keys"]["added"]) == [f"qborg:{vm}" for vm in many]
         text = open(lab.authorized_keys_path).read()
-        block = core.split_managed_block(text)[1]
+        block = repos.split_managed_block(text)[1]
         assert block == admin.managed_lines(settings, store)
         assert len(block) == n + len(admin_settings(lab)["vms"])
     finally:
@@ -498,7 +482,7 @@ def test_getbundle_answers_only_for_the_caller_and_audits_each_request(admin_lab
                   env={"QREXEC_REMOTE_DOMAIN": "vm-personal",
                        "QREXEC_SERVICE_ARGUMENT": "vm-work"})
     assert out.returncode == 0
-    bundle = core.parse_bundle(out.stdout, "vm-personal")
+    bundle = keystore_mod.parse_bundle(out.stdout, "vm-personal")
     lines = open(audit).read().splitlines()[before:]
     assert len(lines) == len(cases) + 1
     for line, (_caller, result) in zip(lines, cases):

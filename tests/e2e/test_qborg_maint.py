@@ -15,24 +15,14 @@ import tempfile
 
 import pytest
 
+from helpers import archives, backup, failed, keystore, maint, repo_dir, url
+
 CLIENTS = ("vm-personal", "vm-work")
 ORDER = ("dom0", "backup-admin") + CLIENTS
 ADMIN = "backup-admin"
 STALE_VM = "vm-stale"  # configured, provisioned by the admin; no qube of its own in the lab
 MASTER = "correct horse battery staple 42"
 LETTER = b"dear vm-personal, keep this safe\n" * 64
-
-
-def failed(result):
-    return {v["__id__"]: v["comment"] for v in result.values() if v.get("result") is False}
-
-
-def keystore(lab):
-    return os.path.join(lab.home(ADMIN), ".local", "share", "qborg")
-
-
-def repo_dir(lab, vm):
-    return os.path.join(lab.home(lab.server_user), "qborg", vm)
 
 
 def repo_files(lab, vm):
@@ -50,23 +40,6 @@ def qborg(lab, *args, input=None):
     return lab.run(ADMIN, ["qborg", *args], check=False, input=input)
 
 
-def maint(lab, *args):
-    proc = lab.run(ADMIN, ["qborg-maint", "--json", *args], check=False)
-    assert proc.returncode in (0, 3), proc.stdout + proc.stderr
-    return proc.returncode, json.loads(proc.stdout)
-
-
-def archives(lab, vm):
-    return lab.run(vm, ["borgbak", "list", "--short"]).stdout.split()
-
-
-def backup(lab, vm):
-    """A backup the way the schedule makes it (qborg-backup), which must succeed."""
-    proc = lab.run(vm, ["qborg-backup"], check=False)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    return archives(lab, vm)
-
-
 def admin_env(lab, vm=None, key=None, passphrase=None):
     """borg's environment for the admin user: the full-access key (or `key`)."""
     ks = keystore(lab)
@@ -77,10 +50,6 @@ def admin_env(lab, vm=None, key=None, passphrase=None):
             "BORG_PASSCOMMAND": "cat " + (passphrase or os.path.join(ks, "vms", vm, "passphrase")),
             "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
             "BORG_BASE_DIR": os.path.join(ks, "borg")}
-
-
-def url(lab, vm):
-    return "ssh://%s@127.0.0.1:%d/./qborg/%s" % (lab.server_user, lab.port, vm)
 
 
 def admin_list(lab, vm):

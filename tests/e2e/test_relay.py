@@ -24,16 +24,14 @@ import threading
 
 import pytest
 
+from helpers import archives, changed
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RELAY = "sys-qborg-relay"
 VAULT = "vm-vault"
 DIRECT = "vm-personal"
 SERVICE = "qborg.SshRelay"
 TAMPER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tamper_relay.py")
-
-
-def changed(result):
-    return sorted(v["__id__"] for v in result.values() if v.get("changes"))
 
 
 def failed(result):
@@ -79,10 +77,6 @@ def sshd_connections(lab):
 
 def backup(lab, qube):
     return lab.run(qube, ["borgmatic", "--syslog-verbosity", "-1", "create"], check=False)
-
-
-def archives(lab, qube):
-    return lab.run(qube, ["borgbak", "list", "--short"]).stdout.split()
 
 
 def seed(lab, qube, name, data):

@@ -17,6 +17,8 @@ import tempfile
 
 import pytest
 
+from helpers import changed, failed
+
 NEW_VM = "vm-ssh"
 ADMIN = "backup-admin"
 LAB_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -34,14 +36,6 @@ def apply_local(lab, qube, *args):
     rc, result = lab.apply(qube, *args)
     OUTPUTS.append(lab.last.stdout + lab.last.stderr)
     return rc, result
-
-
-def changed(result):
-    return sorted(v["__id__"] for v in result.values() if v.get("changes"))
-
-
-def failed(result):
-    return {v["__id__"]: v["comment"] for v in result.values() if v.get("result") is False}
 
 
 def outcome(result):

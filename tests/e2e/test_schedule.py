@@ -21,6 +21,7 @@ import time
 
 import pytest
 
+from helpers import by_id
 import sandbox
 from sandbox import ADMIN, applied_ok, changed, failed
 
@@ -28,10 +29,6 @@ LATE = "vm-late-cron"  # running since before dom0's part enabled its crond
 OFF = "vm-no-cron"     # dom0's crond service turned off (or unset) for it
 NOTES = b"notes the schedule must back up\n" * 40
 NO_JITTER = ["--jitter", "0"]  # the entry's random wait, up to 2 minutes, left out
-
-
-def by_id(result, state_id):
-    return next(v for v in result.values() if v["__id__"] == state_id)
 
 
 def qvm_service(lab, *args):

@@ -70,7 +70,6 @@ def loaders_for(salt_factories, pillar_tree):
                 "pillar_roots": {"base": [str(pillar_tree)]},
                 "module_dirs": [str(SALT_DIR / "_modules")],
                 "states_dirs": [str(SALT_DIR / "_states")],
-                "utils_dirs": [str(SALT_DIR / "_utils")],
             }
             if grains:
                 overrides["grains"] = dict(grains)

@@ -33,7 +33,7 @@ def client(tmp_path, qborg_config):
 
 
 def apply(states, client, test=False):
-    return states.qborg.client_borgmatic_config(name=str(client["path"]), config=client["config"],
+    return states.qborg.borgmatic_config_managed(name=str(client["path"]), config=client["config"],
                                                 test=test)
 
 
@@ -85,11 +85,14 @@ def test_a_newer_borgmatic_in_the_prefix_wins_and_gets_the_flat_format(states, m
     assert os.access(LATEST, os.X_OK), f"{LATEST} missing: run `make borgmatic-latest`"
     assert apply(states, client).result is True  # 1.7.7 first: sectioned
     os.symlink(LATEST, client["prefix"] / "bin" / "borgmatic")
-    assert modules.qborg.borgmatic_path(client["config"]) == str(client["prefix"] / "bin" / "borgmatic")
-    version = modules.qborg.borgmatic_version(client["config"])
+    assert callable(modules.qborg.borgmatic_config_managed)  # the core is importable
+    import _qborg_clientops as core  # pylint: disable=import-outside-toplevel
+
+    exe = core.borgmatic_path(str(client["prefix"]))
+    assert exe == str(client["prefix"] / "bin" / "borgmatic")
+    version = core.borgmatic_version(exe)
     assert tuple(int(x) for x in version.split(".")[:2]) >= (1, 8)
-    assert modules.qborg.borgmatic_validate_command(client["config"]) == \
-        f"{client['prefix']}/bin/borgmatic config validate -c"
+    assert core.borgmatic_validator(exe, version) == [exe, "config", "validate", "-c"]
     client["config"]["vms"]["vm-personal"]["monitoring"] = {"apprise": ["mailto://a@b"]}
     ret = apply(states, client)
     assert ret.result is True, ret.comment

@@ -6,6 +6,7 @@ qborg ships no state top, so a highstate finds nothing of it;
 `saltutil.sync_all` picks up the modules; and the RPM spec builds a package
 with the same files and modes."""
 
+import glob
 import json
 import os
 import shutil
@@ -19,7 +20,8 @@ import yaml
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SALT_CALL = os.path.join(os.path.dirname(sys.executable), "salt-call")
-CORE = ("qborg_core", "qborg_admin", "qborg_maint")
+CORE = sorted(os.path.basename(p) for p in glob.glob(os.path.join(REPO, "salt", "_modules",
+                                                          "_qborg_*.py")))
 PART_PREFIXES = ("qborg-dom0-", "qborg-admin-", "qborg-client-", "qborg-template-",
                  "qborg-relay-")
 # what Qubes keeps under /srv/salt and /srv/pillar (qubes-mgmt-salt-base-config:
@@ -132,20 +134,17 @@ def test_the_tarball_lays_out_srv_with_regular_files_only(dist, srv):
     expected = {"salt/qborg/init.sls", "salt/qborg/map.jinja",
                 "salt/qborg/defaults.yaml", "salt/_modules/qborg.py", "salt/_states/qborg.py",
                 "pillar/qborg/init.top", "pillar/qborg/init.sls.example"}
-    for module in CORE:
-        expected |= {"salt/_utils/%s.py" % module, "salt/_modules/_%s.py" % module}
-    expected.add("salt/_utils/qborg_relay.py")  # the relay qube's part installs it
-    assert expected <= files
+    expected |= {"salt/_modules/" + name for name in CORE}
+    assert len(CORE) >= 10 and expected <= files
     assert all(name.startswith(("salt/qborg/", "salt/_modules/", "salt/_states/",
-                                "salt/_utils/", "pillar/qborg/")) for name in files)
+                                "pillar/qborg/")) for name in files)
     assert not any("__pycache__" in name or name.endswith(".pyc") for name in files)
     # no state top: a highstate never applies qborg (only the pillar's top)
     assert [name for name in files if name.endswith(".top")] == ["pillar/qborg/init.top"]
-    # the copies beside the execution module are the core itself
-    for module in CORE:
-        shipped = (srv / "salt" / "_modules" / ("_%s.py" % module)).read_bytes()
-        assert shipped == (srv / "salt" / "_utils" / ("%s.py" % module)).read_bytes()
-        with open(os.path.join(REPO, "salt", "_utils", module + ".py"), "rb") as handle:
+    # the core beside the execution module is the source tree's
+    for name in CORE:
+        shipped = (srv / "salt" / "_modules" / name).read_bytes()
+        with open(os.path.join(REPO, "salt", "_modules", name), "rb") as handle:
             assert shipped == handle.read()
     # the pillar shipped is the documented example
     with open(os.path.join(REPO, "pillar.example"), "rb") as handle:
@@ -235,19 +234,16 @@ def test_each_role_renders_from_the_unpacked_tree(srv, synced_root, tmp_path, mi
         assert not any(state_id.startswith(PART_PREFIXES) for state_id in high), sorted(high)
 
 
-def test_sync_all_picks_up_the_modules_and_they_load_without_utils(srv, tmp_path):
+def test_sync_all_picks_up_the_modules_and_the_core_beside_them(srv, tmp_path):
     conf = minion_config(srv, tmp_path, "vm-personal")
     synced = salt_call(conf, "saltutil.sync_all")
     assert "modules.qborg" in synced["modules"]
     assert "states.qborg" in synced["states"]
-    assert {"utils.%s" % m for m in CORE} <= set(synced["utils"])
+    assert not synced.get("utils")
     extmods = tmp_path / "root-vm-personal" / "var" / "cache" / "salt" / "minion" / "extmods"
-    assert {"_%s.py" % m for m in CORE} <= set(os.listdir(extmods / "modules"))
+    assert set(CORE) <= set(os.listdir(extmods / "modules"))
     example = yaml.safe_load((srv / "pillar" / "qborg" / "init.sls").read_text())["qborg"]
-    assert salt_call(conf, "qborg.minion_role", json.dumps(example)) == "client"
-    # as salt-ssh ships them to a qube's loader: _modules and _states, no _utils
-    shutil.rmtree(extmods / "utils")
-    assert salt_call(conf, "qborg.minion_role", json.dumps(example)) == "client"
+    assert salt_call(conf, "qborg.client_context", json.dumps(example))["valid"] is True
     assert salt_call(conf, "sys.list_state_functions", "qborg")
 
 

@@ -61,7 +61,7 @@ def test_crond_is_enabled_through_qvm_service_on_each_qube_that_runs_cron(dom0):
         assert _arg(state, "qvm", "enable") == ["crond"]
         assert _arg(state, "qvm", "require") == [{"qborg": "qborg-dom0-qubes-exist"}]
         netvm = high[f"qborg-dom0-netvm-{qube}"]
-        assert "vm_netvm" in netvm["qborg"] and _arg(netvm, "qborg", "name") == qube
+        assert "vm_networked" in netvm["qborg"] and _arg(netvm, "qborg", "name") == qube
         assert _arg(netvm, "qborg", "relay_hint") is (qube != "backup-admin")
 
 
@@ -185,14 +185,14 @@ def test_a_missing_admin_qube_names_admin_vm(states, qubes):
 
 
 def test_a_vm_with_a_netvm_passes_quietly(states, qubes):
-    ret = states.qborg.vm_netvm(name="vm-personal")
+    ret = states.qborg.vm_networked(name="vm-personal")
     assert ret.result is True and ret.changes == {}
     assert "through sys-firewall" in ret.comment
     assert "WARNING" not in ret.comment
 
 
 def test_a_vm_without_netvm_is_a_warning_not_a_failure(states, qubes):
-    ret = states.qborg.vm_netvm(name="vm-offline")
+    ret = states.qborg.vm_networked(name="vm-offline")
     assert ret.result is True and ret.changes == {}
     assert ret.comment.startswith("WARNING: vm-offline has no netvm")
     assert "qvm-prefs vm-offline netvm" in ret.comment
@@ -201,13 +201,13 @@ def test_a_vm_without_netvm_is_a_warning_not_a_failure(states, qubes):
 
 
 def test_a_vm_without_netvm_is_pointed_to_the_relay(states, qubes):
-    ret = states.qborg.vm_netvm(name="vm-offline", relay_hint=True)
+    ret = states.qborg.vm_networked(name="vm-offline", relay_hint=True)
     assert ret.result is True and ret.changes == {}
     assert ("set qborg:relay_vm: a networked qube then carries its backups (unless "
             "qborg:vms:vm-offline:via is direct)") in ret.comment
 
 
 def test_netvm_of_a_missing_qube_fails(states, qubes):
-    ret = states.qborg.vm_netvm(name="vm-ghost")
+    ret = states.qborg.vm_networked(name="vm-ghost")
     assert ret.result is False
     assert "no such domain: 'vm-ghost'" in ret.comment

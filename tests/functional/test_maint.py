@@ -7,15 +7,16 @@ import pytest
 from salt.exceptions import CommandExecutionError
 
 
-def test_maintenance_settings_defaults(modules, qborg_config):
-    got = modules.qborg.maintenance_settings(qborg_config)
-    assert got["interval"] == "1d" and got["check_interval_seconds"] == 7 * 86400
+def test_maintenance_valid_defaults(modules, qborg_config):
+    got = modules.qborg.maintenance_valid(qborg_config)
+    assert got == {"changes": {}, "comment": "maintenance every 1d, borg check every 1w",
+                   "warnings": []}
 
 
-def test_maintenance_settings_bad_value_names_the_field(modules, qborg_config):
+def test_maintenance_valid_bad_value_names_the_field(modules, qborg_config):
     qborg_config["maintenance"] = {"interval": "often"}
     with pytest.raises(CommandExecutionError) as exc:
-        modules.qborg.maintenance_settings(qborg_config)
+        modules.qborg.maintenance_valid(qborg_config)
     assert "qborg:maintenance:interval" in str(exc.value)
 
 

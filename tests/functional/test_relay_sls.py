@@ -5,7 +5,10 @@ ProxyCommand, and dom0's policy gets one allow line per relayed VM."""
 
 import copy
 import json
+import os
 import pathlib
+import pwd
+from unittest import mock
 
 import pytest
 import salt._logging
@@ -60,7 +63,6 @@ def relay_loaders_for(salt_factories, relay_pillar_tree):
                     "pillar_roots": {"base": [str(relay_pillar_tree)]},
                     "module_dirs": [str(SALT_DIR / "_modules")],
                     "states_dirs": [str(SALT_DIR / "_states")],
-                    "utils_dirs": [str(SALT_DIR / "_utils")],
                 },
             )
             salt._logging.shutdown_temp_handler()
@@ -82,17 +84,16 @@ def _arg(state, fun, key):
 
 def test_the_relay_qube_gets_the_relay_part_only(relay_loaders_for):
     loaders = relay_loaders_for(RELAY)
-    assert loaders.modules.qborg.minion_role(merged_config(loaders)) == "relay"
     high = loaders.modules.state.show_sls("qborg")
     assert isinstance(high, dict), high
     assert {"qborg-relay-pillar-valid", "qborg-relay-config", "qborg-relay-service",
-            "qborg-relay-lib-qborg_core", "qborg-relay-lib-qborg_relay"} == set(high)
-    service = high["qborg-relay-service"]["file"]
+            "qborg-relay-core"} == set(high)
+    assert _arg(high["qborg-relay-core"], "qborg", "name") == "/usr/local/lib/qborg"
     assert _arg(high["qborg-relay-service"], "file", "name") == \
         "/usr/local/etc/qubes-rpc/qborg.SshRelay"
     assert _arg(high["qborg-relay-service"], "file", "mode") == "0755"
-    assert {"config": "/usr/local/etc/qborg/relay.json", "lib_dir": "/usr/local/lib/qborg"} \
-        == next(i["context"] for i in service if isinstance(i, dict) and "context" in i)
+    assert _arg(high["qborg-relay-service"], "file", "source") == \
+        "salt://qborg/files/common/qborg-entry"
     config = high["qborg-relay-config"]
     assert _arg(config, "file", "name") == "/usr/local/etc/qborg/relay.json"
     # a route for each VM it may carry (via relay, or auto): dom0's policy,
@@ -103,10 +104,23 @@ def test_the_relay_qube_gets_the_relay_part_only(relay_loaders_for):
     assert (_arg(config, "file", "user"), _arg(config, "file", "mode")) == ("root", "0644")
 
 
-def test_the_relayed_vm_reaches_the_server_through_the_relay(relay_loaders_for):
+def ssh_block(loaders, tmp_path):
+    """The Host qborg block that qborg.ssh_config_managed puts in the
+    ~/.ssh/config of a user whose home is in tmp_path, as lines."""
+    name, home = "qborgtestrelay", tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    entry = pwd.struct_passwd((name, "x", os.getuid(), os.getgid(), "", str(home), "/bin/sh"))
+    config = dict(merged_config(loaders), user=name)
+    real = pwd.getpwnam
+    with mock.patch("pwd.getpwnam", lambda n: entry if n == name else real(n)):
+        out = loaders.modules.qborg.ssh_config_managed(config)
+    assert out["changes"] == {"ssh_config": "created"}, out
+    return (home / ".ssh" / "config").read_text().splitlines()[1:-1]
+
+
+def test_the_relayed_vm_reaches_the_server_through_the_relay(relay_loaders_for, tmp_path):
     loaders = relay_loaders_for(VAULT)
-    config = merged_config(loaders)
-    block = loaders.modules.qborg.ssh_config_block(config).splitlines()
+    block = ssh_block(loaders, tmp_path)
     assert block[-1] == f"    ProxyCommand qrexec-client-vm {RELAY} qborg.SshRelay"
     assert "    HostName de1234.rsync.net" in block
     high = loaders.modules.state.show_sls("qborg")
@@ -116,10 +130,10 @@ def test_the_relayed_vm_reaches_the_server_through_the_relay(relay_loaders_for):
 
 @pytest.mark.parametrize("vm, relayed", [(OFFLINE, True), ("vm-work", False),
                                          ("vm-personal", False)])
-def test_via_auto_follows_the_qubes_netvm_in_dom0s_pillar(relay_loaders_for, vm, relayed):
+def test_via_auto_follows_the_qubes_netvm_in_dom0s_pillar(relay_loaders_for, vm, relayed,
+                                                         tmp_path):
     loaders = relay_loaders_for(vm)
-    assert loaders.modules.qborg.qube_is_offline() is relayed
-    block = loaders.modules.qborg.ssh_config_block(merged_config(loaders)).splitlines()
+    block = ssh_block(loaders, tmp_path)
     proxy = f"    ProxyCommand qrexec-client-vm {RELAY} qborg.SshRelay"
     assert (proxy in block) is relayed
     assert "    HostName de1234.rsync.net" in block
@@ -142,4 +156,4 @@ def test_relayed_vms_of_an_invalid_pillar_is_empty(relay_loaders_for):
     config["relay_vm"] = None
     assert loaders.modules.qborg.relayed_vms(config) == []
     with pytest.raises(Exception, match="qborg:vms:vm-vault:via"):
-        loaders.modules.qborg.validate(config)
+        loaders.modules.qborg.settings_valid(config)

@@ -24,7 +24,7 @@ def _arg(state, fun, key):
 def test_client_states_carry_the_rendered_values(modules):
     high = modules.state.show_sls("qborg")
     borgmatic = high["qborg-client-borgmatic"]
-    assert "client_borgmatic_config" in borgmatic["qborg"]
+    assert "borgmatic_config_managed" in borgmatic["qborg"]
     assert _arg(borgmatic, "qborg", "name") == "/root/.config/borgmatic.d/qborg.yaml"
     assert _arg(borgmatic, "qborg", "config")["vms"]["vm-personal"] == {"interval": "30m"}
     schedule = high["qborg-client-schedule"]
@@ -37,7 +37,7 @@ def test_client_states_carry_the_rendered_values(modules):
         "/usr/local/bin/qborg-backup --scheduled --interval 30m --delay 60 --jitter 60"
     assert _arg(boot, "cron", "identifier") != _arg(schedule, "cron", "identifier")
     ssh = high["qborg-client-ssh-config"]
-    assert "client_ssh_config" in ssh["qborg"]
+    assert "ssh_config_managed" in ssh["qborg"]
     assert _arg(ssh, "qborg", "name") == "/root/.ssh/config"
 
 

@@ -113,15 +113,15 @@ def test_admin_provisioned_warns_of_a_shared_account_and_changes_nothing_more(
     quota for every VM silences it. The server's side is a stand-in that
     finds everything in place."""
     admin_config["defaults"]["storage_quota"] = quota
-    modules.qborg.validate(admin_config)  # the module is loaded: qborg_admin is importable
-    import qborg_admin  # pylint: disable=import-outside-toplevel
+    modules.qborg.settings_valid(admin_config)  # the module is loaded: the core is importable
+    import _qborg_adminops  # pylint: disable=import-outside-toplevel
 
     calls = []
 
     def provision(settings, home, owner, vms=None, test=False):
         calls.append(test)
         return {}, []
-    monkeypatch.setattr(qborg_admin, "provision", provision)
+    monkeypatch.setattr(_qborg_adminops, "provision", provision)
     ret = states.qborg.admin_provisioned(name="qborg-admin-provisioned", config=admin_config,
                                          test=test)
     assert calls == [test]
@@ -146,13 +146,13 @@ def test_admin_provisioned_invalid_pillar(states, admin_config):
 def test_admin_settings(states, admin_config, tmp_path):
     admin_config["paths"]["prefix"] = str(tmp_path / "prefix")
     path = tmp_path / "prefix" / "etc" / "qborg" / "admin.json"
-    ret = states.qborg.admin_settings(name="qborg-admin-settings", config=admin_config, test=True)
+    ret = states.qborg.admin_settings_managed(name="qborg-admin-settings", config=admin_config, test=True)
     assert ret.result is None and ret.changes == {str(path): "would update"}
     assert not (tmp_path / "prefix").exists()
-    ret = states.qborg.admin_settings(name="qborg-admin-settings", config=admin_config)
+    ret = states.qborg.admin_settings_managed(name="qborg-admin-settings", config=admin_config)
     assert ret.result is True and ret.changes == {str(path): "updated"}
     assert json.loads(path.read_text())["vms"] == admin_config["vms"]
-    ret = states.qborg.admin_settings(name="qborg-admin-settings", config=admin_config)
+    ret = states.qborg.admin_settings_managed(name="qborg-admin-settings", config=admin_config)
     assert ret.result is True and ret.changes == {}
 
 

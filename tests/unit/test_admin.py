@@ -1,4 +1,4 @@
-"""qborg_admin without a server: paths, the pinned host key, the managed
+"""The admin core without a server: paths, the pinned host key, the managed
 lines, the lock-out guard of the upload, and provisioning in test mode."""
 
 import io
@@ -9,8 +9,12 @@ import stat
 
 import pytest
 
-import qborg_admin as admin
-import qborg_core as core
+import _qborg_base as base_mod
+import _qborg_settings as settings_mod
+import _qborg_repos as repos
+import _qborg_keystore as keystore_mod
+import _qborg_server as server_mod
+import _qborg_admin as admin
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKeyForTestsOnly"
 
@@ -25,7 +29,7 @@ def closed_port():
 
 @pytest.fixture
 def settings(merge):
-    return core.validate_settings(merge({
+    return settings_mod.validate_settings(merge({
         "admin_vm": "backup-admin",
         "server": {"host": "127.0.0.1", "user": "borg", "port": closed_port()},
         "vms": {"vm-personal": {"storage_quota": "200G"}, "vm-work": None},
@@ -38,7 +42,7 @@ def tree(root):
 
 
 def test_admin_paths(settings):
-    paths = admin.admin_paths(settings, "/home/user")
+    paths = server_mod.admin_paths(settings, "/home/user")
     assert paths["keystore"] == "/home/user/.local/share/qborg"
     assert paths["known_hosts"] == "/home/user/.local/share/qborg/known_hosts"
     assert paths["admin_key"] == "/home/user/.ssh/qborg-admin"
@@ -51,19 +55,19 @@ def test_pinned_host_key_from_pillar_wins(settings, tmp_path):
     settings["server"]["port"] = 23
     kh = tmp_path / "known_hosts"
     kh.write_text("[127.0.0.1]:23 ssh-ed25519 AAAAlearned\n")
-    assert admin.pinned_known_hosts_line(settings, str(kh)) == f"[127.0.0.1]:23 {HOST_KEY}"
+    assert server_mod.pinned_known_hosts_line(settings, str(kh)) == f"[127.0.0.1]:23 {HOST_KEY}"
 
 
 def test_pinned_host_key_learned_once(settings, tmp_path):
     settings["server"]["port"] = 22
     kh = tmp_path / "known_hosts"
-    assert admin.pinned_known_hosts_line(settings, str(kh)) is None
+    assert server_mod.pinned_known_hosts_line(settings, str(kh)) is None
     kh.write_text("other.example ssh-ed25519 AAAAother\n127.0.0.1 ssh-ed25519 AAAAlearned\n")
-    assert admin.pinned_known_hosts_line(settings, str(kh)) == "127.0.0.1 ssh-ed25519 AAAAlearned"
+    assert server_mod.pinned_known_hosts_line(settings, str(kh)) == "127.0.0.1 ssh-ed25519 AAAAlearned"
 
 
 def test_managed_lines_one_per_vm_sorted(settings, tmp_path):
-    store = core.Keystore(str(tmp_path / "ks"))
+    store = keystore_mod.Keystore(str(tmp_path / "ks"))
     for vm in ("vm-work", "vm-personal"):
         store.ensure(vm)
     lines = admin.managed_lines(settings, store)
@@ -77,7 +81,7 @@ def test_provision_test_mode_writes_nothing_even_when_it_fails(settings, tmp_pat
     home = tmp_path / "home"
     home.mkdir()
     # a dry run still looks at the server, read-only: here it has no admin key
-    with pytest.raises(core.QborgServerError, match="qborg-admin does not exist"):
+    with pytest.raises(base_mod.QborgServerError, match="qborg-admin does not exist"):
         admin.provision(settings, str(home), None, test=True)
     assert tree(home) == []
 
@@ -86,10 +90,10 @@ def test_provision_without_admin_key_names_the_key_and_generates_nothing(setting
     # the server comes first: a run that cannot reach it changes nothing here
     home = tmp_path / "home"
     home.mkdir()
-    with pytest.raises(core.QborgServerError) as exc:
+    with pytest.raises(base_mod.QborgServerError) as exc:
         admin.provision(settings, str(home), None)
     assert f"{home}/.ssh/qborg-admin does not exist" in str(exc.value)
-    store = core.Keystore(str(home / ".local" / "share" / "qborg"))
+    store = keystore_mod.Keystore(str(home / ".local" / "share" / "qborg"))
     assert not store.has("vm-personal") and not store.has("vm-work")
     assert os.listdir(store.base) == ["lock"]
 
@@ -97,48 +101,30 @@ def test_provision_without_admin_key_names_the_key_and_generates_nothing(setting
 def test_provision_unreachable_server_fails_naming_it(settings, tmp_path):
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
-    private, public = core.generate_ssh_key("admin")
-    core.atomic_write(str(home / ".ssh" / "qborg-admin"), private)
-    with pytest.raises(core.QborgServerError) as exc:
+    private, public = keystore_mod.generate_ssh_key("admin")
+    base_mod.atomic_write(str(home / ".ssh" / "qborg-admin"), private)
+    with pytest.raises(base_mod.QborgServerError) as exc:
         admin.provision(settings, str(home), None)
     message = str(exc.value)
     assert "cannot connect to borg@" in message and str(settings["server"]["port"]) in message
     assert private.splitlines()[1] not in message
 
 
-def test_provision_for_borgbase_uploads_nothing_and_names_each_key_to_add(settings, tmp_path):
-    settings["server"].update(provider="borgbase", upload=False, host_key=HOST_KEY)
-    with pytest.raises(core.QborgServerError) as exc:
-        admin.provision(settings, str(tmp_path), None)
-    store = core.Keystore(str(tmp_path / ".local" / "share" / "qborg"))
-    message = str(exc.value)
-    assert "admin key" not in message  # no session with the full-access key
-    for vm in ("vm-personal", "vm-work"):
-        url = core.repository_url(settings["server"], vm)
-        assert f"add this public key to {url} as an append-only key" in message
-        assert store.public_key(vm) in message
-        assert store.passphrase(vm) not in message
-    keys = {vm: store.public_key(vm) for vm in ("vm-personal", "vm-work")}
-    with pytest.raises(core.QborgServerError):
-        admin.provision(settings, str(tmp_path), None)
-    assert {vm: store.public_key(vm) for vm in keys} == keys
-
-
 def test_bundle_for(settings, tmp_path):
-    with pytest.raises(core.QborgError, match="not provisioned yet"):
+    with pytest.raises(base_mod.QborgError, match="not provisioned yet"):
         admin.bundle_for(settings, "vm-personal", str(tmp_path))
     settings["server"]["host_key"] = HOST_KEY
-    core.Keystore(str(tmp_path / ".local" / "share" / "qborg")).ensure("vm-personal")
+    keystore_mod.Keystore(str(tmp_path / ".local" / "share" / "qborg")).ensure("vm-personal")
     bundle = admin.bundle_for(settings, "vm-personal", str(tmp_path))
-    parsed = core.parse_bundle(json.dumps(bundle), "vm-personal")
+    parsed = keystore_mod.parse_bundle(json.dumps(bundle), "vm-personal")
     assert parsed["known_hosts"].endswith(HOST_KEY)
     assert parsed["repository"].endswith("/./qborg/vm-personal")
 
 
-def test_audit_line_is_private_and_appends(tmp_path):
+def test_audit_event_is_private_and_appends(tmp_path):
     path = tmp_path / "state" / "audit.log"
-    admin.audit_line(str(path), "vm-personal", "ok")
-    admin.audit_line(str(path), "vm-work", "refused: not configured")
+    admin.audit_event(str(path), "qborg.GetBundle", "vm-personal", "ok")
+    admin.audit_event(str(path), "qborg.GetBundle", "vm-work", "refused: not configured")
     lines = path.read_text().splitlines()
     assert len(lines) == 2
     assert lines[0].endswith("qborg.GetBundle caller=vm-personal result=ok")
@@ -146,12 +132,12 @@ def test_audit_line_is_private_and_appends(tmp_path):
 
 
 def test_admin_public_key_from_pub_or_private(tmp_path):
-    private, public = core.generate_ssh_key("admin@x")
+    private, public = keystore_mod.generate_ssh_key("admin@x")
     key = tmp_path / "k"
     key.write_text(private)
-    assert admin.admin_public_key(str(key)) == " ".join(public.split()[:2])
+    assert server_mod.admin_public_key(str(key)) == " ".join(public.split()[:2])
     (tmp_path / "k.pub").write_text(public + "\n")
-    assert admin.admin_public_key(str(key)) == " ".join(public.split()[:2])
+    assert server_mod.admin_public_key(str(key)) == " ".join(public.split()[:2])
 
 
 # ------------------------------------------------------- lock-out safe upload
@@ -198,16 +184,16 @@ class FakeSFTP:
 
 @pytest.fixture
 def admin_key():
-    return core.generate_ssh_key("admin")[1]
+    return keystore_mod.generate_ssh_key("admin")[1]
 
 
 def session(settings, sftp, login_ok):
-    sess = admin.ServerSession(settings, "/nonexistent", "/nonexistent")
+    sess = server_mod.ServerSession(settings, "/nonexistent", "/nonexistent")
     sess.sftp = sftp
 
     def check_login():
         if not login_ok:
-            raise core.QborgServerError("refused")
+            raise base_mod.QborgServerError("refused")
     sess.check_login = check_login
     return sess
 
@@ -215,7 +201,7 @@ def session(settings, sftp, login_ok):
 def test_upload_refuses_a_file_without_the_admin_key(settings, admin_key):
     sftp = FakeSFTP({".ssh/authorized_keys": f"{admin_key}\n"})
     text = f"# {admin_key}\n# BEGIN qborg\n# END qborg\n"  # only commented out
-    with pytest.raises(core.QborgServerError, match="lacks the admin key"):
+    with pytest.raises(base_mod.QborgServerError, match="lacks the admin key"):
         session(settings, sftp, True).upload_authorized_keys(text, admin_key)
     assert sftp.files == {".ssh/authorized_keys": f"{admin_key}\n"}
 
@@ -223,7 +209,7 @@ def test_upload_refuses_a_file_without_the_admin_key(settings, admin_key):
 def test_upload_keeps_a_backup_and_leaves_no_temp(settings, admin_key):
     old = f"{admin_key} admin\n"
     sftp = FakeSFTP({".ssh/authorized_keys": old})
-    new = core.render_authorized_keys(old, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
+    new = repos.render_authorized_keys(old, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
     backup = session(settings, sftp, True).upload_authorized_keys(new, admin_key)
     assert sftp.files[".ssh/authorized_keys"] == new
     assert sftp.files[backup] == old
@@ -233,16 +219,16 @@ def test_upload_keeps_a_backup_and_leaves_no_temp(settings, admin_key):
 def test_upload_restores_the_old_file_when_the_admin_is_locked_out(settings, admin_key):
     old = f"{admin_key} admin\n"
     sftp = FakeSFTP({".ssh/authorized_keys": old})
-    new = core.render_authorized_keys(old, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
-    with pytest.raises(core.QborgServerError, match="previous file was restored"):
+    new = repos.render_authorized_keys(old, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
+    with pytest.raises(base_mod.QborgServerError, match="previous file was restored"):
         session(settings, sftp, False).upload_authorized_keys(new, admin_key)
     assert sftp.files[".ssh/authorized_keys"] == old
 
 
 def test_upload_removes_a_new_file_that_locks_the_admin_out(settings, admin_key):
     sftp = FakeSFTP()
-    new = core.render_authorized_keys(f"{admin_key}\n", [])
-    with pytest.raises(core.QborgServerError, match="new file was removed"):
+    new = repos.render_authorized_keys(f"{admin_key}\n", [])
+    with pytest.raises(base_mod.QborgServerError, match="new file was removed"):
         session(settings, sftp, False).upload_authorized_keys(new, admin_key)
     assert ".ssh/authorized_keys" not in sftp.files
 
@@ -279,7 +265,7 @@ def test_a_drop_before_the_rename_leaves_the_old_file_and_says_so(settings, admi
     old = f"{admin_key} admin\n"
     sftp = DroppingSFTP({".ssh/authorized_keys": old}, when)
     sess = session(settings, sftp, True)
-    new = core.render_authorized_keys(old, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
+    new = repos.render_authorized_keys(old, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
     with pytest.raises((EOFError, OSError)) as exc:
         sess.upload_authorized_keys(new, admin_key)
     message = str(sess.lost(exc.value))
@@ -295,7 +281,7 @@ def test_a_drop_during_the_login_check_says_the_new_file_is_in_place(settings, a
     def dropped():
         raise EOFError()
     sess.check_login = dropped
-    new = core.render_authorized_keys(old, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
+    new = repos.render_authorized_keys(old, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
     with pytest.raises(EOFError) as exc:
         sess.upload_authorized_keys(new, admin_key)
     message = str(sess.lost(exc.value))
@@ -314,8 +300,8 @@ def test_a_lock_out_whose_restore_fails_too_says_to_restore_by_hand(settings, ad
             super().posix_rename(src, dst)
 
     sftp = RestoreFails({".ssh/authorized_keys": old})
-    new = core.render_authorized_keys(old, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
-    with pytest.raises(core.QborgServerError) as exc:
+    new = repos.render_authorized_keys(old, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
+    with pytest.raises(base_mod.QborgServerError) as exc:
         session(settings, sftp, False).upload_authorized_keys(new, admin_key)
     message = str(exc.value)
     assert "the admin key could no longer log in" in message
@@ -332,9 +318,9 @@ def test_provision_turns_a_dropped_connection_into_a_clear_error(settings, tmp_p
         self.sftp = sftp
         return self
 
-    monkeypatch.setattr(admin.ServerSession, "__enter__", enter)
+    monkeypatch.setattr(server_mod.ServerSession, "__enter__", enter)
     monkeypatch.setattr(admin, "admin_public_key", lambda _path: admin_key)
-    with pytest.raises(core.QborgServerError) as exc:
+    with pytest.raises(base_mod.QborgServerError) as exc:
         admin.provision(settings, str(tmp_path), None)
     assert "failed while writing the new authorized_keys" in str(exc.value)
     assert exc.value.__cause__ is None
@@ -346,8 +332,8 @@ def test_provision_turns_a_dropped_connection_into_a_clear_error(settings, tmp_p
 def test_a_refused_port_reads_as_such(settings, tmp_path):
     home = tmp_path / "home"
     (home / ".ssh").mkdir(parents=True)
-    core.atomic_write(str(home / ".ssh" / "qborg-admin"), core.generate_ssh_key("admin")[0])
-    with pytest.raises(core.QborgServerError) as exc:
+    base_mod.atomic_write(str(home / ".ssh" / "qborg-admin"), keystore_mod.generate_ssh_key("admin")[0])
+    with pytest.raises(base_mod.QborgServerError) as exc:
         admin.provision(settings, str(home), None)
     assert "connection refused (nothing listens on that port: is the server down?)" in \
         str(exc.value)

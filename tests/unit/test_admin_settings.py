@@ -8,8 +8,10 @@ import stat
 
 import pytest
 
-import qborg_admin as admin
-import qborg_core as core
+import _qborg_base as base
+import _qborg_settings as settings_mod
+import _qborg_keystore as keystore
+import _qborg_admin as admin
 
 
 @pytest.fixture
@@ -31,7 +33,7 @@ def test_settings_file_is_canonical_and_written_once(raw, settings_file):
     assert stat.S_IMODE(os.stat(settings_file).st_mode) == 0o644
     assert stat.S_IMODE(os.stat(settings_file.parent).st_mode) == 0o755
     assert json.loads(settings_file.read_text()) == raw
-    assert settings_file.read_text() == core.settings_file_text(raw)
+    assert settings_file.read_text() == settings_mod.settings_file_text(raw)
     assert admin.write_settings(raw, str(settings_file)) is False
 
 
@@ -55,7 +57,7 @@ def test_update_settings_adds_a_vm_and_keeps_the_local_layout(raw, settings_file
     now = json.loads(settings_file.read_text())
     assert now["vms"]["vm-new"] == {"storage_quota": "50G"}
     assert (now["paths"], now["user"]) == (raw["paths"], raw["user"])
-    assert settings_file.read_text() == core.settings_file_text(dict(raw, vms=vms))
+    assert settings_file.read_text() == settings_mod.settings_file_text(dict(raw, vms=vms))
 
 
 def test_update_settings_unchanged(raw, settings_file):
@@ -72,7 +74,7 @@ def test_update_settings_unchanged(raw, settings_file):
 ])
 def test_update_settings_refuses_garbage(settings_file, data, match):
     before = settings_file.read_bytes()
-    with pytest.raises(core.QborgConfigError, match=match):
+    with pytest.raises(base.QborgConfigError, match=match):
         admin.update_settings(data, str(settings_file))
     assert settings_file.read_bytes() == before
 
@@ -80,31 +82,31 @@ def test_update_settings_refuses_garbage(settings_file, data, match):
 def test_update_settings_refuses_invalid_settings_naming_the_field(raw, settings_file):
     before = settings_file.read_bytes()
     vms = dict(raw["vms"], **{"vm-new\n": {}})
-    with pytest.raises(core.QborgConfigError, match="qborg:vms:vm-new"):
+    with pytest.raises(base.QborgConfigError, match="qborg:vms:vm-new"):
         admin.update_settings(push(raw, vms=vms), str(settings_file))
-    with pytest.raises(core.QborgConfigError, match="qborg:admin_vm"):
+    with pytest.raises(base.QborgConfigError, match="qborg:admin_vm"):
         admin.update_settings(push(raw, admin_vm="other-admin"), str(settings_file))
     assert settings_file.read_bytes() == before
 
 
 def test_update_settings_needs_the_admin_set_up(raw, tmp_path):
-    with pytest.raises(core.QborgConfigError, match="apply qborg to this qube first"):
+    with pytest.raises(base.QborgConfigError, match="apply qborg to this qube first"):
         admin.update_settings(push(raw), str(tmp_path / "missing.json"))
 
 
 @pytest.fixture
 def settings(raw):
-    return core.validate_settings(raw)
+    return settings_mod.validate_settings(raw)
 
 
 def test_managed_lines_skip_vms_without_keys(settings, tmp_path):
-    store = core.Keystore(str(tmp_path / "ks"))
+    store = keystore.Keystore(str(tmp_path / "ks"))
     store.ensure("vm-work")
     assert [l.rsplit(" ", 1)[1] for l in admin.managed_lines(settings, store)] == ["qborg:vm-work"]
 
 
 def test_needs_provisioning(settings, tmp_path):
-    store = core.Keystore(str(tmp_path / "ks"))
+    store = keystore.Keystore(str(tmp_path / "ks"))
     assert admin.needs_provisioning(settings, "vm-work", store)
     store.ensure("vm-work")
     open(os.path.join(store.vm_dir("vm-work"), "repokey"), "w").close()
@@ -116,7 +118,7 @@ def test_needs_provisioning(settings, tmp_path):
 
 
 def test_vm_removed_from_pillar_is_retired_not_deleted(settings, tmp_path):
-    store = core.Keystore(str(tmp_path / "ks"))
+    store = keystore.Keystore(str(tmp_path / "ks"))
     for vm in ("vm-work", "vm-gone"):
         store.ensure(vm)
     changes, comments = {}, []
@@ -138,7 +140,7 @@ def test_vm_removed_from_pillar_is_retired_not_deleted(settings, tmp_path):
 
 
 def test_keystore_lock_is_exclusive(tmp_path):
-    with admin.KeystoreLock(str(tmp_path)):
+    with keystore.KeystoreLock(str(tmp_path)):
         fd = os.open(tmp_path / "lock", os.O_RDWR)
         try:
             with pytest.raises(BlockingIOError):

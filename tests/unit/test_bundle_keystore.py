@@ -7,14 +7,16 @@ import stat
 
 import pytest
 
-import qborg_core as core
+import _qborg_base as base_mod
+import _qborg_settings as settings_mod
+import _qborg_keystore as keystore_mod
 
 PASSPHRASE = "Correct-Horse-Battery-Staple-0123456789abcdef"
 
 
 @pytest.fixture(scope="module")
 def keypair():
-    return core.generate_ssh_key("qborg:vm-personal")
+    return keystore_mod.generate_ssh_key("qborg:vm-personal")
 
 
 @pytest.fixture
@@ -35,17 +37,17 @@ def test_generated_key_is_ed25519_with_comment(keypair):
     assert private.startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
     kind, blob, comment = public.split()
     assert (kind, comment) == ("ssh-ed25519", "qborg:vm-personal")
-    assert core.public_key_of(private) == f"{kind} {blob}"
+    assert keystore_mod.public_key_of(private) == f"{kind} {blob}"
 
 
 def test_valid_bundle_passes(bundle):
-    assert core.parse_bundle(json.dumps(bundle), "vm-personal") == bundle
+    assert keystore_mod.parse_bundle(json.dumps(bundle), "vm-personal") == bundle
 
 
 def test_hetzner_style_bundle_passes(bundle):
     bundle["repository"] = "ssh://u1@u1.your-storagebox.de:23/./qborg/vm-personal"
     bundle["known_hosts"] = "[u1.your-storagebox.de]:23 ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKey\n"
-    assert core.parse_bundle(json.dumps(bundle), "vm-personal")["remote_path"] == "borg14"
+    assert keystore_mod.parse_bundle(json.dumps(bundle), "vm-personal")["remote_path"] == "borg14"
 
 
 def _broken(bundle, **changes):
@@ -87,8 +89,8 @@ BROKEN = {
 @pytest.mark.parametrize("case", sorted(BROKEN))
 def test_broken_bundle_refused_without_leaking_secrets(bundle, case):
     text = _broken(bundle, **BROKEN[case])
-    with pytest.raises(core.QborgBundleError) as exc:
-        core.parse_bundle(text, "vm-personal")
+    with pytest.raises(base_mod.QborgBundleError) as exc:
+        keystore_mod.parse_bundle(text, "vm-personal")
     message = str(exc.value)
     assert message
     assert PASSPHRASE not in message
@@ -101,27 +103,27 @@ def test_broken_bundle_refused_without_leaking_secrets(bundle, case):
 
 @pytest.mark.parametrize("text", ["", "not json", "[1, 2]", '"string"', "{", "x" * 70000])
 def test_not_a_bundle(text):
-    with pytest.raises(core.QborgBundleError):
-        core.parse_bundle(text, "vm-personal")
+    with pytest.raises(base_mod.QborgBundleError):
+        keystore_mod.parse_bundle(text, "vm-personal")
 
 
 def test_bundle_for_another_vm_names_both(bundle):
-    with pytest.raises(core.QborgBundleError) as exc:
-        core.parse_bundle(json.dumps(bundle), "vm-work")
+    with pytest.raises(base_mod.QborgBundleError) as exc:
+        keystore_mod.parse_bundle(json.dumps(bundle), "vm-work")
     assert "vm-personal" in str(exc.value) and "vm-work" in str(exc.value)
 
 
 def test_make_bundle_round_trips(tmp_path, merged):
-    settings = core.validate_settings(merged)
-    store = core.Keystore(str(tmp_path / "ks"))
+    settings = settings_mod.validate_settings(merged)
+    store = keystore_mod.Keystore(str(tmp_path / "ks"))
     store.ensure("vm-personal")
     kh = "de1234.rsync.net ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKey"
-    made = core.make_bundle(settings, "vm-personal", store, kh)
-    parsed = core.parse_bundle(json.dumps(made), "vm-personal")
+    made = keystore_mod.make_bundle(settings, "vm-personal", store, kh)
+    parsed = keystore_mod.parse_bundle(json.dumps(made), "vm-personal")
     assert parsed["repository"] == "ssh://de1234@de1234.rsync.net:22/./qborg/vm-personal"
     assert parsed["remote_path"] == "borg14"
     assert parsed["passphrase"] == store.passphrase("vm-personal")
-    assert core.public_key_of(parsed["ssh_private_key"]) == \
+    assert keystore_mod.public_key_of(parsed["ssh_private_key"]) == \
         " ".join(store.public_key("vm-personal").split()[:2])
 
 
@@ -145,7 +147,7 @@ def snapshot(root):
 
 def test_keystore_ensure_creates_private_files(tmp_path):
     base = tmp_path / "share" / "qborg"
-    store = core.Keystore(str(base))
+    store = keystore_mod.Keystore(str(base))
     assert not store.has("vm-personal")
     assert store.ensure("vm-personal") is True
     assert store.has("vm-personal")
@@ -156,13 +158,13 @@ def test_keystore_ensure_creates_private_files(tmp_path):
     assert len(store.passphrase("vm-personal")) >= 40
     pub = store.public_key("vm-personal")
     assert pub.endswith(" qborg:vm-personal")
-    assert core.public_key_of(store.private_key("vm-personal")) == " ".join(pub.split()[:2])
+    assert keystore_mod.public_key_of(store.private_key("vm-personal")) == " ".join(pub.split()[:2])
     # no temp files left in the key directory
     assert sorted(os.listdir(store.vm_dir("vm-personal"))) == ["passphrase", "ssh_key", "ssh_key.pub"]
 
 
 def test_keystore_ensure_twice_changes_nothing(tmp_path):
-    store = core.Keystore(str(tmp_path / "ks"))
+    store = keystore_mod.Keystore(str(tmp_path / "ks"))
     store.ensure("vm-personal")
     before = snapshot(tmp_path)
     assert store.ensure("vm-personal") is False
@@ -170,7 +172,7 @@ def test_keystore_ensure_twice_changes_nothing(tmp_path):
 
 
 def test_keystore_vms_get_distinct_secrets(tmp_path):
-    store = core.Keystore(str(tmp_path / "ks"))
+    store = keystore_mod.Keystore(str(tmp_path / "ks"))
     store.ensure("vm-a")
     store.ensure("vm-b")
     assert store.public_key("vm-a") != store.public_key("vm-b")
@@ -179,23 +181,23 @@ def test_keystore_vms_get_distinct_secrets(tmp_path):
 
 def test_keystore_keeps_an_existing_passphrase(tmp_path):
     # a half-finished earlier run: passphrase written, key pair not yet
-    store = core.Keystore(str(tmp_path / "ks"))
+    store = keystore_mod.Keystore(str(tmp_path / "ks"))
     os.makedirs(store.vm_dir("vm-a"), mode=0o700)
-    core.atomic_write(store.passphrase_path("vm-a"), PASSPHRASE + "\n")
+    base_mod.atomic_write(store.passphrase_path("vm-a"), PASSPHRASE + "\n")
     assert store.ensure("vm-a") is True
     assert store.passphrase("vm-a") == PASSPHRASE
 
 
 def test_keystore_refuses_bad_names(tmp_path):
-    store = core.Keystore(str(tmp_path / "ks"))
+    store = keystore_mod.Keystore(str(tmp_path / "ks"))
     for name in ("../x", "vm/..", "dom0", ""):
-        with pytest.raises(core.QborgConfigError):
+        with pytest.raises(base_mod.QborgConfigError):
             store.vm_dir(name)
     assert not (tmp_path / "ks").exists()
 
 
 def test_passphrase_entropy():
-    phrases = {core.generate_passphrase() for _ in range(5)}
+    phrases = {keystore_mod.generate_passphrase() for _ in range(5)}
     assert len(phrases) == 5
     assert all(len(p) >= 40 and p.isalnum() for p in phrases)
 
@@ -205,14 +207,14 @@ def test_passphrase_entropy():
 
 @pytest.fixture
 def pillar_settings(merge):
-    return core.validate_settings(merge({
+    return settings_mod.validate_settings(merge({
         "server": {"provider": "rsync.net", "host": "de1234.rsync.net", "user": "de1234",
                    "host_key": "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHostKey"},
         "vms": {"vm-personal": {}}}))
 
 
 def test_a_bundle_that_agrees_with_the_pillar_passes(bundle, pillar_settings):
-    assert core.check_bundle_matches(bundle, pillar_settings, "vm-personal") is bundle
+    assert keystore_mod.check_bundle_matches(bundle, pillar_settings, "vm-personal") is bundle
 
 
 MISMATCHED = {
@@ -232,8 +234,8 @@ MISMATCHED = {
 def test_a_bundle_that_contradicts_the_pillar_is_refused(bundle, pillar_settings, case):
     changes, expected = MISMATCHED[case]
     bundle.update(changes)
-    with pytest.raises(core.QborgBundleError) as exc:
-        core.check_bundle_matches(bundle, pillar_settings, "vm-personal")
+    with pytest.raises(base_mod.QborgBundleError) as exc:
+        keystore_mod.check_bundle_matches(bundle, pillar_settings, "vm-personal")
     assert expected in str(exc.value) and "refusing it" in str(exc.value)
     assert PASSPHRASE not in str(exc.value)
 
@@ -241,12 +243,12 @@ def test_a_bundle_that_contradicts_the_pillar_is_refused(bundle, pillar_settings
 def test_without_a_pinned_key_the_learned_one_is_taken(bundle, pillar_settings):
     pillar_settings["server"]["host_key"] = None
     bundle["known_hosts"] = "de1234.rsync.net ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOther"
-    assert core.check_bundle_matches(bundle, pillar_settings, "vm-personal") is bundle
+    assert keystore_mod.check_bundle_matches(bundle, pillar_settings, "vm-personal") is bundle
 
 
 def test_a_truncated_bundle_says_so(bundle):
     text = json.dumps(bundle)
-    with pytest.raises(core.QborgBundleError) as exc:
-        core.parse_bundle(text[: len(text) // 2], "vm-personal")
+    with pytest.raises(base_mod.QborgBundleError) as exc:
+        keystore_mod.parse_bundle(text[: len(text) // 2], "vm-personal")
     assert f"ends after {len(text) // 2} bytes (truncated or damaged on the way)" in str(exc.value)
     assert PASSPHRASE[:10] not in str(exc.value)

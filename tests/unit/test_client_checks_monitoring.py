@@ -1,19 +1,16 @@
 """Pillar `checks` and `monitoring`: validated in the core, rendered into
 borgmatic's own consistency checks and monitoring hooks for 1.7 (sectioned)
-and >= 1.8 (flat), and accepted by each real borgmatic's validator: Debian
-12's 1.7.7 and the current one from PyPI (`make borgmatic-latest`)."""
-
-import os
-import subprocess
+and >= 1.8 (flat). Each real borgmatic's validator taking them is
+tests/integration/test_client_checks_monitoring.py."""
 
 import pytest
-import yaml
 
-import qborg_core as core
+import _qborg_base as base
+import _qborg_settings as settings_mod
+import _qborg_client as client
 
 HOME = "/home/user"
 PASSFILE = "/home/user/.config/qborg/passphrase"
-LATEST = os.environ.get("QBORG_BORGMATIC_LATEST", "/opt/qborg-test/borgmatic-latest/bin/borgmatic")
 MONITORING = {
     "healthchecks": "https://hc-ping.com/0f2b4c1e-9e8a-4d2f-8f39-3c1f0c7a9b11",
     "ntfy": {"topic": "my-qborg_alerts", "server": "https://ntfy.example.org/"},
@@ -22,22 +19,22 @@ MONITORING = {
 
 def settings_with(merged, vm="vm-work", **values):
     merged["vms"][vm] = dict(merged["vms"].get(vm) or {}, **values)
-    return core.validate_settings(merged)
+    return settings_mod.validate_settings(merged)
 
 
 def render(settings, version, vm="vm-work"):
-    return core.borgmatic_config(vm, settings["vms"][vm], settings["server"], HOME, PASSFILE,
+    return client.borgmatic_config(vm, settings["vms"][vm], settings["server"], HOME, PASSFILE,
                                  version)
 
 
 def error_of(merged, **values):
-    with pytest.raises(core.QborgConfigError) as exc:
+    with pytest.raises(base.QborgConfigError) as exc:
         settings_with(merged, **values)
     return str(exc.value)
 
 
 def test_default_checks_come_from_defaults_yaml(merged):
-    settings = core.validate_settings(merged)
+    settings = settings_mod.validate_settings(merged)
     assert settings["vms"]["vm-work"]["checks"] == [{"name": "repository", "frequency": "2 weeks"}]
     assert settings["vms"]["vm-work"]["monitoring"] == {}
     conf = render(settings, "1.7.7")
@@ -132,58 +129,10 @@ def test_monitoring_hooks_flat_from_1_8(merged):
 @pytest.mark.parametrize("version", ["1.7.7", "1.8.3"])
 def test_apprise_before_1_8_4_names_the_field_and_the_version(merged, version):
     settings = settings_with(merged, monitoring={"apprise": "mailto://a@b"})
-    with pytest.raises(core.QborgConfigError) as exc:
+    with pytest.raises(base.QborgConfigError) as exc:
         render(settings, version)
     assert "qborg:vms:vm-work:monitoring:apprise" in str(exc.value)
     assert version in str(exc.value) and "1.8.4" in str(exc.value)
-
-
-def validate(tmp_path, conf, command):
-    path = tmp_path / "qborg.yaml"
-    path.write_text(yaml.safe_dump(conf, default_flow_style=False, sort_keys=False))
-    return subprocess.run(command + [str(path)], capture_output=True, text=True, check=False,
-                          timeout=120)
-
-
-def latest_version():
-    assert os.access(LATEST, os.X_OK), \
-        f"{LATEST} is missing: `make borgmatic-latest` installs the current borgmatic there"
-    return subprocess.run([LATEST, "--version"], capture_output=True, text=True,
-                          check=True).stdout.strip()
-
-
-FULL = {"checks": [{"name": "repository", "frequency": "2 weeks"},
-                   {"name": "archives", "frequency": "1 month"}],
-        "monitoring": MONITORING}
-
-
-def test_debian_borgmatic_accepts_checks_and_hooks(merged, tmp_path):
-    proc = validate(tmp_path, render(settings_with(merged, **FULL), "1.7.7"),
-                    ["/usr/bin/validate-borgmatic-config", "-c"])
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_current_borgmatic_accepts_checks_and_hooks(merged, tmp_path):
-    version = latest_version()
-    full = dict(FULL, monitoring=dict(MONITORING, apprise=["mailtos://u:p@example.com"]))
-    proc = validate(tmp_path, render(settings_with(merged, **full), version),
-                    [LATEST, "config", "validate", "-c"])
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_a_check_borgmatic_rejects_is_traced_to_the_pillar_field(merged, tmp_path):
-    conf = render(settings_with(merged, checks=[{"name": "spot"}]), "1.7.7")
-    proc = validate(tmp_path, conf, ["/usr/bin/validate-borgmatic-config", "-c"])
-    assert proc.returncode != 0
-    output = proc.stdout + proc.stderr
-    assert core.explain_borgmatic_rejection("vm-work", output) == [
-        "qborg:vms:vm-work:checks (or qborg:defaults:checks)"]
-    proc = validate(tmp_path, render(settings_with(merged, checks=[{"name": "spot"}]),
-                                     latest_version()),
-                    [LATEST, "config", "validate", "-c"])
-    assert proc.returncode != 0
-    assert core.explain_borgmatic_rejection("vm-work", proc.stdout + proc.stderr) == [
-        "qborg:vms:vm-work:checks (or qborg:defaults:checks)"]
 
 
 @pytest.mark.parametrize("output, expected", [
@@ -195,5 +144,5 @@ def test_a_check_borgmatic_rejects_is_traced_to_the_pillar_field(merged, tmp_pat
     ("something else went wrong", []),
 ])
 def test_explain_borgmatic_rejection(output, expected):
-    assert core.explain_borgmatic_rejection("vm-x", output) == [
+    assert client.explain_borgmatic_rejection("vm-x", output) == [
         f"qborg:vms:vm-x:{e} (or qborg:defaults:{e})" for e in expected]

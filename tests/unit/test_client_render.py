@@ -1,13 +1,13 @@
 """What the client part writes: borgmatic config per borgmatic version and
-the `Host qborg` ssh block."""
-
-import shutil
-import subprocess
+the `Host qborg` ssh block. Debian's borgmatic validating it is
+tests/integration/test_client_render.py."""
 
 import pytest
 import yaml
 
-import qborg_core as core
+import _qborg_checks as checks_mod
+import _qborg_settings as settings_mod
+import _qborg_client as client_mod
 
 HOME = "/home/user"
 PASSFILE = "/home/user/.config/qborg/passphrase"
@@ -17,11 +17,11 @@ PASSFILE = "/home/user/.config/qborg/passphrase"
 def settings(merged):
     merged["vms"]["vm-work"] = {"source_directories": ["~", "/srv/data"],
                                 "exclude_patterns": ["~/.cache", "*.pyc"]}
-    return core.validate_settings(merged)
+    return settings_mod.validate_settings(merged)
 
 
 def render(settings, version, vm="vm-work"):
-    return core.borgmatic_config(vm, settings["vms"][vm], settings["server"], HOME,
+    return client_mod.borgmatic_config(vm, settings["vms"][vm], settings["server"], HOME,
                                  PASSFILE, version)
 
 
@@ -72,7 +72,7 @@ def test_flat_from_1_8(settings, version):
 
 
 def test_passcommand_quotes_the_path(settings):
-    conf = core.borgmatic_config("vm-work", settings["vms"]["vm-work"], settings["server"],
+    conf = client_mod.borgmatic_config("vm-work", settings["vms"]["vm-work"], settings["server"],
                                  "/home/odd user", "/home/odd user/.config/qborg/passphrase", "1.7.7")
     assert conf["storage"]["encryption_passcommand"] == \
         "cat '/home/odd user/.config/qborg/passphrase'"
@@ -80,7 +80,7 @@ def test_passcommand_quotes_the_path(settings):
 
 def test_no_excludes_leaves_the_key_out(merged):
     merged["vms"]["vm-work"] = {"exclude_patterns": []}
-    settings = core.validate_settings(merged)
+    settings = settings_mod.validate_settings(merged)
     assert "exclude_patterns" not in render(settings, "1.7.7")["location"]
 
 
@@ -94,36 +94,11 @@ def test_archive_names_carry_the_vm(settings):
     ("2.0", (2, 0)), ("", (0,)),
 ])
 def test_version_tuple(text, expected):
-    assert core.version_tuple(text) == expected
-
-
-VALIDATOR = shutil.which("validate-borgmatic-config") or "/usr/bin/validate-borgmatic-config"
-
-
-def validate_with_borgmatic(tmp_path, conf):
-    path = tmp_path / "qborg.yaml"
-    path.write_text(yaml.safe_dump(conf, default_flow_style=False, sort_keys=False))
-    path.chmod(0o600)
-    return subprocess.run([VALIDATOR, "-c", str(path)], capture_output=True, text=True,
-                          check=False, timeout=60)
-
-
-def test_debian_borgmatic_1_7_7_accepts_the_sectioned_config(settings, tmp_path):
-    proc = validate_with_borgmatic(tmp_path, render(settings, "1.7.7"))
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-def test_debian_borgmatic_validator_rejects_a_broken_config(settings, tmp_path):
-    conf = render(settings, "1.7.7")
-    del conf["location"]
-    assert validate_with_borgmatic(tmp_path, conf).returncode != 0
-    conf = render(settings, "1.7.7")
-    conf["storage"]["no_such_option"] = True
-    assert validate_with_borgmatic(tmp_path, conf).returncode != 0
+    assert checks_mod.version_tuple(text) == expected
 
 
 def test_ssh_config_block(settings):
-    block = core.ssh_config_block(settings["server"], "/home/user/.config/qborg/ssh_key",
+    block = client_mod.ssh_config_block(settings["server"], "/home/user/.config/qborg/ssh_key",
                                   "/home/user/.config/qborg/known_hosts")
     lines = [line.strip() for line in block.splitlines()]
     assert lines[0] == "Host qborg"
@@ -151,24 +126,24 @@ MANAGED = ("# BEGIN qborg (managed by Salt; edit pillar instead)\n" + BLOCK + "\
     "# BEGIN something else\nHost z\n# END something else\n",
 ])
 def test_ssh_config_block_comes_first_and_the_rest_is_kept(existing):
-    text = core.render_ssh_config(existing, BLOCK)
+    text = client_mod.render_ssh_config(existing, BLOCK)
     assert text == MANAGED + (existing or "")
-    assert core.render_ssh_config(text, BLOCK) == text  # nothing more to do
+    assert client_mod.render_ssh_config(text, BLOCK) == text  # nothing more to do
 
 
 def test_ssh_config_moved_or_doubled_block_goes_back_to_the_top():
     user = "Host *\n    User me\n"
     moved = user + MANAGED + "Host b\n"
-    assert core.render_ssh_config(moved, BLOCK) == MANAGED + user + "Host b\n"
+    assert client_mod.render_ssh_config(moved, BLOCK) == MANAGED + user + "Host b\n"
     doubled = MANAGED + user + MANAGED.replace("HostName h", "HostName old")
-    assert core.render_ssh_config(doubled, BLOCK) == MANAGED + user
+    assert client_mod.render_ssh_config(doubled, BLOCK) == MANAGED + user
 
 
 def test_ssh_config_updated_block_replaces_the_old_one():
     old = MANAGED.replace("Port 22", "Port 23") + "Host *\n"
-    assert core.render_ssh_config(old, BLOCK) == MANAGED + "Host *\n"
+    assert client_mod.render_ssh_config(old, BLOCK) == MANAGED + "Host *\n"
 
 
 def test_ssh_config_unterminated_begin_stays_the_users():
     user = "# BEGIN qborg but no end\nHost *\n"
-    assert core.render_ssh_config(user, BLOCK) == MANAGED + user
+    assert client_mod.render_ssh_config(user, BLOCK) == MANAGED + user

@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-import qborg_core as core
+import _qborg_base as base
 
 
 def mode(path):
@@ -14,10 +14,10 @@ def mode(path):
 
 def test_atomic_write_sets_mode_and_content(tmp_path):
     path = tmp_path / "secret"
-    core.atomic_write(str(path), "hunter2\n", 0o600)
+    base.atomic_write(str(path), "hunter2\n", 0o600)
     assert path.read_text() == "hunter2\n"
     assert mode(path) == 0o600
-    core.atomic_write(str(path), b"\x00bytes", 0o644)
+    base.atomic_write(str(path), b"\x00bytes", 0o644)
     assert path.read_bytes() == b"\x00bytes"
     assert mode(path) == 0o644
     assert os.listdir(tmp_path) == ["secret"]
@@ -26,7 +26,7 @@ def test_atomic_write_sets_mode_and_content(tmp_path):
 def test_atomic_write_mode_ignores_umask(tmp_path):
     old = os.umask(0o077)
     try:
-        core.atomic_write(str(tmp_path / "pub"), "x", 0o644)
+        base.atomic_write(str(tmp_path / "pub"), "x", 0o644)
     finally:
         os.umask(old)
     assert mode(tmp_path / "pub") == 0o644
@@ -37,7 +37,7 @@ def test_atomic_write_replaces_a_symlink_instead_of_following_it(tmp_path):
     target.write_text("keep")
     link = tmp_path / "config"
     link.symlink_to(target)
-    core.atomic_write(str(link), "new", 0o600)
+    base.atomic_write(str(link), "new", 0o600)
     assert target.read_text() == "keep"
     assert not link.is_symlink() and link.read_text() == "new"
 
@@ -51,9 +51,9 @@ def test_failed_write_keeps_the_old_file_and_no_temp(tmp_path, monkeypatch, fail
     def boom(*_args, **_kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(core.os, failing, boom)
+    monkeypatch.setattr(base.os, failing, boom)
     with pytest.raises(OSError):
-        core.atomic_write(str(path), "new\n", 0o600)
+        base.atomic_write(str(path), "new\n", 0o600)
     monkeypatch.undo()
     assert path.read_text() == "old\n"
     assert os.listdir(tmp_path) == ["passphrase"]
@@ -75,9 +75,9 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
         handle.write = write
         return handle
 
-    monkeypatch.setattr(core.os, "fdopen", fdopen)
+    monkeypatch.setattr(base.os, "fdopen", fdopen)
     with pytest.raises(Interrupted):
-        core.atomic_write(str(path), "new")
+        base.atomic_write(str(path), "new")
     monkeypatch.undo()
     assert path.read_text() == "old"
     assert os.listdir(tmp_path) == ["f"]
@@ -85,17 +85,17 @@ def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
 
 def test_ensure_dir(tmp_path):
     path = tmp_path / "a" / "b"
-    assert core.ensure_dir(str(path), 0o700) is True
+    assert base.ensure_dir(str(path), 0o700) is True
     assert mode(path) == 0o700
     assert mode(tmp_path / "a") == 0o755
-    assert core.ensure_dir(str(path), 0o700) is False
+    assert base.ensure_dir(str(path), 0o700) is False
     os.chmod(path, 0o755)
-    assert core.ensure_dir(str(path), 0o700) is True
+    assert base.ensure_dir(str(path), 0o700) is True
     assert mode(path) == 0o700
 
 
 def test_read_text_missing_is_none(tmp_path):
-    assert core.read_text(str(tmp_path / "nope")) is None
+    assert base.read_text(str(tmp_path / "nope")) is None
 
 
 # ------------------------------------------- what a killed writer leaves
@@ -118,8 +118,8 @@ def test_atomic_write_order_temp_mode_fsync_rename_then_directory(tmp_path, monk
         return call
 
     for name in real:
-        monkeypatch.setattr(core.os, name, spy(name))
-    core.atomic_write(str(path), "new key\n", 0o600)
+        monkeypatch.setattr(base.os, name, spy(name))
+    base.atomic_write(str(path), "new key\n", 0o600)
     monkeypatch.undo()
     temp = calls[0][1]
     assert temp.startswith(f".ssh_key.{os.getpid()}.")
@@ -145,7 +145,7 @@ def test_the_next_write_removes_what_a_killed_writer_left(tmp_path):
     live.write_text("in progress")
     other = tmp_path / ".known_hosts.999999.a1b2c3d4"  # another file's: not ours to judge
     other.write_text("x")
-    core.atomic_write(str(path), "new\n", 0o600)
+    base.atomic_write(str(path), "new\n", 0o600)
     assert path.read_text() == "new\n"
     assert not dead.exists()
     assert live.exists() and other.exists()
@@ -155,7 +155,7 @@ def test_remove_dead_temps_without_a_write(tmp_path):
     (tmp_path / "ssh_key").write_text("key")
     leftover = tmp_path / f".ssh_key.{dead_pid()}.zz99xx88"
     leftover.write_text("partial")
-    assert core.remove_dead_temps(str(tmp_path / "ssh_key")) == [leftover.name]
+    assert base.remove_dead_temps(str(tmp_path / "ssh_key")) == [leftover.name]
     assert os.listdir(tmp_path) == ["ssh_key"]
 
 
@@ -178,7 +178,7 @@ def user_home(tmp_path, monkeypatch):
             os.chown(path, 65534, 65534)
     else:
         # as a user: the test's own directories play the user's, root is simulated
-        monkeypatch.setattr(core, "_running_as_root", lambda: True)
+        monkeypatch.setattr(base, "_running_as_root", lambda: True)
         os.chown(victim, os.getuid(), os.getgid())
     return home, victim
 
@@ -200,17 +200,17 @@ def test_a_planted_directory_link_in_a_home_is_refused_naming_it(user_home, wher
         (home / ".local").symlink_to(victim)
         link = home / ".local"
     calls = {
-        "ensure_dir": lambda: core.ensure_dir(
+        "ensure_dir": lambda: base.ensure_dir(
             str(home / (".config/qborg" if where == "conf-dir" else ".local/state/qborg")),
             0o700, (65534, 65534)),
-        "atomic_write": lambda: core.atomic_write(
+        "atomic_write": lambda: base.atomic_write(
             str(link / "passphrase"), "secret\n", 0o600, (65534, 65534)),
-        "read_text": lambda: core.read_text(str(link / "file")),
-        "remove_file": lambda: core.remove_file(str(link / "file")),
-        "remove_dead_temps": lambda: core.remove_dead_temps(str(link / "file")),
+        "read_text": lambda: base.read_text(str(link / "file")),
+        "remove_file": lambda: base.remove_file(str(link / "file")),
+        "remove_dead_temps": lambda: base.remove_dead_temps(str(link / "file")),
     }
     for name, call in calls.items():
-        with pytest.raises(core.QborgUnsafePathError) as exc:
+        with pytest.raises(base.QborgUnsafePathError) as exc:
             call()
         message = str(exc.value)
         assert f"{link} is a symbolic link (to {victim})" in message, name
@@ -225,9 +225,9 @@ def test_a_planted_file_link_is_not_read_through_and_is_replaced_not_followed(us
     if os.geteuid() == 0:
         os.chown(conf, 65534, 65534)
     (conf / "passphrase").symlink_to(victim / "file")
-    with pytest.raises(core.QborgUnsafePathError, match="passphrase is a symbolic link"):
-        core.read_text(str(conf / "passphrase"))
-    core.atomic_write(str(conf / "passphrase"), "new\n", 0o600)
+    with pytest.raises(base.QborgUnsafePathError, match="passphrase is a symbolic link"):
+        base.read_text(str(conf / "passphrase"))
+    base.atomic_write(str(conf / "passphrase"), "new\n", 0o600)
     assert not (conf / "passphrase").is_symlink()
     assert (victim / "file").read_text() == "root's\n"
 
@@ -238,18 +238,18 @@ def test_links_root_controls_are_followed(tmp_path):
     real = tmp_path / "rw" / "usrlocal"
     real.mkdir(parents=True)
     (tmp_path / "usrlocal").symlink_to(real)
-    assert core.ensure_dir(str(tmp_path / "usrlocal" / "etc" / "qborg"), 0o755) is True
-    core.atomic_write(str(tmp_path / "usrlocal" / "etc" / "qborg" / "x"), "x\n", 0o644)
+    assert base.ensure_dir(str(tmp_path / "usrlocal" / "etc" / "qborg"), 0o755) is True
+    base.atomic_write(str(tmp_path / "usrlocal" / "etc" / "qborg" / "x"), "x\n", 0o644)
     assert (real / "etc" / "qborg" / "x").read_text() == "x\n"
-    assert core.read_text(str(tmp_path / "usrlocal" / "etc" / "qborg" / "x")) == "x\n"
+    assert base.read_text(str(tmp_path / "usrlocal" / "etc" / "qborg" / "x")) == "x\n"
 
 
 def test_ensure_dir_creates_parents_owned_by_the_user_and_sets_mode(user_home):
     home, _victim = user_home
     owner = (os.getuid(), os.getgid()) if os.geteuid() != 0 else (65534, 65534)
     target = home / ".local" / "state" / "qborg"
-    assert core.ensure_dir(str(target), 0o700, owner) is True
+    assert base.ensure_dir(str(target), 0o700, owner) is True
     for path in (home / ".local", home / ".local" / "state"):
         assert (os.stat(path).st_uid, mode(path)) == (owner[0], 0o755)
     assert (os.stat(target).st_uid, mode(target)) == (owner[0], 0o700)
-    assert core.ensure_dir(str(target), 0o700, owner) is False
+    assert base.ensure_dir(str(target), 0o700, owner) is False

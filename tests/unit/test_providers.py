@@ -7,8 +7,16 @@ import re
 
 import pytest
 
-import qborg_admin as admin
-import qborg_core as core
+import _qborg_base as base
+import _qborg_settings as settings
+import _qborg_repos as repos
+import _qborg_keystore as keystore_mod
+import _qborg_client as client_mod
+import _qborg_server as server_mod
+import _qborg_borg as borg_mod
+import _qborg_admin as admin
+import _qborg_rotation as rotation_mod
+import _qborg_export as export
 
 from .conftest import REPO
 
@@ -20,30 +28,30 @@ def only(merge, server, vms=None):
     """A pillar with nothing in qborg:server but what the test names."""
     raw = merge({"vms": vms or {"vm-personal": {}}})
     raw["server"] = dict(server)
-    return core.validate_settings(raw)
+    return settings.validate_settings(raw)
 
 
 def test_rsync_net_preset_needs_only_host_and_user(merge):
     s = only(merge, {"provider": "rsync.net", "host": "de1234.rsync.net", "user": "de1234"})
-    line = core.authorized_keys_line("vm-personal", VM_KEY, s["server"])
+    line = repos.authorized_keys_line("vm-personal", VM_KEY, s["server"])
     assert line == ('restrict,command="borg14 serve --append-only --restrict-to-repository '
                     f'qborg/vm-personal" {VM_KEY} qborg:vm-personal')
-    assert core.repository_url(core.vm_server(s, "vm-personal"), "vm-personal") == \
+    assert settings.repository_url(settings.vm_server(s, "vm-personal"), "vm-personal") == \
         "ssh://de1234@de1234.rsync.net:22/./qborg/vm-personal"
-    assert core.known_hosts_host(s["server"]) == "de1234.rsync.net"
+    assert repos.known_hosts_host(s["server"]) == "de1234.rsync.net"
     assert s["server"]["upload"] is True
 
 
 def test_hetzner_preset_storage_box(merge):
     s = only(merge, {"provider": "hetzner", "host": "u1234.your-storagebox.de", "user": "u1234"},
              {"vm-personal": {"storage_quota": "100G"}})
-    line = core.authorized_keys_line(
+    line = repos.authorized_keys_line(
         "vm-personal", VM_KEY, s["server"], s["vms"]["vm-personal"]["storage_quota"])
     assert 'command="borg-1.4 serve --append-only --restrict-to-repository qborg/vm-personal ' \
            '--storage-quota 100G"' in line
-    assert core.repository_url(core.vm_server(s, "vm-personal"), "vm-personal") == \
+    assert settings.repository_url(settings.vm_server(s, "vm-personal"), "vm-personal") == \
         "ssh://u1234@u1234.your-storagebox.de:23/./qborg/vm-personal"
-    assert core.known_hosts_host(s["server"]) == "[u1234.your-storagebox.de]:23"
+    assert repos.known_hosts_host(s["server"]) == "[u1234.your-storagebox.de]:23"
 
 
 def borgbase(merge, **vms):
@@ -55,19 +63,19 @@ def test_borgbase_one_account_per_vm_repository(merge, tmp_path):
     s = borgbase(merge, **{"vm-personal": "ssh://a1b2c3d4@a1b2c3d4.repo.borgbase.com/./repo",
                            "vm-work": "ssh://e5f6a7b8@e5f6a7b8.repo.borgbase.com/./repo"})
     assert s["server"]["upload"] is False and s["server"]["remote_path"] == "borg"
-    work = core.vm_server(s, "vm-work")
-    assert core.repository_url(work, "vm-work") == "ssh://e5f6a7b8@e5f6a7b8.repo.borgbase.com:22/./repo"
-    assert core.alias_repository_url(work, "vm-work") == "ssh://qborg/./repo"
-    block = core.ssh_config_block(work, "/k", "/kh")
+    work = settings.vm_server(s, "vm-work")
+    assert settings.repository_url(work, "vm-work") == "ssh://e5f6a7b8@e5f6a7b8.repo.borgbase.com:22/./repo"
+    assert repos.alias_repository_url(work, "vm-work") == "ssh://qborg/./repo"
+    block = client_mod.ssh_config_block(work, "/k", "/kh")
     assert "HostName e5f6a7b8.repo.borgbase.com" in block and "User e5f6a7b8" in block
-    store = core.Keystore(str(tmp_path / ".local" / "share" / "qborg"))
+    store = keystore_mod.Keystore(str(tmp_path / ".local" / "share" / "qborg"))
     store.ensure("vm-work")
     # the bundle pins BorgBase's host key for the VM's own host
     open(store.vm_dir("vm-work") + "/repokey", "w").close()
-    bundle = core.parse_bundle(json.dumps(admin.bundle_for(s, "vm-work", str(tmp_path))), "vm-work")
+    bundle = keystore_mod.parse_bundle(json.dumps(admin.bundle_for(s, "vm-work", str(tmp_path))), "vm-work")
     assert bundle["repository"] == "ssh://e5f6a7b8@e5f6a7b8.repo.borgbase.com:22/./repo"
     assert bundle["known_hosts"] == f"e5f6a7b8.repo.borgbase.com {BORGBASE_HOST_KEY}"
-    conf = core.borgmatic_config("vm-work", s["vms"]["vm-work"], work, "/home/user", "/p", "1.7.7")
+    conf = client_mod.borgmatic_config("vm-work", s["vms"]["vm-work"], work, "/home/user", "/p", "1.7.7")
     assert conf["location"]["repositories"] == ["ssh://qborg/./repo"]
 
 
@@ -80,38 +88,38 @@ def test_borgbase_one_account_per_vm_repository(merge, tmp_path):
 def test_borgbase_needs_a_valid_repository_per_vm(merge, vms, field):
     raw = merge({"vms": vms})
     raw["server"] = {"provider": "borgbase", "host_key": BORGBASE_HOST_KEY}
-    with pytest.raises(core.QborgConfigError, match=re.escape(field)):
-        core.validate_settings(raw)
+    with pytest.raises(base.QborgConfigError, match=re.escape(field)):
+        settings.validate_settings(raw)
 
 
 def test_borgbase_needs_the_pinned_host_key(merge):
     raw = merge({"vms": {"vm-personal": {"repository": "ssh://a1@a1.repo.borgbase.com/./repo"}}})
     raw["server"] = {"provider": "borgbase"}
-    with pytest.raises(core.QborgConfigError, match="qborg:server:host_key"):
-        core.validate_settings(raw)
+    with pytest.raises(base.QborgConfigError, match="qborg:server:host_key"):
+        settings.validate_settings(raw)
 
 
 def test_a_repository_is_never_a_default(merge):
     raw = merge({"server": {"host": "h.example", "user": "u"},
                  "defaults": {"repository": "ssh://a1@a1.repo.borgbase.com/./repo"}})
-    with pytest.raises(core.QborgConfigError, match="qborg:defaults:repository"):
-        core.validate_settings(raw)
+    with pytest.raises(base.QborgConfigError, match="qborg:defaults:repository"):
+        settings.validate_settings(raw)
 
 
 def test_explicit_values_override_the_preset(merge):
     s = only(merge, {"provider": "rsync.net", "host": "de1234.rsync.net", "user": "de1234",
                      "port": 2222, "remote_path": "borg12"})
-    assert core.forced_command(s["server"], "vm").startswith("borg12 serve")
-    assert core.repository_url(s["server"], "vm") == "ssh://de1234@de1234.rsync.net:2222/./qborg/vm"
+    assert repos.forced_command(s["server"], "vm").startswith("borg12 serve")
+    assert settings.repository_url(s["server"], "vm") == "ssh://de1234@de1234.rsync.net:2222/./qborg/vm"
 
 
 def test_readme_provider_table_matches_the_presets():
     text = (REPO / "README.md").read_text()
     rows = re.findall(r"^\| `([a-z.]+)`[^|]*\| (\d+) \| `([^`]+)` \|", text, re.M)
-    assert {name for name, _p, _r in rows} == set(core.PROVIDERS)
+    assert {name for name, _p, _r in rows} == set(settings.PROVIDERS)
     for name, port, remote_path in rows:
-        assert (int(port), remote_path) == (core.PROVIDERS[name]["port"],
-                                           core.PROVIDERS[name]["remote_path"]), name
+        assert (int(port), remote_path) == (settings.PROVIDERS[name]["port"],
+                                           settings.PROVIDERS[name]["remote_path"]), name
 
 
 # a VM whose repository is on another account, or elsewhere on the server's own
@@ -126,21 +134,21 @@ def mixed(merge, host_key=None, **vms):
 
 
 def test_a_repository_on_another_host_needs_the_pinned_host_key(merge):
-    with pytest.raises(core.QborgConfigError, match="qborg:server:host_key: vm-mail's "
+    with pytest.raises(base.QborgConfigError, match="qborg:server:host_key: vm-mail's "
                        "repository is on a1.repo.borgbase.com:22, not on the server"):
         mixed(merge, **{"vm-mail": "ssh://a1@a1.repo.borgbase.com/./repo"})
     # on the server's own host and port the key learned on first use is the right one
     s = mixed(merge, **{"vm-mail": "ssh://other@de1234.rsync.net/./mail"})
-    assert core.vm_server(s, "vm-mail")["user"] == "other"
+    assert settings.vm_server(s, "vm-mail")["user"] == "other"
 
 
 def test_keys_are_uploaded_only_for_repositories_on_the_servers_account(merge, tmp_path):
     s = mixed(merge, BORGBASE_HOST_KEY,
               **{"vm-mail": "ssh://a1@a1.repo.borgbase.com/./repo",
                  "vm-work": "ssh://de1234@de1234.rsync.net:22/./elsewhere/work"})
-    assert [core.uploads_key(s, vm) for vm in ("vm-personal", "vm-mail", "vm-work")] == \
+    assert [repos.uploads_key(s, vm) for vm in ("vm-personal", "vm-mail", "vm-work")] == \
         [True, False, True]
-    store = core.Keystore(admin.admin_paths(s, str(tmp_path))["keystore"])
+    store = keystore_mod.Keystore(server_mod.admin_paths(s, str(tmp_path))["keystore"])
     for vm in s["vms"]:
         store.ensure(vm)
     lines = admin.managed_lines(s, store)
@@ -156,11 +164,10 @@ def test_keys_are_uploaded_only_for_repositories_on_the_servers_account(merge, t
 
 
 def test_maintenance_and_export_reach_each_vms_own_repository(merge, tmp_path):
-    import qborg_maint as maint
 
     s = mixed(merge, BORGBASE_HOST_KEY, **{"vm-mail": "ssh://a1@a1.repo.borgbase.com/./repo"})
     home = str(tmp_path / "home")
-    borg = maint.AdminBorg(s, home)
+    borg = borg_mod.AdminBorg(s, home)
     assert borg.url("vm-mail") == "ssh://a1@a1.repo.borgbase.com:22/./repo"
     assert borg.url("vm-personal") == "ssh://de1234@de1234.rsync.net:22/./qborg/vm-personal"
     with open(borg.known_hosts_path(), encoding="utf-8") as handle:
@@ -168,14 +175,14 @@ def test_maintenance_and_export_reach_each_vms_own_repository(merge, tmp_path):
                                               f"a1.repo.borgbase.com {BORGBASE_HOST_KEY}"]
     for vm in s["vms"]:
         borg.keystore.ensure(vm)
-    entry = {e["title"]: e for e in maint.export_entries(s, {}, home)}["vm-mail"]
+    entry = {e["title"]: e for e in export.export_entries(s, {}, home)}["vm-mail"]
     assert entry["url"] == "ssh://a1@a1.repo.borgbase.com:22/./repo"
     assert entry["username"] == "a1"
     assert entry["properties"]["known_hosts"] == f"a1.repo.borgbase.com {BORGBASE_HOST_KEY}"
     # its key is set in that account's interface: qborg cannot stage the next one there
-    with pytest.raises(core.QborgConfigError, match="rotation is for VMs whose repository"):
-        maint.rotate(s, home, None, "vm-mail")
-    assert maint.rotation_state(borg.keystore, "vm-mail") is None
+    with pytest.raises(base.QborgConfigError, match="rotation is for VMs whose repository"):
+        rotation_mod.rotate(s, home, None, "vm-mail")
+    assert keystore_mod.rotation_state(borg.keystore, "vm-mail") is None
 
 
 def test_another_account_on_the_same_host_waits_for_the_servers_key(merge, tmp_path):
@@ -183,8 +190,8 @@ def test_another_account_on_the_same_host_waits_for_the_servers_key(merge, tmp_p
     # is the right one, but none is learned yet and none pinned
     s = mixed(merge, **{"vm-mail": "ssh://other@de1234.rsync.net/./mail"})
     home = str(tmp_path / "home")
-    with pytest.raises(core.QborgError, match=r"the host key of ssh://other@de1234\.rsync\.net"
+    with pytest.raises(base.QborgError, match=r"the host key of ssh://other@de1234\.rsync\.net"
                        r":22/\./mail is not known yet: apply qborg to the admin qube"):
         admin.provision(s, home, None, vms=["vm-mail"])
-    store = core.Keystore(admin.admin_paths(s, home)["keystore"])
+    store = keystore_mod.Keystore(server_mod.admin_paths(s, home)["keystore"])
     assert not os.path.exists(os.path.join(store.vm_dir("vm-mail"), "known_hosts"))

@@ -272,65 +272,6 @@ def test_a_failed_backup_is_retried_at_the_next_tick_not_after_an_interval(env, 
     assert env.prog.last_success() == clock.t
 
 
-BLOCKING_BORGMATIC = """#!/bin/sh
-echo "$*" >> "$QBORG_TEST_CALLS"
-if [ "$3" = "create" ]; then
-    : > "$QBORG_TEST_DIR/started"
-    # hold the run until the test lets it go
-    while [ ! -e "$QBORG_TEST_DIR/release" ]; do sleep 0.01; done
-fi
-exit 0
-"""
-
-
-def test_two_ticks_at_once_run_one_backup(env, tmp_path, monkeypatch):
-    import subprocess
-    import sys
-
-    fake = tmp_path / "bin" / "borgmatic"
-    fake.write_text(BLOCKING_BORGMATIC)
-    monkeypatch.setenv("QBORG_TEST_DIR", str(tmp_path))
-    tick = [sys.executable, str(SCRIPT), "--scheduled", "--interval", "1h"]
-    first = subprocess.Popen(tick)
-    try:
-        while not (tmp_path / "started").exists():
-            assert first.poll() is None, "the first tick ended before its backup started"
-            time.sleep(0.01)
-        # the first tick is inside its backup: a second one returns at once
-        second = subprocess.run(tick, timeout=60, check=False)
-        assert second.returncode == 0
-        assert len(env.calls("create")) == 1
-    finally:
-        (tmp_path / "release").touch()
-        assert first.wait(timeout=60) == 0
-    assert len(env.calls("create")) == 1
-    assert env.prog.last_success() is not None
-
-
-def test_runs_the_borgmatic_beside_it_before_the_one_on_path(tmp_path, monkeypatch):
-    """Installed in a qube's /usr/local/bin next to a newer borgmatic, it runs
-    that one, even with cron's PATH."""
-    import shutil
-    import subprocess
-
-    prefix_bin = tmp_path / "usr-local" / "bin"
-    prefix_bin.mkdir(parents=True)
-    shutil.copy(SCRIPT, prefix_bin / "qborg-backup")
-    (prefix_bin / "borgmatic").write_text(
-        '#!/bin/sh\necho "beside $*" >> "$QBORG_TEST_CALLS"\necho "PATH=$PATH" >> "$QBORG_TEST_CALLS"\n')
-    (prefix_bin / "borgmatic").chmod(0o755)
-    calls = tmp_path / "calls"
-    home = tmp_path / "home"
-    home.mkdir()
-    env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "QBORG_TEST_CALLS": str(calls)}
-    proc = subprocess.run(["/usr/bin/python3", str(prefix_bin / "qborg-backup")], env=env,
-                          capture_output=True, text=True, check=False, timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    lines = calls.read_text().splitlines()
-    assert lines[0] == "beside --syslog-verbosity -1 create"
-    assert lines[1] == f"PATH={prefix_bin}:/usr/bin:/bin"
-
-
 # ------------------------------------------------- what went wrong, in words
 
 NOISE = """--- Logging error ---
@@ -574,11 +515,11 @@ def test_when_ssh_connects_the_closed_connection_stays_the_explanation(env, ssh)
 
 def write_config(version, sources, body="storage:\n  archive_name_format: vm-x-{now:%Y}\n"):
     """The borgmatic config as qborg writes it: its run note, then the body."""
-    import qborg_core as core
+    import _qborg_client as client_mod
 
     conf = pathlib.Path(os.environ["HOME"]) / ".config" / "borgmatic.d"
     conf.mkdir(parents=True, exist_ok=True)
-    note = core.borgmatic_run_note(version, {"source_directories": sources})
+    note = client_mod.borgmatic_run_note(version, {"source_directories": sources})
     (conf / "qborg.yaml").write_text(f"# Managed by qborg (Salt).\n{note}\n{body}")
 
 
@@ -589,12 +530,12 @@ def home_dir(*parts):
 
 
 def test_the_run_note_qborg_writes_is_the_one_qborg_backup_reads(env):
-    import qborg_core as core
+    import _qborg_client as client_mod
 
     sources = ["/home/u/Documents", "/home/u/it's a \"dir\", too", "/home/u/caf\u00e9/*.txt"]
     for version, rendered in (("1.7.7", {"location": {"source_directories": sources}}),
                               ("2.1.10", {"source_directories": sources})):
-        text = core.borgmatic_run_note(version, rendered) + "\nlocation: {}\n"
+        text = client_mod.borgmatic_run_note(version, rendered) + "\nlocation: {}\n"
         assert "\n" not in text.rstrip("\n").split("\n")[0]
         assert env.prog.parse_run_note(text) == {"borgmatic": version,
                                                  "source_directories": sources}

@@ -1,6 +1,6 @@
 """Offline qubes: pillar validation of qborg:relay_vm and `via`, the client's
 ProxyCommand, the relay's routes, dom0's policy lines, and the relay service
-itself (qborg_relay.serve) against local sockets."""
+itself (_qborg_relay.serve) against local sockets."""
 
 import json
 import os
@@ -12,8 +12,10 @@ import threading
 import jinja2
 import pytest
 
-import qborg_core as core
-import qborg_relay as relay
+import _qborg_base as base
+import _qborg_settings as settings_mod
+import _qborg_client as client_mod
+import _qborg_relay as relay
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -29,13 +31,13 @@ def relayed(merged):
 
 
 def test_relay_is_off_by_default(merged):
-    settings = core.validate_settings(merged)
+    settings = settings_mod.validate_settings(merged)
     assert settings["relay_vm"] is None
     assert {vm["via"] for vm in settings["vms"].values()} == {"auto"}
-    assert core.relayed_vms(settings) == []
+    assert relay.relayed_vms(settings) == []
     # without relay_vm a qube without netvm still goes direct (dom0 warns about it)
-    assert core.relayed_vms(settings, offline={"vm-work"}) == []
-    assert core.vm_relay(settings, "vm-work", offline=True) is None
+    assert relay.relayed_vms(settings, offline={"vm-work"}) == []
+    assert relay.vm_relay(settings, "vm-work", offline=True) is None
 
 
 @pytest.mark.parametrize("netvm, offline", [
@@ -44,46 +46,46 @@ def test_relay_is_off_by_default(merged):
 def test_a_qube_without_netvm_as_dom0_tells_it(netvm, offline):
     # Qubes' qvm_prefs pillar gives str(vm.netvm), 'None' for none; qvm-prefs
     # prints an empty line; no pillar at all (outside Qubes) is not offline
-    assert core.qube_is_offline(netvm) is offline
+    assert relay.qube_is_offline(netvm) is offline
 
 
 def test_via_auto_relays_a_qube_without_netvm_once_relay_vm_is_set(relayed):
     relayed["vms"]["vm-work"] = {"via": "direct"}
-    settings = core.validate_settings(relayed)
+    settings = settings_mod.validate_settings(relayed)
     assert settings["vms"]["vm-personal"]["via"] == "auto"
-    assert core.vm_relay(settings, "vm-personal", offline=True) == "sys-qborg-relay"
-    assert core.vm_relay(settings, "vm-personal", offline=False) is None
+    assert relay.vm_relay(settings, "vm-personal", offline=True) == "sys-qborg-relay"
+    assert relay.vm_relay(settings, "vm-personal", offline=False) is None
     # direct stays direct, offline or not: the user said so (dom0 warns)
-    assert core.vm_relay(settings, "vm-work", offline=True) is None
-    assert core.relayed_vms(settings, offline={"vm-personal", "vm-work"}) == \
+    assert relay.vm_relay(settings, "vm-work", offline=True) is None
+    assert relay.relayed_vms(settings, offline={"vm-personal", "vm-work"}) == \
         ["vm-personal", "vm-vault"]
     # the relay cannot see another qube's netvm: it has a route for each VM
     # it may carry, and dom0's policy lets only the offline ones call it
-    assert core.relay_candidates(settings) == ["vm-mail", "vm-personal", "vm-vault"]
-    assert sorted(core.relay_config(settings)["routes"]) == ["vm-mail", "vm-personal", "vm-vault"]
+    assert relay.relay_candidates(settings) == ["vm-mail", "vm-personal", "vm-vault"]
+    assert sorted(relay.relay_config(settings)["routes"]) == ["vm-mail", "vm-personal", "vm-vault"]
 
 
 def test_via_relay_with_a_relay_vm(relayed):
-    settings = core.validate_settings(relayed)
+    settings = settings_mod.validate_settings(relayed)
     assert settings["relay_vm"] == "sys-qborg-relay"
     assert settings["vms"]["vm-vault"]["via"] == "relay"
     assert "via_field" not in settings["vms"]["vm-vault"]
-    assert core.relayed_vms(settings) == ["vm-vault"]
-    assert core.vm_relay(settings, "vm-vault") == "sys-qborg-relay"
-    assert core.vm_relay(settings, "vm-work") is None
+    assert relay.relayed_vms(settings) == ["vm-vault"]
+    assert relay.vm_relay(settings, "vm-vault") == "sys-qborg-relay"
+    assert relay.vm_relay(settings, "vm-work") is None
 
 
 def test_via_relay_in_defaults_relays_every_vm_but_the_direct_ones(relayed):
     relayed["defaults"]["via"] = "relay"
     relayed["vms"]["vm-work"] = {"via": "direct"}
-    settings = core.validate_settings(relayed)
-    assert core.relayed_vms(settings) == ["vm-mail", "vm-personal", "vm-vault"]
+    settings = settings_mod.validate_settings(relayed)
+    assert relay.relayed_vms(settings) == ["vm-mail", "vm-personal", "vm-vault"]
 
 
 def test_via_relay_without_relay_vm_names_the_field(merged):
     merged["vms"]["vm-vault"] = {"via": "relay"}
-    with pytest.raises(core.QborgConfigError) as exc:
-        core.validate_settings(merged)
+    with pytest.raises(base.QborgConfigError) as exc:
+        settings_mod.validate_settings(merged)
     message = str(exc.value)
     assert message.startswith("qborg:vms:vm-vault:via: ")
     assert "needs qborg:relay_vm" in message and "pillar" in message
@@ -91,8 +93,8 @@ def test_via_relay_without_relay_vm_names_the_field(merged):
 
 def test_via_relay_from_defaults_without_relay_vm_names_the_defaults_field(merged):
     merged["defaults"]["via"] = "relay"
-    with pytest.raises(core.QborgConfigError, match=r"^qborg:defaults:via: .*needs qborg:relay_vm"):
-        core.validate_settings(merged)
+    with pytest.raises(base.QborgConfigError, match=r"^qborg:defaults:via: .*needs qborg:relay_vm"):
+        settings_mod.validate_settings(merged)
 
 
 @pytest.mark.parametrize("mutate, field", [
@@ -109,8 +111,8 @@ def test_via_relay_from_defaults_without_relay_vm_names_the_defaults_field(merge
         "defaults-via"])
 def test_bad_relay_settings_fail_naming_the_field(relayed, mutate, field):
     mutate(relayed)
-    with pytest.raises(core.QborgConfigError) as exc:
-        core.validate_settings(relayed)
+    with pytest.raises(base.QborgConfigError) as exc:
+        settings_mod.validate_settings(relayed)
     assert str(exc.value).startswith(field + ": "), str(exc.value)
     assert "pillar" in str(exc.value)
 
@@ -118,32 +120,32 @@ def test_bad_relay_settings_fail_naming_the_field(relayed, mutate, field):
 def test_relay_vm_may_be_set_with_no_vm_relayed(merged):
     merged["relay_vm"] = "sys-qborg-relay"
     merged["defaults"]["via"] = "direct"
-    settings = core.validate_settings(merged)
-    assert core.relay_config(settings)["routes"] == {}
-    assert core.relayed_vms(settings, offline=set(settings["vms"])) == []
+    settings = settings_mod.validate_settings(merged)
+    assert relay.relay_config(settings)["routes"] == {}
+    assert relay.relayed_vms(settings, offline=set(settings["vms"])) == []
 
 
 # --------------------------------------------------------------- rendering
 
 
 def test_relayed_vm_gets_the_proxy_command_and_everything_else_unchanged(relayed):
-    settings = core.validate_settings(relayed)
-    server = core.vm_server(settings, "vm-vault")
-    direct = core.ssh_config_block(server, "/k", "/kh")
-    via = core.ssh_config_block(server, "/k", "/kh", core.vm_relay(settings, "vm-vault"))
+    settings = settings_mod.validate_settings(relayed)
+    server = settings_mod.vm_server(settings, "vm-vault")
+    direct = client_mod.ssh_config_block(server, "/k", "/kh")
+    via = client_mod.ssh_config_block(server, "/k", "/kh", relay.vm_relay(settings, "vm-vault"))
     assert via.splitlines() == direct.splitlines() + [
         "    ProxyCommand qrexec-client-vm sys-qborg-relay qborg.SshRelay"]
     # the server is still named, so ssh checks the same pinned host key
     assert "    HostName de1234.rsync.net" in via.splitlines()
     assert "    StrictHostKeyChecking yes" in via.splitlines()
-    assert "ProxyCommand" not in core.ssh_config_block(
-        core.vm_server(settings, "vm-work"), "/k", "/kh", core.vm_relay(settings, "vm-work"))
+    assert "ProxyCommand" not in client_mod.ssh_config_block(
+        settings_mod.vm_server(settings, "vm-work"), "/k", "/kh", relay.vm_relay(settings, "vm-work"))
 
 
 def test_proxy_command_refuses_a_name_that_is_not_a_qube():
     for bad in ("relay %h", "relay;sh", "-oProxyCommand=x", "dom0"):
-        with pytest.raises(core.QborgConfigError, match="qborg:relay_vm"):
-            core.relay_proxy_command(bad)
+        with pytest.raises(base.QborgConfigError, match="qborg:relay_vm"):
+            relay.relay_proxy_command(bad)
 
 
 def test_relay_routes_one_server_per_relayed_vm(relayed):
@@ -152,14 +154,14 @@ def test_relay_routes_one_server_per_relayed_vm(relayed):
                                  "repository": "ssh://abcd@abcd.repo.borgbase.com:2222/./repo"}
     relayed["server"]["host_key"] = ("ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOstKfBbwVOYQh3J7X4nzd6"
                                      "/VYgLfaucP9z5n4cpSzcZ")
-    settings = core.validate_settings(relayed)
-    config = core.relay_config(settings)
+    settings = settings_mod.validate_settings(relayed)
+    config = relay.relay_config(settings)
     assert config == {
         "format": 1, "relay_vm": "sys-qborg-relay",
         "routes": {"vm-mail": {"host": "abcd.repo.borgbase.com", "port": 2222},
                    "vm-vault": {"host": "de1234.rsync.net", "port": 22}},
     }
-    text = core.relay_config_text(settings)
+    text = relay.relay_config_text(settings)
     assert json.loads(text) == config and text.endswith("\n")
     assert "passphrase" not in text and "key" not in text
 
@@ -193,8 +195,8 @@ def test_pillar_example_shows_a_relayed_vm(merge):
     import yaml
 
     pillar = yaml.safe_load((REPO / "pillar.example").read_text())["qborg"]
-    settings = core.validate_settings(merge(pillar))
-    assert settings["relay_vm"] and core.relayed_vms(settings)
+    settings = settings_mod.validate_settings(merge(pillar))
+    assert settings["relay_vm"] and relay.relayed_vms(settings)
 
 
 # --------------------------------------------------------------- the service

@@ -3,11 +3,13 @@ fails with a QborgConfigError naming its pillar path."""
 
 import pytest
 
-import qborg_core as core
+import _qborg_base as base
+import _qborg_settings as settings_mod
+import _qborg_repos as repos_mod
 
 
 def test_complete_config_normalises(merged):
-    s = core.validate_settings(merged)
+    s = settings_mod.validate_settings(merged)
     assert s["admin_vm"] == "backup-admin"
     assert s["user"] == "user"
     assert sorted(s["vms"]) == ["vm-mail", "vm-personal", "vm-work"]
@@ -19,7 +21,7 @@ def test_complete_config_normalises(merged):
 
 
 def test_vm_overrides_win_over_defaults_and_others_inherit(merged, defaults):
-    vms = core.validate_settings(merged)["vms"]
+    vms = settings_mod.validate_settings(merged)["vms"]
     personal = vms["vm-personal"]
     assert personal["source_directories"] == ["/home/user/Documents", "/home/user/Pictures"]
     assert personal["interval_seconds"] == 30 * 60
@@ -35,13 +37,13 @@ def test_vm_overrides_win_over_defaults_and_others_inherit(merged, defaults):
 
 
 def test_vm_settings_are_independent_copies(merged):
-    vms = core.validate_settings(merged)["vms"]
+    vms = settings_mod.validate_settings(merged)["vms"]
     vms["vm-work"]["exclude_patterns"].append("/x")
     assert "/x" not in vms["vm-mail"]["exclude_patterns"]
 
 
 def test_no_vms_is_valid(merge):
-    s = core.validate_settings(merge({"server": {"host": "backup.example.org", "user": "u"}}))
+    s = settings_mod.validate_settings(merge({"server": {"host": "backup.example.org", "user": "u"}}))
     assert s["vms"] == {}
 
 
@@ -55,7 +57,7 @@ def test_provider_presets(merged, provider, port, remote_path):
     merged["server"]["provider"] = provider
     if provider == "borgbase":
         as_borgbase(merged)
-    server = core.validate_settings(merged)["server"]
+    server = settings_mod.validate_settings(merged)["server"]
     assert server["provider"] == provider
     assert (server["port"], server["remote_path"]) == (port, remote_path)
 
@@ -71,38 +73,38 @@ def as_borgbase(merged):
 
 def test_only_borgbase_is_not_uploaded(merged):
     as_borgbase(merged)
-    assert core.validate_settings(merged)["server"]["upload"] is False
+    assert settings_mod.validate_settings(merged)["server"]["upload"] is False
     merged["server"]["provider"] = "hetzner"
-    assert core.validate_settings(merged)["server"]["upload"] is True
+    assert settings_mod.validate_settings(merged)["server"]["upload"] is True
 
 
 def test_explicit_pillar_values_override_presets(merged):
     merged["server"].update(provider="hetzner", port=2222, remote_path="/usr/local/bin/borg")
-    server = core.validate_settings(merged)["server"]
+    server = settings_mod.validate_settings(merged)["server"]
     assert (server["port"], server["remote_path"]) == (2222, "/usr/local/bin/borg")
 
 
 def test_host_key_comment_is_dropped(merged):
     merged["server"]["host_key"] = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB1c root@server"
-    assert core.validate_settings(merged)["server"]["host_key"] == \
+    assert settings_mod.validate_settings(merged)["server"]["host_key"] == \
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB1c"
 
 
 def test_repos_dir_trailing_slash_is_stripped(merged):
     merged["server"]["repos_dir"] = "backups/qborg/"
-    assert core.validate_settings(merged)["server"]["repos_dir"] == "backups/qborg"
+    assert settings_mod.validate_settings(merged)["server"]["repos_dir"] == "backups/qborg"
 
 
 @pytest.mark.parametrize("paths", [["~"], ["~/Documents", "/srv/data"]])
 def test_home_relative_paths_accepted(merged, paths):
     merged["vms"]["vm-work"] = {"source_directories": paths, "exclude_patterns": ["~/.cache"]}
-    vm = core.validate_settings(merged)["vms"]["vm-work"]
+    vm = settings_mod.validate_settings(merged)["vms"]["vm-work"]
     assert vm["source_directories"] == paths
 
 
 def test_admin_key_home_relative_accepted(merged):
     merged["server"]["admin_key"] = "~/.ssh/other"
-    assert core.validate_settings(merged)["server"]["admin_key"] == "~/.ssh/other"
+    assert settings_mod.validate_settings(merged)["server"]["admin_key"] == "~/.ssh/other"
 
 
 @pytest.mark.parametrize("name", [
@@ -110,7 +112,7 @@ def test_admin_key_home_relative_accepted(merged):
 ])
 def test_valid_vm_names(merged, name):
     merged["vms"] = {name: {}}
-    assert list(core.validate_settings(merged)["vms"]) == [name]
+    assert list(settings_mod.validate_settings(merged)["vms"]) == [name]
 
 
 @pytest.mark.parametrize("name", [
@@ -119,15 +121,15 @@ def test_valid_vm_names(merged, name):
 ])
 def test_bad_vm_names_fail_naming_the_path(merged, name):
     merged["vms"] = {name: {}}
-    with pytest.raises(core.QborgConfigError) as exc:
-        core.validate_settings(merged)
+    with pytest.raises(base.QborgConfigError) as exc:
+        settings_mod.validate_settings(merged)
     assert f"qborg:vms:{name}" in str(exc.value)
 
 
 def test_non_string_vm_name_fails(merged):
     merged["vms"] = {123: {}}
-    with pytest.raises(core.QborgConfigError, match="qborg:vms:123"):
-        core.validate_settings(merged)
+    with pytest.raises(base.QborgConfigError, match="qborg:vms:123"):
+        settings_mod.validate_settings(merged)
 
 
 def set_path(raw, path, value):
@@ -203,8 +205,8 @@ BAD_VALUES = [
                          ids=[f"{':'.join(p)}={v!r}" for p, v, _f in BAD_VALUES])
 def test_bad_value_fails_naming_the_field(merged, path, value, field):
     set_path(merged, path, value)
-    with pytest.raises(core.QborgConfigError) as exc:
-        core.validate_settings(merged)
+    with pytest.raises(base.QborgConfigError) as exc:
+        settings_mod.validate_settings(merged)
     message = str(exc.value)
     assert message.startswith(field + ":") or message.startswith(field + "[") \
         or f"{field}:" in message, message
@@ -213,15 +215,15 @@ def test_bad_value_fails_naming_the_field(merged, path, value, field):
 
 def test_missing_config_fails():
     for raw in (None, [], "qborg"):
-        with pytest.raises(core.QborgConfigError, match="^qborg:"):
-            core.validate_settings(raw)
+        with pytest.raises(base.QborgConfigError, match="^qborg:"):
+            settings_mod.validate_settings(raw)
 
 
 def test_validation_does_not_mutate_the_input(merged):
     import copy
 
     before = copy.deepcopy(merged)
-    core.validate_settings(merged)
+    settings_mod.validate_settings(merged)
     assert merged == before
 
 
@@ -229,14 +231,14 @@ def test_validation_does_not_mutate_the_input(merged):
     ("30m", 1800), ("1h", 3600), ("2d", 172800), ("1w", 604800),
 ])
 def test_parse_interval(text, seconds):
-    assert core.parse_interval(text) == seconds
+    assert settings_mod.parse_interval(text) == seconds
 
 
 def test_expand_home():
-    assert core.expand_home("~", "/home/u") == "/home/u"
-    assert core.expand_home("~/.cache", "/home/u") == "/home/u/.cache"
-    assert core.expand_home("/etc", "/home/u") == "/etc"
-    assert core.expand_home("*.pyc", "/home/u") == "*.pyc"
+    assert settings_mod.expand_home("~", "/home/u") == "/home/u"
+    assert settings_mod.expand_home("~/.cache", "/home/u") == "/home/u/.cache"
+    assert settings_mod.expand_home("/etc", "/home/u") == "/etc"
+    assert settings_mod.expand_home("*.pyc", "/home/u") == "*.pyc"
 
 
 def test_pillar_example_validates(merge):
@@ -246,7 +248,7 @@ def test_pillar_example_validates(merge):
 
     example = pathlib.Path(__file__).resolve().parents[2] / "pillar.example"
     pillar = yaml.safe_load(example.read_text())["qborg"]
-    settings = core.validate_settings(merge(pillar))
+    settings = settings_mod.validate_settings(merge(pillar))
     assert settings["vms"], "pillar.example should show at least one VM"
     for vm in settings["vms"].values():
         assert vm["interval_seconds"] > 0
@@ -269,10 +271,10 @@ HOST_KEY_LINE = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB1c"
 def test_hostile_host_key_fails_naming_the_field(merged, value):
     merged["server"]["host_key"] = value
     if value == "":  # empty means "learn it on first use"
-        assert core.validate_settings(merged)["server"]["host_key"] is None
+        assert settings_mod.validate_settings(merged)["server"]["host_key"] is None
         return
-    with pytest.raises(core.QborgConfigError) as exc:
-        core.validate_settings(merged)
+    with pytest.raises(base.QborgConfigError) as exc:
+        settings_mod.validate_settings(merged)
     assert str(exc.value).startswith("qborg:server:host_key:")
     assert "fix it in the qborg pillar" in str(exc.value)
 
@@ -297,8 +299,8 @@ def test_hostile_host_key_fails_naming_the_field(merged, value):
         "dot", "double-slash-start", "double-slash", "relative", "tilde", "too-long", "list"])
 def test_hostile_prefix_and_policy_dir_fail_naming_the_field(merged, key, value):
     merged.setdefault("paths", {})[key] = value
-    with pytest.raises(core.QborgConfigError) as exc:
-        core.validate_settings(merged)
+    with pytest.raises(base.QborgConfigError) as exc:
+        settings_mod.validate_settings(merged)
     assert str(exc.value).startswith(f"qborg:paths:{key}:")
     assert "plain absolute path such as /usr/local" in str(exc.value)
     assert "fix it in the qborg pillar" in str(exc.value)
@@ -308,15 +310,15 @@ def test_hostile_prefix_and_policy_dir_fail_naming_the_field(merged, key, value)
                                    "/rw/usrlocal", "/"])
 def test_plain_absolute_prefixes_are_accepted(merged, value):
     merged.setdefault("paths", {})["prefix"] = value
-    assert core.validate_settings(merged)["paths"]["prefix"] == (value.rstrip("/") or "/")
+    assert settings_mod.validate_settings(merged)["paths"]["prefix"] == (value.rstrip("/") or "/")
 
 
 def test_templates_and_admin_template_are_qube_names(merged):
     merged["templates"] = ["debian-12-xfce", "fedora-41"]
     merged["admin_template"] = "debian-12-xfce"
-    core.validate_settings(merged)
+    settings_mod.validate_settings(merged)
     merged["admin_template"] = None
-    core.validate_settings(merged)
+    settings_mod.validate_settings(merged)
 
 
 @pytest.mark.parametrize("key,value,field", [
@@ -328,8 +330,8 @@ def test_templates_and_admin_template_are_qube_names(merged):
 ])
 def test_bad_templates_name_the_field(merged, key, value, field):
     merged[key] = value
-    with pytest.raises(core.QborgConfigError, match="^" + field):
-        core.validate_settings(merged)
+    with pytest.raises(base.QborgConfigError, match="^" + field):
+        settings_mod.validate_settings(merged)
 
 
 # ------------------------------------------------ each VM's own repository
@@ -339,8 +341,8 @@ OTHER_HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB1c"
 
 
 def refused(merged):
-    with pytest.raises(core.QborgConfigError) as exc:
-        core.validate_settings(merged)
+    with pytest.raises(base.QborgConfigError) as exc:
+        settings_mod.validate_settings(merged)
     message = str(exc.value)
     assert "each VM needs a repository of its own" in message
     assert message.endswith("; fix it in the qborg pillar")
@@ -421,13 +423,13 @@ def test_repositories_apart_are_accepted(merged, url):
     merged["server"]["host_key"] = OTHER_HOST_KEY  # pinned: some are on another server
     merged["vms"]["vm-work"] = {"repository": url}
     merged["vms"]["vm-mail"] = {"repository": url.replace("vm-personal", "vm-mail")}
-    settings = core.validate_settings(merged)
+    settings = settings_mod.validate_settings(merged)
     assert settings["vms"]["vm-work"]["repository"] == url
 
 
 def test_borgbase_repositories_of_the_same_name_on_other_accounts_are_apart(merged):
     as_borgbase(merged)  # every VM: ./repo, each on its own account
-    assert len(core.validate_settings(merged)["vms"]) == 3
+    assert len(settings_mod.validate_settings(merged)["vms"]) == 3
     merged["vms"]["vm-work"]["repository"] = merged["vms"]["vm-mail"]["repository"]
     assert "the same repository as vm-mail's" in refused(merged)
 
@@ -437,7 +439,7 @@ def test_borgbase_repositories_of_the_same_name_on_other_accounts_are_apart(merg
     ("./qborg/vm-a", "qborg/vm-a"), ("qborg/vm-a/.", "qborg/vm-a"), ("//qborg", "qborg"),
 ])
 def test_normalise_repository_path(path, normal):
-    assert core.normalise_repository_path(path) == normal
+    assert settings_mod.normalise_repository_path(path) == normal
 
 
 # ------------------------------------------------------------ storage quota
@@ -448,14 +450,14 @@ def test_normalise_repository_path(path, normal):
     ("9999999", 9_999_999), ("0.01G", 10_000_000), ("2K", 2000),
 ])
 def test_parse_size_reads_sizes_as_borg_does(text, size):
-    assert core.parse_size(text) == size
+    assert settings_mod.parse_size(text) == size
 
 
 @pytest.mark.parametrize("quota", ["5M", "9999999", "9.9M", "0.0099G", "0", "0K", "9999.999K"])
 def test_a_quota_below_borgs_minimum_is_refused_naming_the_field(merged, quota):
     merged["vms"]["vm-work"] = {"storage_quota": quota}
-    with pytest.raises(core.QborgConfigError) as exc:
-        core.validate_settings(merged)
+    with pytest.raises(base.QborgConfigError) as exc:
+        settings_mod.validate_settings(merged)
     assert str(exc.value) == (
         f"qborg:vms:vm-work:storage_quota: {quota} is below borg's minimum storage quota of "
         f"10M (borg serve refuses to start with it, so every backup of vm-work would fail); "
@@ -465,15 +467,15 @@ def test_a_quota_below_borgs_minimum_is_refused_naming_the_field(merged, quota):
 @pytest.mark.parametrize("quota", ["10M", "10000000", 10000000, "0.01G", "10000K", "200G", "1T"])
 def test_a_quota_of_at_least_10M_is_accepted(merged, quota):
     merged["vms"]["vm-work"] = {"storage_quota": quota}
-    assert core.validate_settings(merged)["vms"]["vm-work"]["storage_quota"] == str(quota)
+    assert settings_mod.validate_settings(merged)["vms"]["vm-work"]["storage_quota"] == str(quota)
 
 
 @pytest.mark.parametrize("quota, what", [("5M", "is below borg's minimum storage quota of 10M"),
                                          ("200 GB", "is not a size like 200G")])
 def test_a_bad_default_quota_names_the_defaults_field(merged, quota, what):
     merged["defaults"]["storage_quota"] = quota
-    with pytest.raises(core.QborgConfigError) as exc:
-        core.validate_settings(merged)
+    with pytest.raises(base.QborgConfigError) as exc:
+        settings_mod.validate_settings(merged)
     assert str(exc.value).startswith("qborg:defaults:storage_quota: ")
     assert what in str(exc.value)
     if "minimum" in what:
@@ -483,7 +485,7 @@ def test_a_bad_default_quota_names_the_defaults_field(merged, quota, what):
 def test_a_vm_quota_overrides_a_bad_default_quota_only_for_itself(merged):
     merged["defaults"]["storage_quota"] = "5M"
     merged["vms"] = {"vm-personal": {"storage_quota": "200G"}}
-    assert core.validate_settings(merged)["vms"]["vm-personal"]["storage_quota"] == "200G"
+    assert settings_mod.validate_settings(merged)["vms"]["vm-personal"]["storage_quota"] == "200G"
 
 
 # ------------------------------------------------- a shared account, no quota
@@ -491,7 +493,7 @@ def test_a_vm_quota_overrides_a_bad_default_quota_only_for_itself(merged):
 
 def test_vms_sharing_the_account_without_quota_get_one_warning_naming_them(merged):
     # vm-personal has 200G, vm-work and vm-mail none, all three on de1234's account
-    assert core.shared_account_warnings(core.validate_settings(merged)) == [
+    assert repos_mod.shared_account_warnings(settings_mod.validate_settings(merged)) == [
         "the server's account de1234@de1234.rsync.net:22 holds the repositories of 3 VMs "
         "and vm-mail, vm-work have no storage_quota: one VM can fill the account and stop "
         "the backups of every VM on it; set qborg:defaults:storage_quota (e.g. 200G; at "
@@ -500,7 +502,7 @@ def test_vms_sharing_the_account_without_quota_get_one_warning_naming_them(merge
 
 def test_one_vm_without_quota_among_others_is_named_alone(merged):
     merged["vms"]["vm-mail"] = {"storage_quota": "50G"}
-    (warning,) = core.shared_account_warnings(core.validate_settings(merged))
+    (warning,) = repos_mod.shared_account_warnings(settings_mod.validate_settings(merged))
     assert "3 VMs and vm-work has no storage_quota" in warning
 
 
@@ -517,11 +519,11 @@ def test_no_warning_when_no_vm_can_fill_the_others_account(merged, change):
         merged["vms"]["vm-other"] = {"storage_quota": "1T"}
     else:
         as_borgbase(merged)
-    assert core.shared_account_warnings(core.validate_settings(merged)) == []
+    assert repos_mod.shared_account_warnings(settings_mod.validate_settings(merged)) == []
 
 
 def test_a_vm_with_its_own_path_on_the_account_shares_it(merged):
     merged["vms"] = {"vm-work": {"repository": f"{SERVER_URL}/./elsewhere/vm-work"},
                      "vm-mail": {"storage_quota": "20G"}}
-    (warning,) = core.shared_account_warnings(core.validate_settings(merged))
+    (warning,) = repos_mod.shared_account_warnings(settings_mod.validate_settings(merged))
     assert "holds the repositories of 2 VMs and vm-work has no storage_quota" in warning

@@ -16,7 +16,7 @@ only once the connection to the server stands, and goes to the server as it
 is. One line per connection goes to ``~/.local/state/qborg/relay.log``:
 caller, server, result, bytes each way, duration.
 
-Standard library only (plus qborg_core's name rules): this runs with the
+Standard library only (plus the core's name rules): this runs with the
 relay qube's system Python, without Salt.
 """
 
@@ -28,34 +28,102 @@ import sys
 import threading
 import time
 
-import qborg_core as core
+from _qborg_base import QborgError, read_json_document
+from _qborg_settings import HOSTNAME_RE, check_qube_name, valid_qube_name, vm_server
+
+
+# offline qubes: the relay (qborg:relay_vm, per VM `via: relay`)
+
+RELAY_SERVICE = "qborg.SshRelay"
+
+
+RELAY_CONFIG_FORMAT = 1
+
+
+def relay_proxy_command(relay_vm):
+    """The client's ProxyCommand: ssh's bytes go to the relay qube's
+    qborg.SshRelay over qrexec. The qube name is validated (no spaces, no
+    ssh % tokens), so it needs no quoting."""
+    check_qube_name(relay_vm, "qborg:relay_vm")
+    return f"qrexec-client-vm {relay_vm} {RELAY_SERVICE}"
+
+
+def qube_is_offline(netvm):
+    """True when a qube has no netvm, from Qubes' pillar `qubes:netvm`
+    (dom0's qvm_prefs pillar: str(vm.netvm), so 'None' for none) or from
+    dom0's `qvm-prefs VM netvm` (empty for none). Unknown (no such pillar,
+    outside Qubes) is not offline."""
+    return netvm is not None and str(netvm).strip() in ("", "None")
+
+
+def vm_relay(settings, vm, offline=False):
+    """The relay qube this VM goes through, or None when it connects
+    directly. offline: the qube has no netvm (for `via: auto`)."""
+    via = settings["vms"][vm].get("via") or "auto"
+    if via == "relay" or (via == "auto" and offline and settings["relay_vm"]):
+        return settings["relay_vm"]
+    return None
+
+
+def relayed_vms(settings, offline=()):
+    """The VMs that reach the server through the relay, sorted; offline:
+    the names of the configured qubes that have no netvm."""
+    return sorted(vm for vm in settings["vms"] if vm_relay(settings, vm, vm in offline))
+
+
+def relay_candidates(settings):
+    """The VMs the relay may carry: `via: relay`, and `via: auto` when
+    relay_vm is set (the relay qube cannot see another qube's netvm; dom0's
+    policy, which can, lets only the offline ones call it)."""
+    return sorted(vm for vm in settings["vms"] if vm_relay(settings, vm, offline=True))
+
+
+def relay_config(settings):
+    """The relay qube's own configuration: for each VM it may carry the one
+    server (host, port) its connection may go to. The relay picks the route
+    by the caller's qube name (QREXEC_REMOTE_DOMAIN, set by dom0), never by
+    anything the caller sends."""
+    routes = {}
+    for vm in relay_candidates(settings):
+        server = vm_server(settings, vm)
+        routes[vm] = {"host": server["host"], "port": server["port"]}
+    return {"format": RELAY_CONFIG_FORMAT, "relay_vm": settings["relay_vm"], "routes": routes}
+
+
+def relay_config_text(settings):
+    """relay_config as the file the relay part installs (one serialisation)."""
+    return json.dumps(relay_config(settings), indent=2, sort_keys=True) + "\n"
+
 
 CHUNK = 65536
+
+
 CONNECT_TIMEOUT = 20
+
+
 EXIT_REFUSED = 1
+
+
 EXIT_UNREACHABLE = 2
 
 
-class RelayConfigError(core.QborgError):
+class RelayConfigError(QborgError):
     """The relay's configuration file is missing or malformed."""
 
 
 def load_config(path):
-    """Read and check the relay's configuration (see core.relay_config)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-    except (OSError, ValueError) as exc:
-        raise RelayConfigError(f"relay configuration {path} is unreadable ({exc.__class__.__name__}); "
-                               f"apply qborg to the relay qube") from None
-    if not isinstance(data, dict) or data.get("format") != core.RELAY_CONFIG_FORMAT \
+    """Read and check the relay's configuration (see relay_config)."""
+    data = read_json_document(path, lambda exc: RelayConfigError(
+        f"relay configuration {path} is unreadable ({exc.__class__.__name__}); "
+        "apply qborg to the relay qube"))
+    if not isinstance(data, dict) or data.get("format") != RELAY_CONFIG_FORMAT \
             or not isinstance(data.get("routes"), dict):
         raise RelayConfigError(f"relay configuration {path} has an unknown format; "
                                f"apply qborg to the relay qube")
     routes = {}
     for vm, route in data["routes"].items():
-        if not (core.valid_qube_name(vm) and isinstance(route, dict)
-                and isinstance(route.get("host"), str) and core.HOSTNAME_RE.match(route["host"])
+        if not (valid_qube_name(vm) and isinstance(route, dict)
+                and isinstance(route.get("host"), str) and HOSTNAME_RE.match(route["host"])
                 and isinstance(route.get("port"), int) and not isinstance(route["port"], bool)
                 and 0 < route["port"] < 65536):
             raise RelayConfigError(f"relay configuration {path}: bad route for {vm!r}; "
@@ -71,7 +139,7 @@ def utc_stamp():
 def log_line(path, caller, result, server=None, to_server=0, from_server=0, seconds=0.0):
     """Append one line to the relay log (directory 0700, file 0600). Never
     raises: a full disk must not break a backup."""
-    text = (f"{utc_stamp()} {core.RELAY_SERVICE} caller={caller} "
+    text = (f"{utc_stamp()} {RELAY_SERVICE} caller={caller} "
             f"server={server or '-'} result={result} bytes_to_server={to_server} "
             f"bytes_from_server={from_server} seconds={seconds:.3f}\n")
     try:
@@ -162,20 +230,20 @@ def serve(environ, config_path, log_path, in_fd=0, out_fd=1, err=None,
 
 def _serve(environ, config_path, log_path, in_fd, out_fd, close_out, err, connect):
     untrusted_caller = environ.get("QREXEC_REMOTE_DOMAIN", "")
-    if not core.valid_qube_name(untrusted_caller):
+    if not valid_qube_name(untrusted_caller):
         log_line(log_path, "(invalid)", "refused:invalid-caller")
-        print(f"{core.RELAY_SERVICE}: refused", file=err)
+        print(f"{RELAY_SERVICE}: refused", file=err)
         return EXIT_REFUSED
     caller = untrusted_caller  # validated against Qubes' name rule above
     try:
         routes = load_config(config_path)
     except RelayConfigError as exc:
         log_line(log_path, caller, "error:config")
-        print(f"{core.RELAY_SERVICE}: {exc}", file=err)
+        print(f"{RELAY_SERVICE}: {exc}", file=err)
         return EXIT_REFUSED
     if caller not in routes:
         log_line(log_path, caller, "refused:not-relayed")
-        print(f"{core.RELAY_SERVICE}: {caller} is not relayed by this qube "
+        print(f"{RELAY_SERVICE}: {caller} is not relayed by this qube "
               f"(qborg:vms:{caller}:via is not relay)", file=err)
         return EXIT_REFUSED
     host, port = routes[caller]
@@ -186,7 +254,7 @@ def _serve(environ, config_path, log_path, in_fd, out_fd, close_out, err, connec
     except OSError as exc:
         log_line(log_path, caller, "error:unreachable", server,
                  seconds=time.monotonic() - started)
-        print(f"{core.RELAY_SERVICE}: cannot reach {server}: {exc.strerror or exc}", file=err)
+        print(f"{RELAY_SERVICE}: cannot reach {server}: {exc.strerror or exc}", file=err)
         return EXIT_UNREACHABLE
     with sock:
         sock.settimeout(None)

@@ -1,7 +1,7 @@
 """The admin qube's qrexec services, qborg.UpdateSettings and qborg.GetBundle,
 as installed: admin.sls rendered for backup-admin with Salt's own Jinja, its
-files installed under a temporary prefix (the services rendered from their
-templates with the context the state passes, the modules beside them), then
+files installed under a temporary prefix (the one static entry under each
+service's name, the core by qborg.core_installed's own function), then
 each service run as qrexec runs it (a clean environment with HOME and
 QREXEC_REMOTE_DOMAIN, the call's stdin) and judged by its exit code, its
 output and what it left on disk. No network, no root: a caller-check
@@ -21,8 +21,12 @@ import salt.config
 import salt.utils.templates
 import yaml
 
-import qborg_admin as admin
-import qborg_core as core
+import _qborg_base as base_mod
+import _qborg_settings as settings_mod
+import _qborg_keystore as keystore_mod
+import _qborg_server as server_mod
+import _qborg_admin as admin
+import _qborg_services as services_mod
 from .conftest import REPO
 
 SALT_DIR = REPO / "salt"
@@ -44,7 +48,7 @@ def admin_states(raw, home):
     {state id: {function: [args]}}. The template path is placed in salt/ so
     that `qborg/map.jinja` resolves as from the file roots."""
     context = {
-        "grains": {"id": ADMIN_VM},
+        "grains": {"id": ADMIN_VM, "os_family": "Debian"},
         "salt": {"pillar.get": lambda key, default=None, merge=False: copy.deepcopy(raw),
                  "user.info": lambda user: {"home": str(home)}},
     }
@@ -59,6 +63,9 @@ def install_admin_files(raw, home):
     Returns {installed path: state id}."""
     installed = {}
     for state_id, body in admin_states(raw, home).items():
+        core = {k: v for item in body.get("qborg.core_installed", []) for k, v in item.items()}
+        if core:
+            services_mod.install_core(core["name"])
         args = {k: v for item in body.get("file.managed", []) for k, v in item.items()}
         if not args or not args["name"].startswith(raw["paths"]["prefix"] + "/"):
             continue
@@ -85,11 +92,11 @@ class AdminQube:
         self.raw = copy.deepcopy(raw)
         self.raw["paths"]["prefix"] = str(self.prefix)
         self.installed = install_admin_files(self.raw, self.home)
-        self.paths = admin.admin_paths(core.validate_settings(self.raw), str(self.home))
+        self.paths = server_mod.admin_paths(settings_mod.validate_settings(self.raw), str(self.home))
         # what the qborg.admin_settings state writes
         admin.write_settings(self.raw, self.paths["settings"])
-        self.settings = core.validate_settings(json.loads(core.read_text(self.paths["settings"])))
-        self.keystore = core.Keystore(self.paths["keystore"])
+        self.settings = settings_mod.validate_settings(json.loads(base_mod.read_text(self.paths["settings"])))
+        self.keystore = keystore_mod.Keystore(self.paths["keystore"])
 
     def service(self, name):
         return os.path.join(self.paths["rpc_dir"], name)
@@ -111,7 +118,7 @@ class AdminQube:
                               check=False)
 
     def audit(self):
-        return (core.read_text(self.paths["audit_log"]) or "").splitlines()
+        return (base_mod.read_text(self.paths["audit_log"]) or "").splitlines()
 
     def provision_offline(self, vm):
         """vm as the admin's own apply leaves it: key, passphrase, exported
@@ -144,13 +151,12 @@ def test_the_services_are_installed_where_qrexec_and_the_lab_look(qube):
            if os.path.dirname(p) == qube.paths["rpc_dir"]}
     assert rpc == {"qborg.GetBundle": "qborg-admin-getbundle-service",
                    "qborg.UpdateSettings": "qborg-admin-updatesettings-service"}
+    entry = (SALT_DIR / "qborg" / "files" / "common" / "qborg-entry").read_text()
     for name in SERVICES:
-        text = core.read_text(qube.service(name))
-        assert "{{" not in text and "{%" not in text
-        assert json.dumps(qube.paths["lib_dir"]) in text
-        assert json.dumps(qube.paths["settings"]) in text
-    for lib in ("qborg_core", "qborg_admin", "qborg_maint"):
-        assert os.path.isfile(os.path.join(qube.paths["lib_dir"], lib + ".py"))
+        assert base_mod.read_text(qube.service(name)) == entry  # static: no path in it
+    modules = sorted(p.name for p in (SALT_DIR / "_modules").glob("_qborg_*.py"))
+    assert "_qborg_services.py" in modules
+    assert sorted(n for n in os.listdir(qube.paths["lib_dir"]) if n.endswith(".py")) == modules
 
 
 # ------------------------------------------------------- qborg.UpdateSettings
@@ -158,7 +164,7 @@ def test_the_services_are_installed_where_qrexec_and_the_lab_look(qube):
 
 def pushed(raw):
     """What dom0's push sends (qborg.dom0_push_settings)."""
-    return core.settings_file_text(admin.pushed_settings(raw)).encode()
+    return settings_mod.settings_file_text(admin.pushed_settings(raw)).encode()
 
 
 def another_host(raw):
@@ -179,7 +185,7 @@ VALID_CHANGES = {"another server host": another_host, "one VM more": one_vm_more
 def valid_push(request, qube):
     """A push dom0 could make: today's settings with one change, valid."""
     raw = VALID_CHANGES[request.param](copy.deepcopy(qube.raw))
-    core.validate_settings(raw)
+    settings_mod.validate_settings(raw)
     return raw, pushed(raw)
 
 
@@ -200,8 +206,8 @@ def test_the_same_push_from_dom0_is_installed(qube, valid_push):
     raw, payload = valid_push
     proc = qube.run("qborg.UpdateSettings", "dom0", payload)
     assert proc.returncode == admin.SETTINGS_UPDATED, proc.stderr
-    text = core.read_text(qube.paths["settings"])
-    assert text == core.settings_file_text(raw)  # the qube's own paths and user kept
+    text = base_mod.read_text(qube.paths["settings"])
+    assert text == settings_mod.settings_file_text(raw)  # the qube's own paths and user kept
     assert json.loads(text)["paths"]["prefix"] == str(qube.prefix)
     assert qube.audit()[-1].endswith(" qborg.UpdateSettings caller=dom0 result=updated")
     # pushed again: unchanged, and the file is not rewritten
@@ -290,7 +296,7 @@ def test_a_configured_vm_gets_its_own_bundle(provisioned):
     qube = provisioned
     proc = qube.run("qborg.GetBundle", "vm-work")
     assert proc.returncode == 0, proc.stderr
-    bundle = core.parse_bundle(proc.stdout.decode(), "vm-work")
+    bundle = keystore_mod.parse_bundle(proc.stdout.decode(), "vm-work")
     assert bundle["ssh_private_key"] == qube.keystore.private_key("vm-work")
     assert bundle["passphrase"] == qube.keystore.passphrase("vm-work")
     assert_no_secret(qube, proc.stdout.decode(), allowed_vm="vm-work")
@@ -313,7 +319,7 @@ def test_naming_another_vm_still_gives_only_the_callers_bundle(provisioned, how)
     qube = provisioned
     proc = qube.run("qborg.GetBundle", "vm-work", **NAMING_ANOTHER[how])
     assert proc.returncode == 0, proc.stderr
-    bundle = core.parse_bundle(proc.stdout.decode(), "vm-work")
+    bundle = keystore_mod.parse_bundle(proc.stdout.decode(), "vm-work")
     assert bundle["ssh_private_key"] == qube.keystore.private_key("vm-work")
     assert bundle["repository"].endswith("/vm-work")
     assert_no_secret(qube, proc.stdout.decode(), allowed_vm="vm-work")
@@ -361,8 +367,8 @@ def test_a_new_vm_whose_provisioning_fails_gets_nothing(tmp_path, merged):
                             remote_path="borg", host_key=HOST_KEY)
     qube = AdminQube(tmp_path, merged)
     os.makedirs(os.path.join(qube.home, ".ssh"))
-    private, _public = core.generate_ssh_key("qborg-admin")
-    core.atomic_write(os.path.join(qube.home, ".ssh", "qborg-admin"), private, 0o600)
+    private, _public = keystore_mod.generate_ssh_key("qborg-admin")
+    base_mod.atomic_write(os.path.join(qube.home, ".ssh", "qborg-admin"), private, 0o600)
     proc = qube.run("qborg.GetBundle", "vm-mail")
     assert proc.returncode == 1
     assert proc.stdout == b""

@@ -1,0 +1,130 @@
+"""The `qborg` command of the admin qube: maintenance, status, rotation,
+export and import.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+from _qborg_base import QborgError, one_line, read_json_document
+from _qborg_settings import maintenance_settings, validate_settings
+from _qborg_rotation import rotate
+from _qborg_maint import ALARM_EXIT, accept_vm, break_lock, run_maintenance, status, status_table
+from _qborg_export import export_keepass, export_paper, import_keepass, read_password
+
+
+# command line (prefix/bin/qborg and prefix/bin/qborg-maint)
+
+
+def load_settings(settings_path):
+    raw = read_json_document(settings_path, lambda exc: QborgError(
+        f"cannot read the admin settings {settings_path} ({exc}); apply qborg to the admin qube"))
+    return raw, validate_settings(raw), maintenance_settings(raw)
+
+
+def _print_maintenance(out, as_json):
+    if as_json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+        return
+    if not out["ran"]:
+        print("maintenance: not due yet" if not out["errors"] else
+              "maintenance: " + "; ".join(out["errors"].values()))
+        return
+    for vm, res in out["vms"].items():
+        if res.get("alarm"):
+            line = f"{vm}: ALARM: {'; '.join(res['findings'])}; prune and compact skipped"
+            print(one_line(line), file=sys.stderr)
+        elif res.get("error"):
+            print(one_line(f"{vm}: error: {res['error']}"), file=sys.stderr)
+        else:
+            print(one_line(f"{vm}: ok, {res['archives']} archives, pruned {len(res['pruned'])}"
+                           + (", full check" if res["checked"] else "")
+                           + (f"; {res['postponed']}" if res.get("postponed") else "")))
+
+
+def main(argv, settings_path, prog="qborg"):
+    parser = argparse.ArgumentParser(prog=prog, description="qborg in the admin qube: status, "
+                                     "maintenance, key rotation, offline export")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("status", help="per VM: last archive, age, count, size, alarm, key age")
+    p.add_argument("--json", action="store_true", help="JSON for scripts")
+    p = sub.add_parser("maint", help="audit, then prune, compact and check every repository")
+    p.add_argument("--scheduled", action="store_true",
+                   help="only if the last run is older than qborg:maintenance:interval")
+    p.add_argument("--check", dest="check", action="store_true", default=None,
+                   help="run borg check now")
+    p.add_argument("--no-check", dest="check", action="store_false")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("vms", nargs="*", help="only these VMs")
+    p = sub.add_parser("accept", help="take VM's repository as it is now as the audit baseline "
+                                      "(after looking into an alarm)")
+    p.add_argument("vm")
+    p = sub.add_parser("break-lock", help="remove the lock of VM's repository on the server "
+                                          "(when no backup of VM and no maintenance runs)")
+    p.add_argument("vm")
+    p = sub.add_parser("rotate", help="start, or advance, the rotation of VM's key and passphrase")
+    p.add_argument("vm")
+    p = sub.add_parser("export", help="write every key and passphrase to a KeePass (KDBX 4) file")
+    p.add_argument("path")
+    p.add_argument("--password-fd", type=int, metavar="N",
+                   help="read the master password from file descriptor N (0: stdin)")
+    p.add_argument("--paper", action="store_true",
+                   help="plain text (mode 0600) to print, no master password: delete it after")
+    p = sub.add_parser("import", help="rebuild the keystore and the admin key from an export "
+                                      "(disaster recovery); never overwrites a file")
+    p.add_argument("path")
+    p.add_argument("--password-fd", type=int, metavar="N",
+                   help="read the master password from file descriptor N (0: stdin)")
+    args = parser.parse_args(argv)
+    home = os.path.expanduser("~")
+    try:
+        raw, settings, maint = load_settings(settings_path)
+        if args.command == "status":
+            data = status(settings, home)
+            print(json.dumps(data, indent=2, sort_keys=True) if args.json else status_table(data))
+            return ALARM_EXIT if any(e["alarm"] for e in data["vms"]) else 0
+        if args.command == "maint":
+            out = run_maintenance(settings, maint, home, vms=args.vms or None,
+                                  scheduled=args.scheduled, check=args.check)
+            _print_maintenance(out, args.json)
+            if out["alarms"]:
+                return ALARM_EXIT
+            return 1 if out["errors"] else 0
+        if args.command == "accept":
+            res = accept_vm(settings, home, None, args.vm)
+            print(f"{res['vm']}: {res['archives']} archives are the new audit baseline")
+            return 0
+        if args.command == "break-lock":
+            res = break_lock(settings, home, None, args.vm)
+            print(f"{res['vm']}: {res['message']}")
+            return 0
+        if args.command == "rotate":
+            res = rotate(settings, home, None, args.vm)
+            print(f"{res['vm']}: rotation {res['stage']}: {res['message']}")
+            return 0
+        if args.command == "export" and args.paper:
+            res = export_paper(settings, raw, home, args.path)
+            print(f"wrote {res['path']} (plain text, mode 0600, {res['entries']} entries): "
+                  "print it, then delete it")
+            return 0
+        if args.command == "export":
+            password = read_password(args.password_fd, confirm=args.password_fd is None)
+            res = export_keepass(settings, raw, home, args.path, password)
+            print(f"wrote {res['path']} (KDBX 4) with entries: {', '.join(res['entries'])}")
+            return 0
+        if args.command == "import":
+            password = read_password(args.password_fd, confirm=False,
+                                     prompt="master password of the export: ")
+            res = import_keepass(settings, home, args.path, password)
+            print(f"imported from {res['path']}: {', '.join(res['imported']) or 'nothing'}"
+                  + (f"; already in place: {', '.join(res['unchanged'])}" if res["unchanged"]
+                     else ""))
+            if res["imported"]:
+                print("now apply qborg to this qube: nothing is regenerated, every VM keeps "
+                      "its key and passphrase")
+            return 0
+    except QborgError as exc:
+        print(f"{prog}: {exc}", file=sys.stderr)
+        return 1
+    return 2

@@ -1,1 +1,0 @@
-../_utils/qborg_core.py
