@@ -5,12 +5,11 @@ bundles for every configured VM, and the settings dom0 pushes.
 import json
 import os
 import posixpath
-import shlex
 import stat
 import time
 
 from _qborg_base import (
-    QborgConfigError, QborgError, QborgServerError, atomic_write, ensure_dir, program_path,
+    QborgConfigError, QborgError, QborgServerError, atomic_write, ensure_dir,
     read_text, run_as,
 )
 from _qborg_settings import (
@@ -27,6 +26,7 @@ from _qborg_server import (
     ServerSession, admin_paths, admin_public_key, is_connection_error, pinned_known_hosts_line,
     vm_pinned_known_hosts_line,
 )
+from _qborg_borg import borg_environment
 
 
 def managed_lines(settings, keystore, vms=None):
@@ -48,20 +48,8 @@ def _borg_as_vm(settings, vm, keystore, known_hosts_line, owner):
     kh_path = os.path.join(keystore.vm_dir(vm), "known_hosts")
     if read_text(kh_path) != known_hosts_line + "\n":
         atomic_write(kh_path, known_hosts_line + "\n", 0o644, owner)
-    rsh = " ".join(shlex.quote(x) for x in [
-        "ssh", "-i", keystore.key_path(vm), "-o", "IdentitiesOnly=yes",
-        "-o", f"UserKnownHostsFile={kh_path}", "-o", "StrictHostKeyChecking=yes",
-        "-o", "BatchMode=yes", "-F", "/dev/null",
-    ])
-    env = {
-        "BORG_RSH": rsh,
-        "BORG_PASSCOMMAND": f"cat {shlex.quote(keystore.passphrase_path(vm))}",
-        "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
-        "BORG_BASE_DIR": os.path.join(keystore.base, "borg"),
-        "PATH": program_path(settings),
-    }
-    ensure_dir(env["BORG_BASE_DIR"], 0o700, owner)
-    return env
+    return borg_environment(settings, keystore, keystore.key_path(vm), kh_path,
+                            keystore.passphrase_path(vm), owner)
 
 
 def init_repository(settings, vm, keystore, known_hosts_line, owner, home):

@@ -25,6 +25,27 @@ from _qborg_audit import Tampering, archives_by_id
 # borg with the full-access admin key
 
 
+def borg_environment(settings, keystore, key_path, known_hosts_path, passphrase_path, owner):
+    """The one place that builds borg's environment in the admin qube: ssh
+    with KEY_PATH and only the pinned host keys, the passphrase through a
+    pass command (never argv or the environment), borg's own state in the
+    keystore."""
+    rsh = " ".join(shlex.quote(x) for x in [
+        "ssh", "-i", key_path, "-o", "IdentitiesOnly=yes",
+        "-o", f"UserKnownHostsFile={known_hosts_path}",
+        "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-F", "/dev/null",
+    ])
+    base_dir = os.path.join(keystore.base, "borg")
+    ensure_dir(base_dir, 0o700, owner)
+    return {
+        "BORG_RSH": rsh,
+        "BORG_PASSCOMMAND": f"cat {shlex.quote(passphrase_path)}",
+        "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
+        "BORG_BASE_DIR": base_dir,
+        "PATH": program_path(settings),
+    }
+
+
 class AdminBorg:
     """borg as the admin qube's user against a VM's repository, with the
     full-access admin key (no forced command: --remote-path applies) and the
@@ -59,20 +80,9 @@ class AdminBorg:
         return self._kh_path
 
     def env(self, vm, passphrase_path=None, key_path=None):
-        rsh = " ".join(shlex.quote(x) for x in [
-            "ssh", "-i", key_path or self.paths["admin_key"], "-o", "IdentitiesOnly=yes",
-            "-o", f"UserKnownHostsFile={self.known_hosts_path()}",
-            "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes", "-F", "/dev/null",
-        ])
-        base_dir = os.path.join(self.keystore.base, "borg")
-        ensure_dir(base_dir, 0o700, self.owner)
-        return {
-            "BORG_RSH": rsh,
-            "BORG_PASSCOMMAND": f"cat {shlex.quote(passphrase_path or self.keystore.passphrase_path(vm))}",
-            "BORG_RELOCATED_REPO_ACCESS_IS_OK": "yes",
-            "BORG_BASE_DIR": base_dir,
-            "PATH": program_path(self.settings),
-        }
+        return borg_environment(self.settings, self.keystore, key_path or self.paths["admin_key"],
+                                self.known_hosts_path(),
+                                passphrase_path or self.keystore.passphrase_path(vm), self.owner)
 
     def url(self, vm):
         return repository_url(vm_server(self.settings, vm), vm)
