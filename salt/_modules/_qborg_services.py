@@ -33,7 +33,6 @@ from _qborg_admin import (
     MAX_SETTINGS_BYTES, SETTINGS_REFUSED, SETTINGS_UPDATED, audit_event, bundle_for,
     provision_on_demand, update_settings,
 )
-from _qborg_cli import main as cli_main
 
 
 def settings_path(prefix):
@@ -122,14 +121,20 @@ def push_settings(prefix, environ, stdin=None, err=sys.stderr):
     return result
 
 
+def _command(prefix, argv, prog):
+    """The admin qube's command line, imported only for it: a qrexec service
+    never loads maintenance, rotation and export."""
+    import _qborg_cli  # pylint: disable=import-outside-toplevel
+    return _qborg_cli.main(argv, settings_path(prefix), prog=prog)
+
+
 ENTRY_POINTS = {
     "qborg.GetBundle": lambda prefix, argv: get_bundle(prefix, os.environ),
     "qborg.UpdateSettings": lambda prefix, argv: push_settings(prefix, os.environ),
     "qborg.SshRelay": lambda prefix, argv: serve(os.environ, relay_config_path(prefix),
                                                  _state_file("relay.log")),
-    "qborg": lambda prefix, argv: cli_main(argv, settings_path(prefix), prog="qborg"),
-    "qborg-maint": lambda prefix, argv: cli_main(["maint", *argv], settings_path(prefix),
-                                                 prog="qborg-maint"),
+    "qborg": lambda prefix, argv: _command(prefix, argv, "qborg"),
+    "qborg-maint": lambda prefix, argv: _command(prefix, ["maint", *argv], "qborg-maint"),
 }
 
 

@@ -521,8 +521,11 @@ TAMPERED = {
 def tampering(lab, world):
     """The admin's qborg.GetBundle behind a wrapper that damages its output."""
     service = os.path.join(lab.rpc_dir(ADMIN), "qborg.GetBundle")
-    real = os.path.join(lab.prefix(ADMIN), "lib", "qborg", "GetBundle.real")
+    # the real service keeps its name and its depth under the prefix (the
+    # installed entry picks what runs by its name, finds the core by its place)
+    real = os.path.join(lab.prefix(ADMIN), "etc", "qborg-untampered", "qborg.GetBundle")
     mode = os.path.join(lab.prefix(ADMIN), "lib", "qborg", "tamper-mode")
+    os.makedirs(os.path.dirname(real), exist_ok=True)
     shutil.copy2(service, real)
     with open(service, "w") as f:
         f.write(WRAPPER % {"mode": mode, "real": real, "victim": VICTIM,
@@ -537,7 +540,7 @@ def tampering(lab, world):
         yield set_mode
     finally:
         shutil.copy2(real, service)
-        os.unlink(real)
+        shutil.rmtree(os.path.dirname(real))
         os.unlink(mode)
 
 
