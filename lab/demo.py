@@ -29,6 +29,10 @@ def step(text):
 
 
 def summarize(qube, rc, result):
+    if not isinstance(result, dict):  # Salt's render errors come as a list
+        for error in result if isinstance(result, list) else [result]:
+            say(f"      ERROR {error}")
+        raise SystemExit(f"state.apply qborg failed on {qube}: the states did not render")
     failed = [k for k, v in result.items() if v.get("result") is False]
     changed = [v.get("__id__", k) for k, v in result.items() if v.get("changes")]
     say(f"    {qube:13} states: {len(result):2}  changed: {len(changed):2}  failed: {len(failed)}"

@@ -14,6 +14,7 @@ An ``ensure`` function (one that takes ``test``) returns
 """
 
 import functools
+import importlib
 import os
 import sys
 
@@ -22,19 +23,24 @@ from salt.exceptions import CommandExecutionError
 # The core (the _qborg_*.py files beside this module, which Salt's loader
 # skips as private) is imported the same way under salt-call, salt-ssh (which
 # ships only the files of _modules and _states, flattened) and the dist
-# layout: from this module's own directory.
+# layout: from this module's own directory, on sys.path. Salt's loader puts
+# that directory there while it loads a module and takes it away after, so
+# the import of a part on its first call puts it back.
 _HERE = os.path.dirname(os.path.abspath(__file__))
-if _HERE not in sys.path:
-    sys.path.append(_HERE)
+
+
+def _on_path():
+    if _HERE not in sys.path:
+        sys.path.append(_HERE)
+
+
+_on_path()
 
 # pylint: disable=wrong-import-position
 try:
     import _qborg_base as base  # noqa: E402
     import _qborg_local as local_mod  # noqa: E402
     import _qborg_clientops as clientops_mod  # noqa: E402
-    import _qborg_adminops as adminops_mod  # noqa: E402
-    import _qborg_dom0 as dom0_mod  # noqa: E402
-    import _qborg_services as services_mod  # noqa: E402
 except ImportError as _exc:
     _MISSING = (f"qborg: the core module {_exc.name or _exc} is not beside {_HERE}: install "
                 f"qborg from its release tarball (make dist), which ships the _qborg_*.py "
@@ -43,6 +49,14 @@ else:
     _MISSING = None
 
 __virtualname__ = "qborg"
+
+
+def _part(name):
+    """The entry points of another part (adminops, dom0, services), imported
+    on their first call: under salt-ssh a qube's apply compiles the custom
+    modules afresh every time, and a client never needs the admin's code."""
+    _on_path()
+    return importlib.import_module("_qborg_" + name)
 
 
 def __virtual__():
@@ -93,7 +107,7 @@ def install_core(name, test=False):
 
         salt-call qborg.install_core /usr/local/lib/qborg test=True
     """
-    return services_mod.install_core(name, test=test)
+    return _part("services").install_core(name, test=test)
 
 
 @_adapt
@@ -237,7 +251,7 @@ def admin_settings_managed(config, test=False):
 
         salt-call qborg.admin_settings_managed "$(salt-call --out=json pillar.get qborg)" test=True
     """
-    return adminops_mod.admin_settings_managed(config, test=test)
+    return _part("adminops").admin_settings_managed(config, test=test)
 
 
 @_adapt
@@ -253,7 +267,7 @@ def admin_provisioned(config, test=False):
 
         salt-call qborg.admin_provisioned "$(salt-call --out=json pillar.get qborg)" test=True
     """
-    return adminops_mod.admin_provisioned(config, test=test)
+    return _part("adminops").admin_provisioned(config, test=test)
 
 
 @_adapt
@@ -268,7 +282,7 @@ def status(config):
 
         salt-call qborg.status "$(salt-call --out=json pillar.get qborg)"
     """
-    return adminops_mod.status(config)
+    return _part("adminops").status(config)
 
 
 @_adapt
@@ -283,7 +297,7 @@ def maintain(config, vms=None, check=None):
 
         salt-call qborg.maintain "$(salt-call --out=json pillar.get qborg)" check=True
     """
-    return adminops_mod.maintain(config, vms=vms, check=check)
+    return _part("adminops").maintain(config, vms=vms, check=check)
 
 
 @_adapt
@@ -312,7 +326,7 @@ def rotate(config, vm):
 
         salt-call qborg.rotate "$(salt-call --out=json pillar.get qborg)" vm-personal
     """
-    return adminops_mod.rotate(config, vm)
+    return _part("adminops").rotate(config, vm)
 
 
 # --- dom0 ----------------------------------------------------------------
@@ -329,7 +343,7 @@ def valid_qube_names(names):
 
         qubesctl qborg.valid_qube_names '[backup-admin, "vm;rm"]'
     """
-    return dom0_mod.valid_qube_names(names)
+    return _part("dom0").valid_qube_names(names)
 
 
 def relayed_vms(config):
@@ -343,7 +357,7 @@ def relayed_vms(config):
 
         qubesctl qborg.relayed_vms "$(qubesctl --out=json pillar.get qborg)"
     """
-    return dom0_mod.relayed_vms(config)
+    return _part("dom0").relayed_vms(config)
 
 
 @_adapt
@@ -358,7 +372,7 @@ def qubes_exist(qubes, test=False):
 
         qubesctl qborg.qubes_exist '{backup-admin: "qborg:admin_vm"}'
     """
-    return dom0_mod.qubes_exist(qubes, test=test)
+    return _part("dom0").qubes_exist(qubes, test=test)
 
 
 @_adapt
@@ -373,7 +387,7 @@ def vm_networked(name, relay_hint=False, test=False):
 
         qubesctl qborg.vm_networked vm-personal
     """
-    return dom0_mod.vm_networked(name, relay_hint=relay_hint, test=test)
+    return _part("dom0").vm_networked(name, relay_hint=relay_hint, test=test)
 
 
 @_adapt
@@ -388,4 +402,4 @@ def admin_settings_pushed(config, test=False):
 
         qubesctl qborg.admin_settings_pushed "$(qubesctl --out=json pillar.get qborg)" test=True
     """
-    return dom0_mod.admin_settings_pushed(config, test=test)
+    return _part("dom0").admin_settings_pushed(config, test=test)
