@@ -138,8 +138,12 @@ QUBES_SERVICE_DIR = "/run/qubes-service"
 
 
 def _run(cmd):
-    return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                          timeout=120, check=False)
+    try:
+        return subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=120, check=False)
+    except subprocess.TimeoutExpired:
+        raise QborgError(f"{' '.join(cmd)} did not finish in 120 s: see `journalctl -b` in "
+                         "this qube") from None
 
 
 def _unit_active(unit):

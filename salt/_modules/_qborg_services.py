@@ -23,16 +23,17 @@ derive from the prefix the entry was installed under (qborg:paths:prefix).
 import glob
 import json
 import os
-import py_compile
+import subprocess
 import sys
 
 from _qborg_base import QborgError, atomic_write, read_json_document, read_text, remove_file
 from _qborg_settings import valid_qube_name, validate_settings
 from _qborg_relay import serve
-from _qborg_admin import (
-    MAX_SETTINGS_BYTES, SETTINGS_REFUSED, SETTINGS_UPDATED, audit_event, bundle_for,
-    provision_on_demand, update_settings,
-)
+
+# The admin qube's services load the admin's code (_qborg_admin) when they
+# run, and the command line its own (_qborg_cli): the networked relay qube's
+# qborg.SshRelay never loads either.
+# pylint: disable=import-outside-toplevel
 
 
 def settings_path(prefix):
@@ -61,6 +62,8 @@ def get_bundle(prefix, environ, out=sys.stdout, err=sys.stderr):
     configured but new is provisioned now, serialised with the Salt state.
     One audit line per request in ~/.local/state/qborg/audit.log, never a
     secret."""
+    from _qborg_admin import audit_event, bundle_for, provision_on_demand
+
     service = "qborg.GetBundle"
     untrusted_caller = environ.get("QREXEC_REMOTE_DOMAIN", "")
     # validated against Qubes' name rule before it is used or logged
@@ -102,6 +105,10 @@ def push_settings(prefix, environ, stdin=None, err=sys.stderr):
     atomically; this qube's own layout (paths, user) is kept. Only dom0 may
     call it. Exit codes, the only thing dom0 reads back: 0 updated, 100
     unchanged, 101 refused. One audit line per request."""
+    from _qborg_admin import (
+        MAX_SETTINGS_BYTES, SETTINGS_REFUSED, SETTINGS_UPDATED, audit_event, update_settings,
+    )
+
     service = "qborg.UpdateSettings"
     audit = _state_file("audit.log")
     untrusted_caller = environ.get("QREXEC_REMOTE_DOMAIN", "")
@@ -124,7 +131,7 @@ def push_settings(prefix, environ, stdin=None, err=sys.stderr):
 def _command(prefix, argv, prog):
     """The admin qube's command line, imported only for it: a qrexec service
     never loads maintenance, rotation and export."""
-    import _qborg_cli  # pylint: disable=import-outside-toplevel
+    import _qborg_cli
     return _qborg_cli.main(argv, settings_path(prefix), prog=prog)
 
 
@@ -149,40 +156,67 @@ def main(name, prefix, argv):
 
 
 CORE_GLOB = "_qborg_*.py"
+# the names the core had before it was split (qborg 0.1.0): removed too
+LEGACY_GLOB = "qborg_*.py"
+# the interpreter of the programs and services (qborg-entry's #! line): the
+# bytecode must be its own, or every request compiles the core again
+PROGRAM_PYTHON = "/usr/bin/python3"
 
 
 def install_core(lib_dir, test=False):
     """Install the core (every _qborg_*.py beside this file: the one list of
     its modules) into LIB_DIR for the programs and services, root's and
-    world-readable, each compiled once; a module the core no longer has is
-    removed. {changes, comment, warnings}."""
+    world-readable, each compiled once by the programs' own interpreter; a
+    module the core no longer has is removed, with its bytecode.
+    {changes, comment, warnings}."""
     here = os.path.dirname(os.path.abspath(__file__))
     wanted = {os.path.basename(p): p for p in glob.glob(os.path.join(here, CORE_GLOB))}
-    changed, removed = [], []
-    for name, source in sorted(wanted.items()):
-        with open(source, encoding="utf-8") as handle:
-            text = handle.read()
-        target = os.path.join(lib_dir, name)
-        if read_text(target) == text:
-            info = os.stat(target)
-            if info.st_mode & 0o7777 == 0o644 and info.st_uid == os.geteuid():
-                continue
-        changed.append(name)
+    try:
+        changed, removed = _plan(lib_dir, wanted)
         if not test:
-            os.makedirs(lib_dir, mode=0o755, exist_ok=True)
-            atomic_write(target, text, 0o644)
-            py_compile.compile(target, doraise=True)
-    for target in sorted(glob.glob(os.path.join(lib_dir, CORE_GLOB))):
-        if os.path.basename(target) not in wanted:
-            removed.append(os.path.basename(target))
-            if not test:
-                remove_file(target)
+            _install(lib_dir, changed, removed)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise QborgError(f"installing qborg's core in {lib_dir} failed: {exc}") from None
     changes = {}
     if changed:
-        changes["installed"] = changed
+        changes["installed"] = [name for name, _text in changed]
     if removed:
         changes["removed"] = removed
     verb = "would be " if test else ""
     comment = (f"the core in {lib_dir}: {len(changed)} modules {verb}installed, "
                f"{len(removed)} {verb}removed") if changes else f"the core in {lib_dir} is in place"
     return {"changes": changes, "comment": comment, "warnings": []}
+
+
+def _plan(lib_dir, wanted):
+    """The modules to (re)install, as (name, text), and the ones to remove."""
+    changed = []
+    for name, source in sorted(wanted.items()):
+        with open(source, encoding="utf-8") as handle:
+            text = handle.read()
+        target = os.path.join(lib_dir, name)
+        if read_text(target) == text:
+            info = os.stat(target)
+            if info.st_mode & 0o7777 == 0o644 and (info.st_uid, info.st_gid) == (
+                    os.geteuid(), os.getegid()):
+                continue
+        changed.append((name, text))
+    removed = sorted(
+        os.path.basename(p) for pattern in (CORE_GLOB, LEGACY_GLOB)
+        for p in glob.glob(os.path.join(lib_dir, pattern)) if os.path.basename(p) not in wanted)
+    return changed, removed
+
+
+def _install(lib_dir, changed, removed):
+    os.makedirs(lib_dir, mode=0o755, exist_ok=True)
+    for name, text in changed:
+        atomic_write(os.path.join(lib_dir, name), text, 0o644)
+    for name in removed:
+        remove_file(os.path.join(lib_dir, name))
+        stem = name[:-len(".py")]
+        for cached in glob.glob(os.path.join(lib_dir, "__pycache__", glob.escape(stem) + ".*.pyc")):
+            remove_file(cached)
+    if changed:
+        subprocess.run([PROGRAM_PYTHON, "-m", "py_compile",
+                        *(os.path.join(lib_dir, name) for name, _text in changed)],
+                       stdin=subprocess.DEVNULL, capture_output=True, check=True, timeout=300)
