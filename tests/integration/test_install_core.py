@@ -3,7 +3,6 @@ services, compiled by their own interpreter (/usr/bin/python3), idempotent,
 test=True changing nothing, and what an older qborg left there removed."""
 
 import os
-import stat
 import subprocess
 
 import pytest
@@ -11,21 +10,11 @@ import pytest
 import _qborg_base as base
 import _qborg_services as services
 
+from unit.test_maint import snapshot  # every file under a directory: (bytes, mode)
+
 from .conftest import REPO
 
 CORE = sorted(p.name for p in (REPO / "salt" / "_modules").glob("_qborg_*.py"))
-
-
-def tree(path):
-    """Every file under PATH with its bytes and mode."""
-    found = {}
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            full = os.path.join(root, name)
-            with open(full, "rb") as handle:
-                found[os.path.relpath(full, path)] = (handle.read(),
-                                                      stat.S_IMODE(os.stat(full).st_mode))
-    return found
 
 
 def program_cache_tag():
@@ -40,13 +29,13 @@ def test_installs_compiles_and_then_has_nothing_to_do(tmp_path):
     assert "would be installed" in dry["comment"]
     done = services.install_core(str(lib))
     assert done["changes"] == {"installed": CORE} and done["warnings"] == []
-    files = tree(lib)
+    files = snapshot(lib)
     for name in CORE:
         assert files[name] == ((REPO / "salt" / "_modules" / name).read_bytes(), 0o644)
         assert f"__pycache__/{name[:-3]}.{program_cache_tag()}.pyc" in files
     assert services.install_core(str(lib)) == {
         "changes": {}, "comment": f"the core in {lib} is in place", "warnings": []}
-    assert tree(lib) == files
+    assert snapshot(lib) == files
 
 
 def test_a_changed_mode_or_module_is_put_back(tmp_path):
@@ -72,7 +61,7 @@ def test_modules_an_older_qborg_left_are_removed_with_their_bytecode(tmp_path):
     assert dry["changes"] == {"removed": ["_qborg_gone.py", "qborg_admin.py", "qborg_core.py"]}
     assert (lib / "qborg_core.py").exists()
     services.install_core(str(lib))
-    left = tree(lib)
+    left = snapshot(lib)
     assert not [n for n in left if os.path.basename(n).startswith(
         ("qborg_core.", "qborg_admin.", "_qborg_gone."))]
     assert "notes.txt" in left and "_qborg_admin.py" in left
