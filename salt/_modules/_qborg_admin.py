@@ -12,10 +12,8 @@ from _qborg_base import (
     QborgConfigError, QborgError, QborgServerError, atomic_write, ensure_dir,
     read_text, run_as,
 )
-from _qborg_settings import (
-    repository_path, repository_url, settings_file_text, valid_qube_name, validate_settings,
-    vm_server,
-)
+from _qborg_settings import settings_file_text, valid_qube_name, validate_settings
+from _qborg_servers import repository_path, repository_url, vm_server
 from _qborg_repos import (
     render_authorized_keys, split_managed_block, uploads_key, vm_authorized_keys_line,
 )

@@ -13,7 +13,7 @@ from _qborg_base import (
     QborgError, QborgServerError, atomic_write, ensure_dir, printable, program_path, read_text,
     run_as,
 )
-from _qborg_settings import repository_path, repository_url, vm_server
+from _qborg_servers import repository_path, repository_url, vm_server
 from _qborg_repos import shares_server_account
 from _qborg_keystore import Keystore
 from _qborg_server import (

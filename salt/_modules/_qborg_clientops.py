@@ -18,7 +18,8 @@ from _qborg_base import (
     QborgError, atomic_write, ensure_dir, open_file, read_text, remove_dead_temps, remove_file,
     run_as)
 from _qborg_checks import version_tuple
-from _qborg_settings import SSH_ALIAS, vm_server
+from _qborg_settings import SSH_ALIAS
+from _qborg_servers import vm_server
 from _qborg_repos import alias_repository_url
 from _qborg_keystore import check_bundle_matches, parse_bundle
 from _qborg_client import (

@@ -7,7 +7,8 @@ import os
 import time
 
 from _qborg_base import QborgError, atomic_write, ensure_dir, iso, read_text, remove_if_present
-from _qborg_settings import repository_url, valid_qube_name, vm_server
+from _qborg_settings import valid_qube_name
+from _qborg_servers import repository_url, vm_server
 from _qborg_repos import forced_command, known_hosts_host
 from _qborg_keystore import Keystore, public_key_of
 from _qborg_server import (

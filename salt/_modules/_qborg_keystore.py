@@ -9,9 +9,8 @@ import re
 import time
 
 from _qborg_base import QborgBundleError, atomic_write, ensure_dir, iso, load_json, read_text
-from _qborg_settings import (
-    BUNDLE_FORMAT, HOST_KEY_RE, REMOTE_PATH_RE, check_qube_name, repository_url, vm_server,
-)
+from _qborg_settings import BUNDLE_FORMAT, check_qube_name
+from _qborg_servers import HOST_KEY_RE, REMOTE_PATH_RE, repository_url, vm_server
 from _qborg_repos import known_hosts_host, vm_authorized_keys_line
 
 

@@ -29,7 +29,8 @@ import threading
 import time
 
 from _qborg_base import QborgError, read_json_document
-from _qborg_settings import HOSTNAME_RE, check_qube_name, valid_qube_name, vm_server
+from _qborg_settings import check_qube_name, valid_qube_name
+from _qborg_servers import HOSTNAME_RE, vm_server
 
 
 # offline qubes: the relay (qborg:relay_vm, per VM `via: relay`)

@@ -5,10 +5,8 @@ lines that lock a VM's key to `borg serve --append-only` on it.
 import shlex
 
 from _qborg_base import QborgConfigError
-from _qborg_settings import (
-    HOST_KEY_RE, PUBKEY_RE, SSH_ALIAS, STORAGE_QUOTA_MIN, check_qube_name, repository_path,
-    vm_server,
-)
+from _qborg_settings import PUBKEY_RE, SSH_ALIAS, STORAGE_QUOTA_MIN, check_qube_name
+from _qborg_servers import HOST_KEY_RE, repository_path, vm_server
 
 
 BEGIN_MARKER = "# BEGIN qborg"

@@ -4,11 +4,11 @@ with an error that names the pillar field and what to do.
 
 import json
 import os
-import posixpath
 import re
 
 from _qborg_base import QborgConfigError, require
 from _qborg_checks import check_consistency_checks, check_monitoring
+from _qborg_servers import check_copy, copy_settings, parse_repository_url, servers_settings
 
 
 BUNDLE_FORMAT = 1
@@ -26,27 +26,9 @@ QUBE_NAME_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9_.-]{0,30}\Z")
 UNIX_USER_RE = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}\Z")
 
 
-SERVER_USER_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}\Z")
-
-
-HOSTNAME_RE = re.compile(r"^(?=.{1,253}\Z)[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*\.?\Z")
-
-
-REMOTE_PATH_RE = re.compile(r"^[A-Za-z0-9_./+-]{1,200}\Z")
-
-
-REPOS_DIR_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]{0,200}\Z")
-
-
 # qborg:paths:*: they reach crontab lines, file names and commands, so a
 # plain absolute path: no space, quote, ';', '$' or newline to interpret
 LOCAL_PATH_RE = re.compile(r"^/[A-Za-z0-9_./-]{0,200}\Z")
-
-
-HOST_KEY_RE = re.compile(
-    r"^(ssh-ed25519|ecdsa-sha2-nistp256|ecdsa-sha2-nistp384|ecdsa-sha2-nistp521|ssh-rsa)"
-    r" [A-Za-z0-9+/]+={0,3}\Z"
-)
 
 
 PUBKEY_RE = re.compile(r"^ssh-ed25519 [A-Za-z0-9+/]+={0,3}\Z")
@@ -82,7 +64,7 @@ RETENTION_KEYS = (
 VM_KEYS = (
     "encryption", "compression", "source_directories", "exclude_patterns",
     "interval", "retention", "storage_quota", "checks", "monitoring", "repository",
-    "via",
+    "via", "servers", "repositories",
 )
 
 
@@ -92,16 +74,6 @@ VIA_CHOICES = ("auto", "direct", "relay")
 
 
 INTERVAL_SECONDS = {"m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-# Presets per provider. Values the user sets explicitly in pillar win.
-PROVIDERS = {
-    "generic": {"port": 22, "remote_path": "borg", "upload": True},
-    "rsync.net": {"port": 22, "remote_path": "borg14", "upload": True},
-    "hetzner": {"port": 23, "remote_path": "borg-1.4", "upload": True},
-    "borgbase": {"port": 22, "remote_path": "borg", "upload": False, "per_vm_repository": True,
-                 "host": "repo.borgbase.com", "user": "borgbase"},
-}
 
 
 # names and settings
@@ -154,7 +126,42 @@ def _check_pattern_list(values, field):
                 f"{field}[{i}]", f"{pat!r} is not a valid exclude pattern")
 
 
-def _vm_settings(name, defaults, overrides):
+def _vm_servers(name, vm, overrides, servers):
+    """vm's `servers` (names, default all) and `repositories` (server name:
+    its own repository URL there; `repository` is the first server's)."""
+    field = f"qborg:vms:{name}"
+    names = [s["name"] for s in servers]
+    chosen = vm.get("servers")
+    chosen_field = f"{field}:servers" if "servers" in overrides else "qborg:defaults:servers"
+    if chosen is None:
+        chosen = list(names)
+    require(isinstance(chosen, list) and chosen and len(set(map(str, chosen))) == len(chosen),
+            chosen_field, "must be a non-empty list of server names, each once")
+    for i, server in enumerate(chosen):
+        require(server in names, f"{chosen_field}[{i}]",
+                f"{server!r} is not a server (known: {', '.join(names)}: qborg:server:name "
+                f"and the names under qborg:servers)")
+    repositories = vm.get("repositories") or {}
+    require(isinstance(repositories, dict), f"{field}:repositories",
+            "must be a mapping of server names to this VM's repository URL there")
+    for server, url in repositories.items():
+        require(server != names[0], f"{field}:repositories:{server}",
+                f"the first server's repository is set with qborg:vms:{name}:repository")
+        require(server in chosen, f"{field}:repositories:{server}",
+                f"{server!r} is not one of this VM's servers ({', '.join(chosen)})")
+        parse_repository_url(url, f"{field}:repositories:{server}")
+    repository = vm.get("repository") or None
+    if repository is not None:
+        require(names[0] in chosen, f"{field}:repository",
+                f"sets the repository on the first server ({names[0]}), which is not one of "
+                f"this VM's servers ({', '.join(chosen)}); use repositories:<server>")
+        parse_repository_url(repository, f"{field}:repository")
+    vm["servers"] = [n for n in names if n in chosen]
+    vm["repositories"] = dict(repositories, **({names[0]: repository} if repository else {}))
+    vm["repository"] = repository
+
+
+def _vm_settings(name, defaults, overrides, servers):
     field = f"qborg:vms:{name}"
     if overrides is None:
         overrides = {}
@@ -193,9 +200,7 @@ def _vm_settings(name, defaults, overrides):
     vm["storage_quota"] = None if quota is None else str(quota)
     vm["checks"] = check_consistency_checks(vm.get("checks"), f"{field}:checks")
     vm["monitoring"] = check_monitoring(vm.get("monitoring"), f"{field}:monitoring")
-    vm["repository"] = vm.get("repository") or None
-    if vm["repository"] is not None:
-        parse_repository_url(vm["repository"], f"{field}:repository")
+    _vm_servers(name, vm, overrides, servers)
     via = vm.get("via") or "auto"
     via_field = f"{field}:via" if "via" in overrides else "qborg:defaults:via"
     require(via in VIA_CHOICES, via_field,
@@ -215,50 +220,7 @@ def validate_settings(raw):
     require(isinstance(user, str) and UNIX_USER_RE.match(user), "qborg:user",
             f"{user!r} is not a valid unix user name")
 
-    srv = raw.get("server")
-    require(isinstance(srv, dict), "qborg:server", "missing or not a mapping")
-    provider = srv.get("provider") or "generic"
-    require(isinstance(provider, str) and provider in PROVIDERS, "qborg:server:provider",
-            f"{provider!r} is unknown (known: {', '.join(PROVIDERS)})")
-    preset = PROVIDERS[provider]
-    host = srv.get("host")
-    server_user = srv.get("user")
-    if preset.get("per_vm_repository") and host is None and server_user is None:
-        # BorgBase: one account per repository, set per VM (vms:<vm>:repository)
-        host, server_user = preset["host"], preset["user"]
-    require(isinstance(host, str) and HOSTNAME_RE.match(host), "qborg:server:host",
-            f"{host!r} is not a host name or IPv4 address")
-    require(isinstance(server_user, str) and SERVER_USER_RE.match(server_user),
-            "qborg:server:user", f"{server_user!r} is not a valid account name")
-    port = srv.get("port") if srv.get("port") is not None else preset["port"]
-    require(isinstance(port, int) and not isinstance(port, bool) and 0 < port < 65536,
-            "qborg:server:port", f"{port!r} is not a TCP port number")
-    remote_path = srv.get("remote_path") or preset["remote_path"]
-    require(isinstance(remote_path, str) and REMOTE_PATH_RE.match(remote_path),
-            "qborg:server:remote_path", f"{remote_path!r} is not a borg command path")
-    repos_dir = srv.get("repos_dir") or "qborg"
-    require(isinstance(repos_dir, str) and REPOS_DIR_RE.match(repos_dir)
-            and ".." not in repos_dir.split("/"),
-            "qborg:server:repos_dir", f"{repos_dir!r} must be a relative path without '..'")
-    repos_dir = repos_dir.strip("/")
-    host_key = srv.get("host_key") or None
-    if host_key is not None:
-        # one line of the server's ssh_host_*_key.pub: its comment may stay,
-        # but a second line or any control character (a known_hosts line
-        # smuggled into the VMs' bundles) is refused, not silently cut off
-        require(isinstance(host_key, str) and host_key.strip()
-                and not any(ord(c) < 32 or ord(c) == 127 for c in host_key.strip()),
-                "qborg:server:host_key",
-                "must be one line 'TYPE BASE64' as in the server's ssh_host_*_key.pub "
-                "(no line break or control character)")
-        host_key = " ".join(str(host_key).split()[:2])
-        require(HOST_KEY_RE.match(host_key), "qborg:server:host_key",
-                "must be 'TYPE BASE64' as in the server's ssh_host_*_key.pub")
-    admin_key = srv.get("admin_key") or "~/.ssh/qborg-admin"
-    require(isinstance(admin_key, str) and "\n" not in admin_key
-            and (admin_key.startswith("/") or admin_key.startswith("~/")),
-            "qborg:server:admin_key", "must be an absolute path or start with ~/")
-
+    servers = servers_settings(raw)
     check_templates(raw)
 
     paths = raw.get("paths") or {}
@@ -273,8 +235,9 @@ def validate_settings(raw):
     for key in defaults:
         require(key in VM_KEYS, f"qborg:defaults:{key}",
                 f"unknown setting (known: {', '.join(VM_KEYS)})")
-    require(defaults.get("repository") is None, "qborg:defaults:repository",
-            "a repository belongs to one VM: set it under qborg:vms:<vm>:repository")
+    for key in ("repository", "repositories"):
+        require(defaults.get(key) is None, f"qborg:defaults:{key}",
+                f"a repository belongs to one VM: set it under qborg:vms:<vm>:{key}")
     vms_raw = raw.get("vms") or {}
     require(isinstance(vms_raw, dict), "qborg:vms", "must be a mapping of qube names")
     relay_vm = raw.get("relay_vm") or None
@@ -288,21 +251,7 @@ def validate_settings(raw):
         check_qube_name(name, f"qborg:vms:{name}")
         require(name != admin_vm, f"qborg:vms:{name}",
                 "the admin qube cannot be a backup client of itself")
-        vms[name] = _vm_settings(name, defaults, vms_raw[name])
-        if preset.get("per_vm_repository"):
-            require(vms[name]["repository"], f"qborg:vms:{name}:repository",
-                    f"provider {provider} needs each VM's repository URL, e.g. "
-                    f"ssh://abcd1234@abcd1234.repo.borgbase.com/./repo")
-            require(host_key is not None, "qborg:server:host_key",
-                    f"provider {provider}: pin the provider's published host key "
-                    f"(qborg never logs in there with a full-access key to learn it)")
-        if vms[name]["repository"] and host_key is None:
-            own = parse_repository_url(vms[name]["repository"], f"qborg:vms:{name}:repository")
-            require((own["host"], own["port"] or port) == (host, port), "qborg:server:host_key",
-                    f"{name}'s repository is on {own['host']}:{own['port'] or port}, not on "
-                    f"the server {host}:{port}: pin that server's host key here ('TYPE "
-                    f"BASE64' from its ssh_host_*_key.pub), as qborg learns only the "
-                    f"server's own key on first use")
+        vms[name] = _vm_settings(name, defaults, vms_raw[name], servers)
         if vms[name]["via"] == "relay":
             require(relay_vm is not None, vms[name]["via_field"],
                     f"'relay' (for {name}) needs qborg:relay_vm, the networked qube that "
@@ -316,89 +265,15 @@ def validate_settings(raw):
     settings = {
         "admin_vm": admin_vm,
         "user": user,
-        "server": {
-            "provider": provider, "host": host, "user": server_user, "port": port,
-            "remote_path": remote_path, "repos_dir": repos_dir, "host_key": host_key,
-            "admin_key": admin_key, "upload": preset["upload"],
-        },
+        "server": servers[0],
+        "servers": servers,
         "paths": {"prefix": prefix.rstrip("/") or "/", "policy_dir": policy_dir},
         "vms": vms,
         "relay_vm": relay_vm,
     }
-    check_repositories_apart(settings)
+    for server in servers:
+        check_copy(copy_settings(settings, server["name"]))
     return settings
-
-
-def normalise_repository_path(path):
-    """A repository path relative to the account's home, spelled one way:
-    no './', no '//', no trailing '/' ('qborg/./vm-a//' -> 'qborg/vm-a')."""
-    return posixpath.normpath("/" + str(path)).lstrip("/")
-
-
-def repository_location(settings, vm):
-    """Where vm's repository is: (user, host, port, normalised path), its
-    `repository` or <repos_dir>/<vm> on the server's account. Host names
-    compare without case and trailing dot."""
-    server = vm_server(settings, vm)
-    return (server["user"], server["host"].lower().rstrip("."), server["port"],
-            normalise_repository_path(repository_path(server, vm)))
-
-
-def check_repositories_apart(settings):
-    """Every VM has a repository of its own: no two VMs on the same
-    repository, none inside another's, and none that is (or holds) the
-    server's repos_dir, where every VM without `repository` gets its own.
-    A VM's key is locked to its repository path, and inside it borg serve
-    lets that key delete objects without the passphrase, so a shared or
-    nested repository would hand one VM the other's backups."""
-    server = settings["server"]
-    home = (server["user"], server["host"].lower().rstrip("."), server["port"])
-    repos_dir = normalise_repository_path(server["repos_dir"])
-    where = {vm: repository_location(settings, vm) for vm in sorted(settings["vms"])}
-
-    def field(vm):
-        return f"qborg:vms:{vm}:repository"
-
-    def origin(vm):
-        if settings["vms"][vm]["repository"]:
-            return field(vm)
-        return "its default place under qborg:server:repos_dir"
-
-    def url(vm):
-        return repository_url(vm_server(settings, vm), vm)
-
-    why = ("each VM needs a repository of its own (a VM's key may delete anything inside "
-           "its repository, so one VM could destroy another's backups)")
-    for vm, (user, host, port, path) in where.items():
-        if settings["vms"][vm]["repository"] and (user, host, port) == home and (
-                path == repos_dir or repos_dir.startswith(path + "/")):
-            what = ("is qborg:server:repos_dir itself" if path == repos_dir
-                    else f"contains qborg:server:repos_dir ({server['repos_dir']})")
-            require(False, field(vm),
-                    f"{url(vm)} {what}, where every VM without a repository of its own gets "
-                    f"one (<repos_dir>/<vm>); {why}")
-    # every path once, then each path's parents: same or nested in one pass
-    by_path = {}
-    for vm, location in where.items():
-        other = by_path.setdefault(location, vm)
-        if other != vm:
-            # name the VM whose own `repository` setting is the slip
-            mine, theirs = (vm, other) if settings["vms"][vm]["repository"] else (other, vm)
-            require(False, field(mine),
-                    f"{url(mine)} is the same repository as {theirs}'s ({url(theirs)}, "
-                    f"{origin(theirs)}); {why}")
-    for vm, (user, host, port, path) in where.items():
-        parts = path.split("/")
-        for depth in range(1, len(parts)):
-            outer = by_path.get((user, host, port, "/".join(parts[:depth])))
-            if outer is None:
-                continue
-            if settings["vms"][vm]["repository"]:
-                require(False, field(vm),
-                        f"{url(vm)} is inside {outer}'s repository ({url(outer)}, "
-                        f"{origin(outer)}); {why}")
-            require(False, field(outer),
-                    f"{url(outer)} contains {vm}'s repository ({url(vm)}, {origin(vm)}); {why}")
 
 
 def check_local_path(value, field):
@@ -434,43 +309,7 @@ def expand_home(path, home):
 # server side: URLs, forced commands, authorized_keys
 
 
-def repository_path(server, vm):
-    # a per-VM repository (vm_server) carries its own path
-    return server.get("repository_path") or f"{server['repos_dir']}/{vm}"
-
-
-def repository_url(server, vm):
-    return f"ssh://{server['user']}@{server['host']}:{server['port']}/./{repository_path(server, vm)}"
-
-
 # per-VM repositories (BorgBase: one account per repository)
-
-REPOSITORY_URL_RE = re.compile(
-    r"^ssh://([A-Za-z0-9_][A-Za-z0-9_.-]{0,63})@([A-Za-z0-9][A-Za-z0-9.-]{0,252})"
-    r"(?::([0-9]{1,5}))?/\./([A-Za-z0-9_][A-Za-z0-9_./-]{0,200})\Z"
-)
-
-
-def parse_repository_url(url, field="repository"):
-    """Split ssh://USER@HOST[:PORT]/./PATH; a bad URL names the pillar field."""
-    m = REPOSITORY_URL_RE.match(str(url))
-    require(m and HOSTNAME_RE.match(m.group(2)) and ".." not in m.group(4).split("/")
-            and (m.group(3) is None or 0 < int(m.group(3)) < 65536), field,
-            f"{url!r} is not a repository URL like ssh://abcd1234@abcd1234.repo.borgbase.com/./repo")
-    return {"user": m.group(1), "host": m.group(2),
-            "port": int(m.group(3)) if m.group(3) else None, "path": m.group(4).rstrip("/")}
-
-
-def vm_server(settings, vm):
-    """The server as this VM reaches it: the shared server, or the VM's own
-    repository account when qborg:vms:<vm>:repository is set."""
-    server = dict(settings["server"])
-    url = settings["vms"][vm].get("repository")
-    if url:
-        parsed = parse_repository_url(url, f"qborg:vms:{vm}:repository")
-        server.update(user=parsed["user"], host=parsed["host"],
-                      port=parsed["port"] or server["port"], repository_path=parsed["path"])
-    return server
 
 
 def settings_file_text(raw):

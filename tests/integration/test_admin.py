@@ -5,6 +5,7 @@ tests/unit/test_admin.py)."""
 import pytest
 
 import _qborg_base as base_mod
+import _qborg_servers as servers_mod
 import _qborg_settings as settings_mod
 import _qborg_keystore as keystore_mod
 import _qborg_admin as admin
@@ -22,7 +23,7 @@ def test_provision_for_borgbase_uploads_nothing_and_names_each_key_to_add(settin
     message = str(exc.value)
     assert "admin key" not in message  # no session with the full-access key
     for vm in ("vm-personal", "vm-work"):
-        url = settings_mod.repository_url(settings["server"], vm)
+        url = servers_mod.repository_url(settings["server"], vm)
         assert f"add this public key to {url} as an append-only key" in message
         assert store.public_key(vm) in message
         assert store.passphrase(vm) not in message

@@ -4,6 +4,7 @@ of authorized_keys, which must leave every other line alone."""
 import pytest
 
 import _qborg_base as base_mod
+import _qborg_servers as servers_mod
 import _qborg_settings as settings
 import _qborg_repos as repos
 
@@ -59,10 +60,10 @@ def test_bad_vm_name_refused_in_forced_command(merge):
 
 
 def test_repository_urls(merge):
-    assert settings.repository_url(server(merge, provider="rsync.net"), "vm-personal") == \
+    assert servers_mod.repository_url(server(merge, provider="rsync.net"), "vm-personal") == \
         "ssh://de1234@de1234.rsync.net:22/./qborg/vm-personal"
     hetzner = server(merge, provider="hetzner", host="u1.your-storagebox.de", user="u1")
-    assert settings.repository_url(hetzner, "vm") == "ssh://u1@u1.your-storagebox.de:23/./qborg/vm"
+    assert servers_mod.repository_url(hetzner, "vm") == "ssh://u1@u1.your-storagebox.de:23/./qborg/vm"
     assert repos.alias_repository_url(hetzner, "vm") == "ssh://qborg/./qborg/vm"
 
 

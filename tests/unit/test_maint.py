@@ -11,6 +11,7 @@ import sys
 import pytest
 
 import _qborg_base as base_mod
+import _qborg_servers as servers_mod
 import _qborg_settings as settings_mod
 import _qborg_repos as repos
 import _qborg_keystore as keystore_mod
@@ -471,7 +472,7 @@ def test_paper_export_holds_every_secret_in_a_private_file(admin_home, tmp_path,
         assert f"--- {vm} " in text
         assert f"passphrase: {ks.passphrase(vm)}\n" in text
         assert ks.private_key(vm).strip() in text
-        assert f"url: {settings_mod.repository_url(settings_mod.vm_server(settings, vm), vm)}\n" in text
+        assert f"url: {servers_mod.repository_url(servers_mod.vm_server(settings, vm), vm)}\n" in text
         assert f"BORG_KEY {vm}" in text
     with open(paths["admin_key"]) as f:
         assert f.read().strip() in text

@@ -8,6 +8,7 @@ import re
 import pytest
 
 import _qborg_base as base
+import _qborg_servers as servers_mod
 import _qborg_settings as settings
 import _qborg_repos as repos
 import _qborg_keystore as keystore_mod
@@ -36,7 +37,7 @@ def test_rsync_net_preset_needs_only_host_and_user(merge):
     line = repos.authorized_keys_line("vm-personal", VM_KEY, s["server"])
     assert line == ('restrict,command="borg14 serve --append-only --restrict-to-repository '
                     f'qborg/vm-personal" {VM_KEY} qborg:vm-personal')
-    assert settings.repository_url(settings.vm_server(s, "vm-personal"), "vm-personal") == \
+    assert servers_mod.repository_url(servers_mod.vm_server(s, "vm-personal"), "vm-personal") == \
         "ssh://de1234@de1234.rsync.net:22/./qborg/vm-personal"
     assert repos.known_hosts_host(s["server"]) == "de1234.rsync.net"
     assert s["server"]["upload"] is True
@@ -49,7 +50,7 @@ def test_hetzner_preset_storage_box(merge):
         "vm-personal", VM_KEY, s["server"], s["vms"]["vm-personal"]["storage_quota"])
     assert 'command="borg-1.4 serve --append-only --restrict-to-repository qborg/vm-personal ' \
            '--storage-quota 100G"' in line
-    assert settings.repository_url(settings.vm_server(s, "vm-personal"), "vm-personal") == \
+    assert servers_mod.repository_url(servers_mod.vm_server(s, "vm-personal"), "vm-personal") == \
         "ssh://u1234@u1234.your-storagebox.de:23/./qborg/vm-personal"
     assert repos.known_hosts_host(s["server"]) == "[u1234.your-storagebox.de]:23"
 
@@ -63,8 +64,8 @@ def test_borgbase_one_account_per_vm_repository(merge, tmp_path):
     s = borgbase(merge, **{"vm-personal": "ssh://a1b2c3d4@a1b2c3d4.repo.borgbase.com/./repo",
                            "vm-work": "ssh://e5f6a7b8@e5f6a7b8.repo.borgbase.com/./repo"})
     assert s["server"]["upload"] is False and s["server"]["remote_path"] == "borg"
-    work = settings.vm_server(s, "vm-work")
-    assert settings.repository_url(work, "vm-work") == "ssh://e5f6a7b8@e5f6a7b8.repo.borgbase.com:22/./repo"
+    work = servers_mod.vm_server(s, "vm-work")
+    assert servers_mod.repository_url(work, "vm-work") == "ssh://e5f6a7b8@e5f6a7b8.repo.borgbase.com:22/./repo"
     assert repos.alias_repository_url(work, "vm-work") == "ssh://qborg/./repo"
     block = client_mod.ssh_config_block(work, "/k", "/kh")
     assert "HostName e5f6a7b8.repo.borgbase.com" in block and "User e5f6a7b8" in block
@@ -110,16 +111,16 @@ def test_explicit_values_override_the_preset(merge):
     s = only(merge, {"provider": "rsync.net", "host": "de1234.rsync.net", "user": "de1234",
                      "port": 2222, "remote_path": "borg12"})
     assert repos.forced_command(s["server"], "vm").startswith("borg12 serve")
-    assert settings.repository_url(s["server"], "vm") == "ssh://de1234@de1234.rsync.net:2222/./qborg/vm"
+    assert servers_mod.repository_url(s["server"], "vm") == "ssh://de1234@de1234.rsync.net:2222/./qborg/vm"
 
 
 def test_readme_provider_table_matches_the_presets():
     text = (REPO / "README.md").read_text()
     rows = re.findall(r"^\| `([a-z.]+)`[^|]*\| (\d+) \| `([^`]+)` \|", text, re.M)
-    assert {name for name, _p, _r in rows} == set(settings.PROVIDERS)
+    assert {name for name, _p, _r in rows} == set(servers_mod.PROVIDERS)
     for name, port, remote_path in rows:
-        assert (int(port), remote_path) == (settings.PROVIDERS[name]["port"],
-                                           settings.PROVIDERS[name]["remote_path"]), name
+        assert (int(port), remote_path) == (servers_mod.PROVIDERS[name]["port"],
+                                           servers_mod.PROVIDERS[name]["remote_path"]), name
 
 
 # a VM whose repository is on another account, or elsewhere on the server's own
@@ -139,7 +140,7 @@ def test_a_repository_on_another_host_needs_the_pinned_host_key(merge):
         mixed(merge, **{"vm-mail": "ssh://a1@a1.repo.borgbase.com/./repo"})
     # on the server's own host and port the key learned on first use is the right one
     s = mixed(merge, **{"vm-mail": "ssh://other@de1234.rsync.net/./mail"})
-    assert settings.vm_server(s, "vm-mail")["user"] == "other"
+    assert servers_mod.vm_server(s, "vm-mail")["user"] == "other"
 
 
 def test_keys_are_uploaded_only_for_repositories_on_the_servers_account(merge, tmp_path):

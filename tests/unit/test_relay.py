@@ -13,6 +13,7 @@ import jinja2
 import pytest
 
 import _qborg_base as base
+import _qborg_servers as servers_mod
 import _qborg_settings as settings_mod
 import _qborg_client as client_mod
 import _qborg_relay as relay
@@ -130,7 +131,7 @@ def test_relay_vm_may_be_set_with_no_vm_relayed(merged):
 
 def test_relayed_vm_gets_the_proxy_command_and_everything_else_unchanged(relayed):
     settings = settings_mod.validate_settings(relayed)
-    server = settings_mod.vm_server(settings, "vm-vault")
+    server = servers_mod.vm_server(settings, "vm-vault")
     direct = client_mod.ssh_config_block(server, "/k", "/kh")
     via = client_mod.ssh_config_block(server, "/k", "/kh", relay.vm_relay(settings, "vm-vault"))
     assert via.splitlines() == direct.splitlines() + [
@@ -139,7 +140,7 @@ def test_relayed_vm_gets_the_proxy_command_and_everything_else_unchanged(relayed
     assert "    HostName de1234.rsync.net" in via.splitlines()
     assert "    StrictHostKeyChecking yes" in via.splitlines()
     assert "ProxyCommand" not in client_mod.ssh_config_block(
-        settings_mod.vm_server(settings, "vm-work"), "/k", "/kh", relay.vm_relay(settings, "vm-work"))
+        servers_mod.vm_server(settings, "vm-work"), "/k", "/kh", relay.vm_relay(settings, "vm-work"))
 
 
 def test_proxy_command_refuses_a_name_that_is_not_a_qube():

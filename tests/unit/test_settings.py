@@ -4,6 +4,7 @@ fails with a QborgConfigError naming its pillar path."""
 import pytest
 
 import _qborg_base as base
+import _qborg_servers as servers_mod
 import _qborg_settings as settings_mod
 import _qborg_repos as repos_mod
 
@@ -439,7 +440,7 @@ def test_borgbase_repositories_of_the_same_name_on_other_accounts_are_apart(merg
     ("./qborg/vm-a", "qborg/vm-a"), ("qborg/vm-a/.", "qborg/vm-a"), ("//qborg", "qborg"),
 ])
 def test_normalise_repository_path(path, normal):
-    assert settings_mod.normalise_repository_path(path) == normal
+    assert servers_mod.normalise_repository_path(path) == normal
 
 
 # ------------------------------------------------------------ storage quota
