@@ -62,6 +62,7 @@ from qborglab.salt import yaml  # noqa: E402
 from qborglab.server import (SSHD_CONFIG_NAME, _ensure_host_key, _free_port,  # noqa: E402
                              _lab_sshd_pids, _launch_sshd, _ssh_banner, qubes_sshd_config_name,
                              sshd_config_name)
+from qborglab.server2 import server2_config_name  # noqa: E402
 
 __all__ = [
     "ACCOUNTS_LOCK", "ADMIN_KEY_COMMENT", "CRON_SPECIALS", "DEFAULT_DIR", "DOM0_TOOLS", "HERE",
@@ -72,7 +73,7 @@ __all__ = [
     "_free_port", "_host_cron_pids", "_lab_broker_pids", "_lab_sshd_pids", "_launch_sshd",
     "_mkdir", "_must", "_pid_alive", "_quiet", "_ssh_banner", "_stop_pid", "_tagged", "_user",
     "_write", "default_dir", "main", "owner_record_path", "qubes_sshd_config_name",
-    "sshd_config_name", "sudoers_path", "yaml",
+    "server2_config_name", "sshd_config_name", "sudoers_path", "yaml",
 ]
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 * ``common``: the lab's places on the host, its errors, small helpers;
 * ``accounts``: the unix users, the admin key, the owner record;
 * ``server``: the borg server's sshd (and what every lab sshd shares);
+* ``server2``: a second borg server (its own sshd and login), for second copies;
 * ``qrexec``: dom0's qrexec daemon (the broker), the stand-ins, the registry;
 * ``dom0``: dom0's record of its qubes and the Qubes pillar it renders;
 * ``salt``: a qube's pillar, minion config and ``salt-call``;
@@ -20,7 +21,8 @@ from .common import (LabCommandError, LabError, default_dir, owner_record_path,
 from .lab import Lab
 from .qrexec import _lab_broker_pids
 from .server import _lab_sshd_pids, qubes_sshd_config_name, sshd_config_name
+from .server2 import server2_config_name
 
 __all__ = ["Lab", "LabCommandError", "LabError", "_lab_broker_pids", "_lab_sshd_pids",
            "default_dir", "main", "owner_record_path", "qubes_sshd_config_name",
-           "sshd_config_name", "sudoers_path"]
+           "server2_config_name", "sshd_config_name", "sudoers_path"]

@@ -53,7 +53,7 @@ class AccountsMixin:
         return None
 
     def _all_users(self):
-        return [u for u in self.USERS.values() if u] + [self.server_user]
+        return [u for u in self.USERS.values() if u] + [self.server_user, self.server2_user]
 
     def _make_users(self):
         for name in self._all_users():
@@ -120,17 +120,24 @@ class AccountsMixin:
             key_type, key_b64 = handle.read().split()[:2]
         line = "%s %s %s" % (key_type, key_b64, ADMIN_KEY_COMMENT)
 
-        srv_uid, srv_gid = self._ids(self.server_user)
-        _mkdir(os.path.dirname(self.authorized_keys_path), 0o700, srv_uid, srv_gid)
+        for user, path in ((self.server_user, self.authorized_keys_path),
+                           (self.server2_user, self.server2_authorized_keys_path)):
+            self._authorize_admin_key(user, path, line)
+
+    def _authorize_admin_key(self, user, path, line):
+        """The admin key in a server user's authorized_keys, without a
+        forced command (the full-access key), replacing an older one."""
+        srv_uid, srv_gid = self._ids(user)
+        _mkdir(os.path.dirname(path), 0o700, srv_uid, srv_gid)
         try:
-            with open(self.authorized_keys_path, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8") as handle:
                 lines = handle.read().splitlines()
         except FileNotFoundError:
             lines = []
         if line not in lines:
             lines = [kept for kept in lines if not kept.endswith(" " + ADMIN_KEY_COMMENT)]
             lines.append(line)
-        _write(self.authorized_keys_path, "\n".join(lines) + "\n", 0o600, srv_uid, srv_gid)
+        _write(path, "\n".join(lines) + "\n", 0o600, srv_uid, srv_gid)
 
     def _write_owner_record(self):
         text = ("# qborg-lab-dir: %s\n"

@@ -19,9 +19,10 @@ from .qrexec import QrexecMixin, _lab_broker_pids
 from .salt import SaltMixin
 from .salt_ssh import SaltSshMixin
 from .server import ServerMixin, _lab_sshd_pids, qubes_sshd_config_name, sshd_config_name
+from .server2 import Server2Mixin, server2_config_name
 
 
-class Lab(AccountsMixin, ServerMixin, QrexecMixin, Dom0Mixin, SaltMixin, SaltSshMixin,
+class Lab(AccountsMixin, ServerMixin, Server2Mixin, QrexecMixin, Dom0Mixin, SaltMixin, SaltSshMixin,
           NetnsMixin, CronMixin, BorgMixin):
     """A lab in one directory (see lab/README.md); each part is a mixin of
     its own module, this class holds what they share: names, paths, the
@@ -109,8 +110,8 @@ class Lab(AccountsMixin, ServerMixin, QrexecMixin, Dom0Mixin, SaltMixin, SaltSsh
 
     def home(self, qube):
         """/home/<name> for a qube or the server user; dom0 is root's home."""
-        if qube == self.server_user:
-            return "/home/" + self.server_user
+        if qube in (self.server_user, self.server2_user):
+            return "/home/" + qube
         user = self.user(qube)
         return "/home/" + user if user else "/root"
 
@@ -172,6 +173,7 @@ class Lab(AccountsMixin, ServerMixin, QrexecMixin, Dom0Mixin, SaltMixin, SaltSsh
         self._write_owner_record()
         self._start_broker()
         port = self._start_sshd()
+        self.start_server2()
         state = {"dir": self.dir, "port": port, "host_key": self._host_pubkey()}
         _write(self.state_path, json.dumps(state, indent=2) + "\n")
         self._state = state
@@ -187,6 +189,7 @@ class Lab(AccountsMixin, ServerMixin, QrexecMixin, Dom0Mixin, SaltMixin, SaltSsh
         self._require_root()
         self._state = None
         self._stop_sshd()
+        self.stop_server2()
         self._stop_qubes_sshd()
         self._stop_broker()
         recorded = self.recorded_lab()
@@ -215,15 +218,18 @@ class Lab(AccountsMixin, ServerMixin, QrexecMixin, Dom0Mixin, SaltMixin, SaltSsh
         left behind; labs with another tag, or none, are not ours to touch."""
         if recorded and recorded != self.dir:
             Lab(recorded, tag=self.tag)._stop_sshd()
+            Lab(recorded, tag=self.tag).stop_server2()
             Lab(recorded, tag=self.tag)._stop_qubes_sshd()
             Lab(recorded, tag=self.tag)._stop_broker()
             if os.path.exists(os.path.join(recorded, MARKER)):
                 shutil.rmtree(recorded, ignore_errors=True)
-        for name in (sshd_config_name(self.tag), qubes_sshd_config_name(self.tag)):
+        for name in (sshd_config_name(self.tag), qubes_sshd_config_name(self.tag),
+                     server2_config_name(self.tag)):
             for pid, config in _lab_sshd_pids(self.tag, name).items():
                 if config.startswith(self.dir + os.sep) or not os.path.exists(config):
                     _stop_pid(pid)
         self._stop_sshd()
+        self.stop_server2()
         self._stop_qubes_sshd()
         self._stop_broker()
         for pid, directory in _lab_broker_pids().items():
@@ -232,7 +238,7 @@ class Lab(AccountsMixin, ServerMixin, QrexecMixin, Dom0Mixin, SaltMixin, SaltSsh
                 _stop_pid(pid)
         self._remove_users()
         self._remove_owner_record()
-        for name in ("state.json", "registry.json"):
+        for name in ("state.json", "registry.json", "server2.json"):
             if os.path.exists(self._p(name)):
                 os.unlink(self._p(name))
         if os.path.exists(self.dom0_qubes_path):

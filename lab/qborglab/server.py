@@ -97,6 +97,31 @@ def _launch_sshd(config, config_text, log, running_pid, stop, old_port, what):
     raise LabError("%s did not start:\n%s" % (what, last_error))
 
 
+def borg_sshd_config_text(port, host_key_path, pidfile, user, what):
+    """The sshd_config of a lab borg server: loopback, public keys only, one user."""
+    return "\n".join([
+        "# sshd of the qborg lab (%s)" % what,
+        "Port %d" % port,
+        "ListenAddress 127.0.0.1",
+        "HostKey %s" % host_key_path,
+        "PidFile %s" % pidfile,
+        "UsePAM no",
+        "PubkeyAuthentication yes",
+        "AuthenticationMethods publickey",
+        "PasswordAuthentication no",
+        "KbdInteractiveAuthentication no",
+        "PermitRootLogin no",
+        "AllowUsers %s" % user,
+        "AuthorizedKeysFile .ssh/authorized_keys",
+        "Subsystem sftp internal-sftp",
+        "LogLevel VERBOSE",
+        "PrintMotd no",
+        "X11Forwarding no",
+        "MaxStartups 50:30:100",
+        "",
+    ])
+
+
 class ServerMixin:
     """The borg server's sshd, and commands run as its login user."""
 
@@ -131,27 +156,8 @@ class ServerMixin:
             return " ".join(handle.read().split()[:2])
 
     def _sshd_config_text(self, port):
-        return "\n".join([
-            "# sshd of the qborg lab (the borg server)",
-            "Port %d" % port,
-            "ListenAddress 127.0.0.1",
-            "HostKey %s" % self.host_key_path,
-            "PidFile %s" % self.sshd_pidfile,
-            "UsePAM no",
-            "PubkeyAuthentication yes",
-            "AuthenticationMethods publickey",
-            "PasswordAuthentication no",
-            "KbdInteractiveAuthentication no",
-            "PermitRootLogin no",
-            "AllowUsers %s" % self.server_user,
-            "AuthorizedKeysFile .ssh/authorized_keys",
-            "Subsystem sftp internal-sftp",
-            "LogLevel VERBOSE",
-            "PrintMotd no",
-            "X11Forwarding no",
-            "MaxStartups 50:30:100",
-            "",
-        ])
+        return borg_sshd_config_text(port, self.host_key_path, self.sshd_pidfile,
+                                     self.server_user, "the borg server")
 
     def _start_sshd(self):
         _ensure_host_key(self.host_key_path, "qborg-lab-host")

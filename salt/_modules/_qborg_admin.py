@@ -13,7 +13,9 @@ from _qborg_base import (
     read_text, run_as,
 )
 from _qborg_settings import settings_file_text, valid_qube_name, validate_settings
-from _qborg_servers import repository_path, repository_url, vm_server
+from _qborg_servers import (
+    copy_settings, is_first_copy, repository_path, repository_url, vm_copies, vm_server,
+)
 from _qborg_repos import (
     render_authorized_keys, split_managed_block, uploads_key, vm_authorized_keys_line,
 )
@@ -92,7 +94,7 @@ def provision(settings, home, owner, vms=None, test=False):
     paths = admin_paths(settings, home)
     if test:
         return _provision(settings, home, owner, vms, test)
-    ensure_dir(paths["keystore"], 0o700, owner)
+    _ensure_keystore_dir(paths, owner)
     with KeystoreLock(paths["keystore"], owner):
         return _provision(settings, home, owner, vms, test)
 
@@ -321,13 +323,20 @@ def needs_provisioning(settings, vm, keystore):
 
 def provision_on_demand(settings, vm, home):
     """qborg.GetBundle's provisioning: a VM that is configured but new gets its
-    key, passphrase, authorized_keys line and repository now. Returns True if
-    it provisioned something."""
+    key, passphrase, authorized_keys line and repository now, on every
+    server it keeps a copy on. Returns True if it provisioned something."""
+    done = False
+    for name in vm_copies(settings, vm):
+        done = _provision_copy_on_demand(copy_settings(settings, name), vm, home) or done
+    return done
+
+
+def _provision_copy_on_demand(settings, vm, home):
     paths = admin_paths(settings, home)
     keystore = Keystore(paths["keystore"])
     if not needs_provisioning(settings, vm, keystore):
         return False
-    ensure_dir(paths["keystore"], 0o700)
+    _ensure_keystore_dir(paths, None)
     with KeystoreLock(paths["keystore"]):
         # another request or the Salt state may have done it meanwhile
         if not needs_provisioning(settings, vm, keystore):
@@ -336,16 +345,41 @@ def provision_on_demand(settings, vm, home):
     return True
 
 
+BUNDLE_COPY_FIELDS = ("repository", "remote_path", "ssh_private_key", "known_hosts",
+                      "passphrase", "passphrase_next")
+
+
 def bundle_for(settings, vm, home):
+    """vm's bundle: its first copy's fields at the top (with "copy", its
+    server's name), each other copy in "copies" with its own key,
+    passphrase, repository and pinned host key."""
+    names = vm_copies(settings, vm)
+    bundles = [_copy_bundle(copy_settings(settings, name), vm, home) for name in names]
+    bundle = dict(bundles[0], copy=names[0])
+    if len(names) > 1:
+        bundle["copies"] = [dict({k: b[k] for k in BUNDLE_COPY_FIELDS if k in b}, name=name)
+                            for name, b in zip(names[1:], bundles[1:])]
+    return bundle
+
+
+def _copy_bundle(settings, vm, home):
     paths = admin_paths(settings, home)
     keystore = Keystore(paths["keystore"])
     kh_line = vm_pinned_known_hosts_line(settings, vm, paths["known_hosts"])
     if not keystore.has(vm) or kh_line is None:
-        raise QborgError(f"{vm} is configured but not provisioned yet: apply qborg to "
+        where = "" if is_first_copy(settings) else f" on server {settings['copy']}"
+        raise QborgError(f"{vm} is configured but not provisioned yet{where}: apply qborg to "
                          f"the admin qube {settings['admin_vm']}")
+    return rotation_bundle(make_bundle(settings, vm, keystore, kh_line), keystore, vm)
 
-    return rotation_bundle(make_bundle(settings, vm, keystore, kh_line),
-                           keystore, vm)
+
+def _ensure_keystore_dir(paths, owner):
+    """The keystore's directory (0700), and for another server's copy the
+    directories above it up to the keystore's root, each 0700."""
+    ensure_dir(paths["keystore_root"], 0o700, owner)
+    if paths["keystore"] != paths["keystore_root"]:
+        ensure_dir(os.path.dirname(paths["keystore"]), 0o700, owner)
+        ensure_dir(paths["keystore"], 0o700, owner)
 
 
 def audit_event(path, service, caller, result):

@@ -6,11 +6,9 @@ Each takes the merged settings (a mapping or its JSON text).
 
 from _qborg_base import QborgError
 from _qborg_settings import maintenance_settings
-from _qborg_repos import shared_account_warnings
 from _qborg_server import admin_paths
-from _qborg_admin import provision, write_settings
-from _qborg_rotation import rotate as rotate_vm
-from _qborg_maint import run_maintenance, status as vm_status
+from _qborg_admin import write_settings
+from _qborg_copies import all_warnings, maintain_all, provision_all, rotate_all, status_all
 from _qborg_local import ensured, failed, load_with_account
 
 
@@ -20,9 +18,9 @@ def admin_provisioned(config, test=False):
     repository. VMs sharing the server's account without a storage_quota are
     a warning (in ``warnings`` and the comment)."""
     _raw, settings, owner, home = load_with_account(config)
-    warnings = [f"WARNING: {text}" for text in shared_account_warnings(settings)]
+    warnings = [f"WARNING: {text}" for text in all_warnings(settings)]
     try:
-        changes, comments = provision(settings, home, owner, test=bool(test))
+        changes, comments = provision_all(settings, home, owner, test=bool(test))
     except QborgError as exc:  # the warnings ride on a failure too
         raise failed(exc, warnings) from None
     if changes:
@@ -44,22 +42,28 @@ def admin_settings_managed(config, test=False):
 
 
 def status(config):
-    """Per configured VM: the last archive's time and age, archive count,
+    """Per configured VM and server (VM@server for a copy on a server other
+    than the first): the last archive's time and age, archive count,
     repository size, audit alarm, key age, stale flag."""
     _raw, settings, owner, home = load_with_account(config)
-    return vm_status(settings, home, owner)
+    return status_all(settings, home, owner)
 
 
 def maintain(config, vms=None, check=None):
     """Audit every repository, then prune, compact and (when due, or with
     ``check=True``) check those whose audit is clean."""
     raw, settings, owner, home = load_with_account(config)
-    return run_maintenance(settings, maintenance_settings(raw), home, owner, vms=vms,
-                           check=check)
+    return maintain_all(settings, maintenance_settings(raw), home, owner, vms=vms, check=check)
 
 
 def rotate(config, vm):
     """Start, or advance, the rotation of ``vm``'s ssh key and repository
-    passphrase. Returns ``{"vm", "stage", "message"}``."""
+    passphrase on every server it keeps a copy on. Returns ``{"vm",
+    "stage", "message"}``; with several copies, ``copies`` holds each one's
+    (``vm`` is VM@server for a server other than the first)."""
     _raw, settings, owner, home = load_with_account(config)
-    return rotate_vm(settings, home, owner, vm)
+    done = rotate_all(settings, home, owner, vm)
+    if len(done) == 1:
+        return done[0]
+    return {"vm": vm, "stage": ", ".join(f"{d['vm']}: {d['stage']}" for d in done),
+            "message": "; ".join(f"{d['vm']}: {d['message']}" for d in done), "copies": done}

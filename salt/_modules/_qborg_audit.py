@@ -12,8 +12,11 @@ from _qborg_base import ensure_dir, iso, one_line, owned_file, printable
 from _qborg_settings import RETENTION_KEYS, check_qube_name, within_seconds
 
 
-def maint_paths(home):
-    state = os.path.join(home, ".local", "state", "qborg", "maint")
+def maint_paths(home, copy=None):
+    """Maintenance's files; a copy other than the first server's (copy_key)
+    keeps its state apart, its log lines go to the one maint.log."""
+    state = os.path.join(home, ".local", "state", "qborg",
+                         "maint" if copy is None else f"maint-{copy}")
     return {
         "state": state,
         "log": os.path.join(home, ".local", "state", "qborg", "maint.log"),
@@ -22,19 +25,19 @@ def maint_paths(home):
     }
 
 
-def record_path(home, vm):
+def record_path(home, vm, copy=None):
     check_qube_name(vm, "vm")
-    return os.path.join(maint_paths(home)["state"], f"{vm}.json")
+    return os.path.join(maint_paths(home, copy)["state"], f"{vm}.json")
 
 
-def alarm_path(home, vm):
+def alarm_path(home, vm, copy=None):
     check_qube_name(vm, "vm")
-    return os.path.join(maint_paths(home)["state"], f"{vm}.alarm.json")
+    return os.path.join(maint_paths(home, copy)["state"], f"{vm}.alarm.json")
 
 
-def pruned_path(home, vm):
+def pruned_path(home, vm, copy=None):
     check_qube_name(vm, "vm")
-    return os.path.join(maint_paths(home)["state"], f"{vm}.pruned.json")
+    return os.path.join(maint_paths(home, copy)["state"], f"{vm}.pruned.json")
 
 
 def archive_timestamp(text):

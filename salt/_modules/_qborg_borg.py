@@ -13,7 +13,7 @@ from _qborg_base import (
     QborgError, QborgServerError, atomic_write, ensure_dir, printable, program_path, read_text,
     run_as,
 )
-from _qborg_servers import repository_path, repository_url, vm_server
+from _qborg_servers import copy_key, copy_label, repository_path, repository_url, vm_server
 from _qborg_repos import shares_server_account
 from _qborg_keystore import Keystore
 from _qborg_server import (
@@ -58,8 +58,14 @@ class AdminBorg:
         self.owner = owner
         self.paths = admin_paths(settings, home)
         self.keystore = Keystore(self.paths["keystore"], owner)
+        # the first server's copy: None; another's: its name (maint_paths)
+        self.copy = copy_key(settings)
         self._kh_path = None
         self._session = None
+
+    def label(self, vm):
+        """vm's copy on this server as logs and results name it."""
+        return copy_label(self.settings, vm)
 
     def known_hosts_path(self):
         """One file with the host key of every server a repository is on."""

@@ -9,8 +9,8 @@ import sys
 
 from _qborg_base import QborgError, one_line, read_json_document
 from _qborg_settings import maintenance_settings, validate_settings
-from _qborg_rotation import rotate
-from _qborg_maint import ALARM_EXIT, accept_vm, break_lock, run_maintenance, status, status_table
+from _qborg_maint import ALARM_EXIT, status_table
+from _qborg_copies import accept_copy, break_lock_copy, maintain_all, rotate_all, status_all
 from _qborg_export import export_keepass, export_paper, import_keepass, read_password
 
 
@@ -56,13 +56,14 @@ def main(argv, settings_path, prog="qborg"):
                    help="run borg check now")
     p.add_argument("--no-check", dest="check", action="store_false")
     p.add_argument("--json", action="store_true")
-    p.add_argument("vms", nargs="*", help="only these VMs")
+    p.add_argument("vms", nargs="*", help="only these VMs (VM: every copy; VM@SERVER: the "
+                                          "copy on that server)")
     p = sub.add_parser("accept", help="take VM's repository as it is now as the audit baseline "
                                       "(after looking into an alarm)")
-    p.add_argument("vm")
+    p.add_argument("vm", help="VM, or VM@SERVER for its copy on a server other than the first")
     p = sub.add_parser("break-lock", help="remove the lock of VM's repository on the server "
                                           "(when no backup of VM and no maintenance runs)")
-    p.add_argument("vm")
+    p.add_argument("vm", help="VM, or VM@SERVER for its copy on a server other than the first")
     p = sub.add_parser("rotate", help="start, or advance, the rotation of VM's key and passphrase")
     p.add_argument("vm")
     p = sub.add_parser("export", help="write every key and passphrase to a KeePass (KDBX 4) file")
@@ -81,27 +82,27 @@ def main(argv, settings_path, prog="qborg"):
     try:
         raw, settings, maint = load_settings(settings_path)
         if args.command == "status":
-            data = status(settings, home)
+            data = status_all(settings, home)
             print(json.dumps(data, indent=2, sort_keys=True) if args.json else status_table(data))
             return ALARM_EXIT if any(e["alarm"] for e in data["vms"]) else 0
         if args.command == "maint":
-            out = run_maintenance(settings, maint, home, vms=args.vms or None,
-                                  scheduled=args.scheduled, check=args.check)
+            out = maintain_all(settings, maint, home, vms=args.vms or None,
+                               scheduled=args.scheduled, check=args.check)
             _print_maintenance(out, args.json)
             if out["alarms"]:
                 return ALARM_EXIT
             return 1 if out["errors"] else 0
         if args.command == "accept":
-            res = accept_vm(settings, home, None, args.vm)
+            res = accept_copy(settings, home, None, args.vm)
             print(f"{res['vm']}: {res['archives']} archives are the new audit baseline")
             return 0
         if args.command == "break-lock":
-            res = break_lock(settings, home, None, args.vm)
+            res = break_lock_copy(settings, home, None, args.vm)
             print(f"{res['vm']}: {res['message']}")
             return 0
         if args.command == "rotate":
-            res = rotate(settings, home, None, args.vm)
-            print(f"{res['vm']}: rotation {res['stage']}: {res['message']}")
+            for res in rotate_all(settings, home, None, args.vm):
+                print(f"{res['vm']}: rotation {res['stage']}: {res['message']}")
             return 0
         if args.command == "export" and args.paper:
             res = export_paper(settings, raw, home, args.path)

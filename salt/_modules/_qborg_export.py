@@ -4,11 +4,14 @@ their import into a new admin qube.
 
 import json
 import os
+import re
 import time
 
 from _qborg_base import QborgError, atomic_write, ensure_dir, iso, read_text, remove_if_present
 from _qborg_settings import valid_qube_name
-from _qborg_servers import repository_url, vm_server
+from _qborg_servers import (
+    copy_key, copy_label, copy_names, copy_settings, is_first_copy, repository_url, vm_server,
+)
 from _qborg_repos import forced_command, known_hosts_host
 from _qborg_keystore import Keystore, public_key_of
 from _qborg_server import (
@@ -24,20 +27,43 @@ MIN_MASTER_PASSWORD = 8
 
 
 def export_entries(settings, raw, home):
-    """What the export holds, as plain data: one entry per VM, the server
-    account and the admin key, and the settings."""
+    """What the export holds, as plain data: one entry per VM and server
+    (titled VM on the first server, VM@SERVER on another), one per server
+    account ("server", "server SERVER") and admin key ("admin key", "admin
+    key SERVER" for a server with a key of its own), and the settings."""
+    entries, admin_keys = [], []
+    for view in (copy_settings(settings, name) for name in copy_names(settings)):
+        entries += _copy_entries(view, home)
+        paths = admin_paths(view, home)
+        if paths["admin_key"] not in [path for path, _t, _v in admin_keys]:
+            title = "admin key" if not admin_keys else f"admin key {view['copy']}"
+            admin_keys.append((paths["admin_key"], title, view))
+    for path, title, view in admin_keys:
+        entries.append(_admin_key_entry(view, path, title))
+    entries.append({
+        "title": "settings", "username": "", "password": "", "url": "",
+        "notes": json.dumps(raw, indent=2, sort_keys=True),
+        "properties": {}, "attachments": {},
+    })
+    return entries
+
+
+def _copy_entries(settings, home):
+    """The entries of one server's copy (copy_settings): its VMs' and its account's."""
     paths = admin_paths(settings, home)
     keystore = Keystore(paths["keystore"])
     server = settings["server"]
     host_line = pinned_known_hosts_line(settings, paths["known_hosts"]) or ""
+    copy = copy_key(settings)
     entries = []
     for vm in sorted(settings["vms"]):
         if not keystore.has(vm):
             continue
         own = vm_server(settings, vm)
+        title = copy_label(settings, vm)
         vm_line = vm_pinned_known_hosts_line(settings, vm, paths["known_hosts"]) or ""
         entries.append({
-            "title": vm,
+            "title": title,
             "username": own["user"],
             "password": keystore.passphrase(vm),
             "url": repository_url(own, vm),
@@ -54,15 +80,15 @@ def export_entries(settings, raw, home):
                 "remote_path": own["remote_path"],
                 # the audit ledger: a rebuilt admin qube compares the server
                 # with what this one saw, never with what is there by then
-                "audit_ledger": read_text(record_path(home, vm)) or "",
+                "audit_ledger": read_text(record_path(home, vm, copy)) or "",
             },
-            "attachments": {f"{vm}.ssh_key": keystore.private_key(vm),
-                            f"{vm}.repokey": read_text(
+            "attachments": {f"{title}.ssh_key": keystore.private_key(vm),
+                            f"{title}.repokey": read_text(
                                 os.path.join(keystore.vm_dir(vm), "repokey")) or ""},
         })
-    admin_private = read_text(paths["admin_key"]) or ""
     entries.append({
-        "title": "server", "username": server["user"], "password": "",
+        "title": "server" if copy is None else f"server {copy}",
+        "username": server["user"], "password": "",
         "url": f"ssh://{server['user']}@{server['host']}:{server['port']}",
         "notes": (f"the backup server account. repos_dir: {server['repos_dir']}, "
                   f"remote_path: {server['remote_path']}\nknown_hosts: {host_line}"),
@@ -70,23 +96,23 @@ def export_entries(settings, raw, home):
                        "remote_path": server["remote_path"]},
         "attachments": {},
     })
-    entries.append({
-        "title": "admin key", "username": server["user"], "password": "",
+    return entries
+
+
+def _admin_key_entry(settings, path, title):
+    server = settings["server"]
+    admin_private = read_text(path) or ""
+    return {
+        "title": title, "username": server["user"], "password": "",
         "url": f"ssh://{server['user']}@{server['host']}:{server['port']}",
         "notes": "the full-access key of the server account (no forced command): "
-                 f"{settings['server']['admin_key']} in the admin qube",
+                 f"{server['admin_key']} in the admin qube",
         "properties": {"ssh_private_key": admin_private,
-                       "ssh_public_key": (read_text(paths["admin_key"] + ".pub") or
-                                          admin_public_key(paths["admin_key"])).strip()
+                       "ssh_public_key": (read_text(path + ".pub") or
+                                          admin_public_key(path)).strip()
                        if admin_private else ""},
         "attachments": {"qborg-admin": admin_private} if admin_private else {},
-    })
-    entries.append({
-        "title": "settings", "username": "", "password": "", "url": "",
-        "notes": json.dumps(raw, indent=2, sort_keys=True),
-        "properties": {}, "attachments": {},
-    })
-    return entries
+    }
 
 
 def export_keepass(settings, raw, home, path, password):
@@ -159,6 +185,11 @@ def export_paper(settings, raw, home, path):
 SPECIAL_ENTRIES = ("server", "admin key", "settings")
 
 
+# "server NAME" and "admin key NAME": another server's account and admin key
+# (a space: never a qube name)
+SERVER_ENTRY_RE = re.compile(r"^(server|admin key) ([a-z][a-z0-9-]{0,15})\Z")
+
+
 def read_export(path, password):
     """The entries of an export as plain data (the inverse of export_entries):
     [{"title", "password", "properties"}] of group qborg."""
@@ -200,13 +231,22 @@ def _checked_key(private, public, what):
     return private.rstrip("\n") + "\n", (public.strip() or derived) + "\n"
 
 
+def _entry_copy(settings, title, name):
+    """The copy of the settings an export entry belongs to (name None: the
+    first server's)."""
+    if name is None:
+        return copy_settings(settings, copy_names(settings)[0])
+    if name not in copy_names(settings):
+        raise QborgError(f"export entry {title!r}: the settings have no server named "
+                         f"{name!r} (qborg:servers); nothing was written")
+    return copy_settings(settings, name)
+
+
 def plan_import(settings, home, entries):
     """What an import would write: [(path, text, mode)] for the files that
     are missing, and the names of what is already there unchanged. Every
     entry is checked first; a file that exists with other content is a
     conflict and nothing is planned (nothing is ever overwritten)."""
-    paths = admin_paths(settings, home)
-    keystore = Keystore(paths["keystore"])
     files, conflicts, imported, unchanged = [], [], [], []
 
     def want(name, path, text, mode):
@@ -228,71 +268,98 @@ def plan_import(settings, home, entries):
         raise QborgError(f"the export holds more than one entry {twice[0]!r}; "
                          "nothing was written")
     for entry in sorted(entries, key=lambda e: e["title"]):
-        title, props = entry["title"], entry["properties"]
-        if title in SPECIAL_ENTRIES:
+        title = entry["title"]
+        if title in SPECIAL_ENTRIES or SERVER_ENTRY_RE.match(title):
             continue
-        if not valid_qube_name(title):
+        vm, at, name = title.partition("@")
+        if not valid_qube_name(vm) or (at and not name):
             raise QborgError(f"export entry {title!r}: not a qube name; nothing was written")
-        passphrase = entry["password"].strip()
-        if not passphrase or "\n" in passphrase:
-            raise QborgError(f"export entry {title}: the password (the repository "
-                             "passphrase) is empty or not one line; nothing was written")
-        private, public = _checked_key(props.get("ssh_private_key", ""),
-                                       props.get("ssh_public_key", ""), f"export entry {title}")
-        new = [want(f"{title} passphrase", keystore.passphrase_path(title), passphrase + "\n",
-                    0o600),
-               want(f"{title} ssh_key", keystore.key_path(title), private, 0o600)]
-        if props.get("repokey", "").strip():
-            new.append(want(f"{title} repokey", os.path.join(keystore.vm_dir(title), "repokey"),
-                            props["repokey"].rstrip("\n") + "\n", 0o600))
-        # the public key last: its presence marks the VM's key pair complete
-        new.append(want(f"{title} ssh_key.pub", keystore.key_path(title) + ".pub", public,
-                        0o644))
-        (imported if any(new) else unchanged).append(title)
-        ledger_text = props.get("audit_ledger", "").strip()
-        if ledger_text:
-            try:
-                ledger = json.loads(ledger_text)
-                assert isinstance(ledger, dict) and isinstance(ledger.get("archives"), dict)
-            except (ValueError, AssertionError):
-                raise QborgError(f"export entry {title}: audit_ledger is not a qborg audit "
-                                 "ledger; nothing was written") from None
-            # one this qube kept is newer than the export's: it stays
-            if read_text(record_path(home, title)) is None:
-                files.append((record_path(home, title), ledger_text + "\n", 0o600))
-                imported.append(f"{title} audit ledger")
-    by_title = {e["title"]: e for e in entries}
-    admin = by_title.get("admin key")
-    if admin and admin["properties"].get("ssh_private_key", "").strip():
-        private, public = _checked_key(admin["properties"]["ssh_private_key"],
-                                       admin["properties"].get("ssh_public_key", ""),
-                                       "export entry 'admin key'")
-        new = [want("admin key", paths["admin_key"], private, 0o600),
-               want("admin key .pub", paths["admin_key"] + ".pub", public, 0o644)]
-        (imported if any(new) else unchanged).append("admin key")
-    host_line = (by_title.get("server") or {}).get("properties", {}).get("known_hosts", "")
-    host_line = host_line.strip()
-    if host_line and not settings["server"]["host_key"]:
-        if "\n" in host_line or host_line.split(" ", 1)[0] != known_hosts_host(
-                settings["server"]):
-            raise QborgError("export entry 'server': its known_hosts line is not for "
-                             f"{known_hosts_host(settings['server'])} (the server in "
-                             "the settings); nothing was written")
-        learned = pinned_known_hosts_line(settings, paths["known_hosts"])
-        if learned is None:
-            text = (read_text(paths["known_hosts"]) or "") + host_line + "\n"
-            files.append((paths["known_hosts"], text, 0o600))
-            imported.append("server host key")
-        elif learned != host_line:
-            conflicts.append(f"server host key ({paths['known_hosts']})")
-        else:
-            unchanged.append("server host key")
+        view = _entry_copy(settings, title, name or None)
+        _plan_vm(view, home, entry, vm, want, files, imported, unchanged)
+    for entry in entries:
+        if entry["title"] == "admin key" or entry["title"].startswith("admin key "):
+            m = SERVER_ENTRY_RE.match(entry["title"])
+            view = _entry_copy(settings, entry["title"], m.group(2) if m else None)
+            _plan_admin_key(admin_paths(view, home), entry, want, imported, unchanged)
+        elif entry["title"] == "server" or entry["title"].startswith("server "):
+            m = SERVER_ENTRY_RE.match(entry["title"])
+            if m or entry["title"] == "server":
+                view = _entry_copy(settings, entry["title"], m.group(2) if m else None)
+                _plan_host_key(view, home, entry, files, conflicts, imported, unchanged)
     if conflicts:
         raise QborgError(
             "the admin qube already holds other secrets than the export for: "
             + ", ".join(conflicts) + "; nothing was written (move those files away first if "
             "the export is to replace them)")
     return files, imported, unchanged
+
+
+def _plan_vm(settings, home, entry, vm, want, files, imported, unchanged):
+    """One VM's copy on one server (settings: that server's copy)."""
+    title, props = entry["title"], entry["properties"]
+    keystore = Keystore(admin_paths(settings, home)["keystore"])
+    passphrase = entry["password"].strip()
+    if not passphrase or "\n" in passphrase:
+        raise QborgError(f"export entry {title}: the password (the repository "
+                         "passphrase) is empty or not one line; nothing was written")
+    private, public = _checked_key(props.get("ssh_private_key", ""),
+                                   props.get("ssh_public_key", ""), f"export entry {title}")
+    new = [want(f"{title} passphrase", keystore.passphrase_path(vm), passphrase + "\n", 0o600),
+           want(f"{title} ssh_key", keystore.key_path(vm), private, 0o600)]
+    if props.get("repokey", "").strip():
+        new.append(want(f"{title} repokey", os.path.join(keystore.vm_dir(vm), "repokey"),
+                        props["repokey"].rstrip("\n") + "\n", 0o600))
+    # the public key last: its presence marks the VM's key pair complete
+    new.append(want(f"{title} ssh_key.pub", keystore.key_path(vm) + ".pub", public, 0o644))
+    (imported if any(new) else unchanged).append(title)
+    ledger_text = props.get("audit_ledger", "").strip()
+    if ledger_text:
+        try:
+            ledger = json.loads(ledger_text)
+            assert isinstance(ledger, dict) and isinstance(ledger.get("archives"), dict)
+        except (ValueError, AssertionError):
+            raise QborgError(f"export entry {title}: audit_ledger is not a qborg audit "
+                             "ledger; nothing was written") from None
+        # one this qube kept is newer than the export's: it stays
+        ledger_path = record_path(home, vm, copy_key(settings))
+        if read_text(ledger_path) is None:
+            files.append((ledger_path, ledger_text + "\n", 0o600))
+            imported.append(f"{title} audit ledger")
+
+
+def _plan_admin_key(paths, entry, want, imported, unchanged):
+    if not entry["properties"].get("ssh_private_key", "").strip():
+        return
+    title = entry["title"]
+    private, public = _checked_key(entry["properties"]["ssh_private_key"],
+                                   entry["properties"].get("ssh_public_key", ""),
+                                   f"export entry {title!r}")
+    new = [want(title, paths["admin_key"], private, 0o600),
+           want(f"{title} .pub", paths["admin_key"] + ".pub", public, 0o644)]
+    (imported if any(new) else unchanged).append(title)
+
+
+def _plan_host_key(settings, home, entry, files, conflicts, imported, unchanged):
+    """A host key the admin qube had learned on first use (none pinned in pillar)."""
+    paths = admin_paths(settings, home)
+    server = settings["server"]
+    host_line = entry.get("properties", {}).get("known_hosts", "").strip()
+    if not host_line or server["host_key"]:
+        return
+    what = "server host key" if is_first_copy(settings) else f"server {settings['copy']} host key"
+    if "\n" in host_line or host_line.split(" ", 1)[0] != known_hosts_host(server):
+        raise QborgError(f"export entry {entry['title']!r}: its known_hosts line is not for "
+                         f"{known_hosts_host(server)} (the server in the settings); nothing "
+                         "was written")
+    learned = pinned_known_hosts_line(settings, paths["known_hosts"])
+    if learned is None:
+        text = (read_text(paths["known_hosts"]) or "") + host_line + "\n"
+        files.append((paths["known_hosts"], text, 0o600))
+        imported.append(what)
+    elif learned != host_line:
+        conflicts.append(f"{what} ({paths['known_hosts']})")
+    else:
+        unchanged.append(what)
 
 
 def import_keepass(settings, home, path, password, owner=None):
@@ -308,7 +375,7 @@ def import_keepass(settings, home, path, password, owner=None):
 def apply_import(settings, home, entries, owner=None):
     """import_keepass after the reading: entries as export_entries makes them."""
     files, imported, unchanged = plan_import(settings, home, entries)
-    keystore = admin_paths(settings, home)["keystore"]
+    keystore = admin_paths(settings, home)["keystore_root"]
     for target, text, mode in files:
         # missing directories 0700, inside the keystore up to its top
         dirs = [os.path.dirname(target)]

@@ -12,6 +12,7 @@ from _qborg_base import (
     owned_file, printable, remove_if_present, save_json,
 )
 from _qborg_settings import require_vm
+from _qborg_servers import copy_key
 from _qborg_repos import shared_account_warnings
 from _qborg_keystore import rotation_state
 from _qborg_audit import (
@@ -39,8 +40,8 @@ def maintain_vm(borg, vm, maint, now=None, check=None, before_compact=None):
     result = {"vm": vm, "alarm": False, "vanished": [], "findings": [], "pruned": [],
               "compacted": False, "checked": False, "archives": None, "error": None,
               "first_audit": False, "postponed": None}
-    ledger = upgraded_ledger(load_json(record_path(home, vm)),
-                             load_json(pruned_path(home, vm), {}))
+    ledger = upgraded_ledger(load_json(record_path(home, vm, borg.copy)),
+                             load_json(pruned_path(home, vm, borg.copy), {}))
     try:
         state, current = _listing_with_state(borg, vm, ledger)
         result["archives"] = len(current)
@@ -54,9 +55,9 @@ def maintain_vm(borg, vm, maint, now=None, check=None, before_compact=None):
         # pass; it only records the baseline
         result["first_audit"] = True
         ledger.update(last_pass=now, last_pass_iso=iso(now), last_check=None)
-        save_json(record_path(home, vm), ledger, owner)
-        remove_if_present(alarm_path(home, vm))
-        maint_log(home, owner, f"{vm}: first audit; baseline of {len(archives)} archives recorded, "
+        save_json(record_path(home, vm, borg.copy), ledger, owner)
+        remove_if_present(alarm_path(home, vm, borg.copy))
+        maint_log(home, owner, f"{borg.label(vm)}: first audit; baseline of {len(archives)} archives recorded, "
                   "nothing pruned")
         return result
 
@@ -66,7 +67,7 @@ def maintain_vm(borg, vm, maint, now=None, check=None, before_compact=None):
         # one the VM deleted, whatever stops this run
         names = [archives[aid]["name"] for aid in chosen]
         record_pruned(ledger, archives, chosen, now)
-        save_json(record_path(home, vm), ledger, owner)
+        save_json(record_path(home, vm, borg.copy), ledger, owner)
         # by name, as borg deletes: while the VM writes nothing (confirmed
         # below), each name is the id the audit chose
         borg.delete_archives(vm, names)
@@ -114,7 +115,7 @@ def maintain_vm(borg, vm, maint, now=None, check=None, before_compact=None):
         result["postponed"] = (f"{new.count} new archive(s) during this pass: compact waits "
                                "for the next pass, which checks them")
         _save_ledger_pass(borg, vm, ledger, now, last_check)
-        maint_log(home, owner, f"{vm}: {len(archives)} archives, pruned {len(chosen)}; "
+        maint_log(home, owner, f"{borg.label(vm)}: {len(archives)} archives, pruned {len(chosen)}; "
                   f"{result['postponed']}")
         return result
     except Tampering as exc:
@@ -127,9 +128,9 @@ def maintain_vm(borg, vm, maint, now=None, check=None, before_compact=None):
     # a clean pass: only now does the audit record move on
     ledger["checked_state"] = state
     _save_ledger_pass(borg, vm, ledger, now, last_check)
-    remove_if_present(pruned_path(home, vm))
-    remove_if_present(alarm_path(home, vm))
-    maint_log(home, owner, f"{vm}: clean; {len(archives)} archives, pruned {len(chosen)}"
+    remove_if_present(pruned_path(home, vm, borg.copy))
+    remove_if_present(alarm_path(home, vm, borg.copy))
+    maint_log(home, owner, f"{borg.label(vm)}: clean; {len(archives)} archives, pruned {len(chosen)}"
               + (", full check" if full else ", archives checked"
                  if chosen or written else ""))
     return result
@@ -174,20 +175,20 @@ def _confirm_unchanged(vm, expected, current, when, allow_new=False):
 
 def _save_ledger_pass(borg, vm, ledger, now, last_check):
     ledger.update(last_pass=now, last_pass_iso=iso(now), last_check=last_check)
-    save_json(record_path(borg.home, vm), ledger, borg.owner)
+    save_json(record_path(borg.home, vm, borg.copy), ledger, borg.owner)
 
 
 def _raise_alarm(borg, vm, result, tampering, now):
     home, owner = borg.home, borg.owner
-    previous = load_json(alarm_path(home, vm), {}) or {}
+    previous = load_json(alarm_path(home, vm, borg.copy), {}) or {}
     vanished = [dict(a, name=printable(a["name"])) for a in tampering.vanished]
     findings = [one_line(f) for f in tampering.findings]
-    save_json(alarm_path(home, vm), {
+    save_json(alarm_path(home, vm, borg.copy), {
         "vm": vm, "since": previous.get("since", now), "since_iso": previous.get("since_iso", iso(now)),
         "last_seen": now, "vanished": vanished, "findings": findings,
     }, owner)
     result.update(alarm=True, vanished=[a["name"] for a in vanished], findings=findings)
-    maint_log(home, owner, f"{vm}: ALARM: {'; '.join(findings)}; prune and compact skipped")
+    maint_log(home, owner, f"{borg.label(vm)}: ALARM: {'; '.join(findings)}; prune and compact skipped")
     return result
 
 
@@ -198,7 +199,7 @@ def accept_vm(settings, home, owner, vm):
     borg = AdminBorg(settings, home, owner)
     current = archives_by_id(borg.listing(vm))
     now = time.time()
-    record = upgraded_ledger(load_json(record_path(home, vm), {})) or {}
+    record = upgraded_ledger(load_json(record_path(home, vm, borg.copy), {})) or {}
     known = record.get("archives") or {}
     archives = {}
     for aid, info in current.items():
@@ -216,10 +217,10 @@ def accept_vm(settings, home, owner, vm):
     record.setdefault("last_pass_iso", iso(now))
     record.setdefault("last_check", None)
     record.update(accepted=now, accepted_iso=iso(now))
-    save_json(record_path(home, vm), record, owner)
-    remove_if_present(pruned_path(home, vm))
-    remove_if_present(alarm_path(home, vm))
-    maint_log(home, owner, f"{vm}: alarm accepted by the user; {len(current)} archives are the new baseline")
+    save_json(record_path(home, vm, borg.copy), record, owner)
+    remove_if_present(pruned_path(home, vm, borg.copy))
+    remove_if_present(alarm_path(home, vm, borg.copy))
+    maint_log(home, owner, f"{borg.label(vm)}: alarm accepted by the user; {len(current)} archives are the new baseline")
     return {"vm": vm, "archives": len(current)}
 
 
@@ -230,7 +231,8 @@ def break_lock(settings, home, owner, vm):
     that died on another host of the provider). Refused while this qube's
     own maintenance runs: that may be the holder."""
     require_vm(settings, vm)
-    paths = maint_paths(home)
+    borg = AdminBorg(settings, home, owner)
+    paths = maint_paths(home, borg.copy)
     ensure_dir(paths["state"], 0o700, owner)
     with owned_file(paths["lock"], os.O_WRONLY | os.O_CREAT, owner) as lock:
         try:
@@ -239,13 +241,12 @@ def break_lock(settings, home, owner, vm):
             raise QborgError(
                 f"maintenance is running in this qube and may hold the lock of {vm}'s "
                 f"repository: nothing was broken; wait until it ends ({paths['log']})") from None
-        borg = AdminBorg(settings, home, owner)
         proc = borg.run(vm, ["break-lock"])
         if proc.returncode != 0:
             raise QborgServerError(
                 f"borg break-lock of {vm}'s repository failed (exit {proc.returncode}): "
                 f"{proc.stderr.strip()[-300:]}")
-        maint_log(home, owner, f"{vm}: repository lock broken by the user (qborg break-lock)")
+        maint_log(home, owner, f"{borg.label(vm)}: repository lock broken by the user (qborg break-lock)")
     return {"vm": vm, "message": f"the lock of {vm}'s repository was removed; {vm}'s next "
                                  "scheduled backup runs as usual"}
 
@@ -256,7 +257,7 @@ def run_maintenance(settings, maint, home, owner=None, vms=None, scheduled=False
     when the last run is older than qborg:maintenance:interval.
     before_compact(vm): see maintain_vm."""
     now = time.time() if now is None else now
-    paths = maint_paths(home)
+    paths = maint_paths(home, copy_key(settings))
     ensure_dir(paths["state"], 0o700, owner)
     last = load_json(paths["last_run"], {}) or {}
     if scheduled and last.get("time") and now - last["time"] < maint["interval_seconds"]:
@@ -283,7 +284,7 @@ def run_maintenance(settings, maint, home, owner=None, vms=None, scheduled=False
                 res = maintain_vm(borg, vm, maint, now=now, check=check, before_compact=hook)
             except (QborgError, ValueError) as exc:
                 res = {"vm": vm, "alarm": False, "error": printable(exc)}
-                maint_log(home, owner, f"{vm}: error: {res['error']}")
+                maint_log(home, owner, f"{borg.label(vm)}: error: {res['error']}")
             out["vms"][vm] = res
             if res.get("alarm"):
                 out["alarms"].append(vm)
@@ -310,12 +311,12 @@ def vm_status(borg, vm, now):
     if os.path.exists(pub):
         created = os.stat(pub).st_mtime
         entry.update(key_created=iso(created), key_age_seconds=int(now - created))
-    alarm = load_json(alarm_path(borg.home, vm))
+    alarm = load_json(alarm_path(borg.home, vm, borg.copy))
     if alarm:
         entry.update(alarm=True,
                      alarm_archives=[printable(a["name"]) for a in alarm.get("vanished", [])],
                      alarm_findings=[one_line(f) for f in alarm.get("findings", [])])
-    record = load_json(record_path(borg.home, vm))
+    record = load_json(record_path(borg.home, vm, borg.copy))
     if record and record.get("last_pass"):
         entry["last_maintenance"] = iso(record["last_pass"])
     state = rotation_state(borg.keystore, vm)
@@ -351,7 +352,7 @@ def status(settings, home, owner=None, now=None):
     now = time.time() if now is None else now
     borg = AdminBorg(settings, home, owner)
     vms = [vm_status(borg, vm, now) for vm in sorted(settings["vms"])]
-    last_run = load_json(maint_paths(home)["last_run"], {}) or {}
+    last_run = load_json(maint_paths(home, borg.copy)["last_run"], {}) or {}
     return {"generated": iso(now), "last_maintenance_run": last_run.get("iso"), "vms": vms,
             "warnings": shared_account_warnings(settings)}
 

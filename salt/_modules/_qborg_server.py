@@ -9,6 +9,7 @@ import time
 
 from _qborg_base import QborgServerError, atomic_write, read_text
 from _qborg_settings import expand_home
+from _qborg_servers import copy_key
 from _qborg_repos import contains_key, known_hosts_host, vm_known_hosts_line
 from _qborg_keystore import public_key_of
 
@@ -17,10 +18,15 @@ SETTINGS_NAME = "admin.json"
 
 
 def admin_paths(settings, home):
-    """Where the admin qube keeps things; all derived from the settings."""
+    """Where the admin qube keeps things; all derived from the settings. The
+    keystore of a copy other than the first server's (copy_key) is
+    <keystore>/copies/<name>, of the same shape."""
     prefix = settings["paths"]["prefix"]
-    keystore = os.path.join(home, ".local", "share", "qborg")
+    root = os.path.join(home, ".local", "share", "qborg")
+    copy = copy_key(settings) if "copy" in settings else None
+    keystore = root if copy is None else os.path.join(root, "copies", copy)
     return {
+        "keystore_root": root,
         "keystore": keystore,
         "known_hosts": os.path.join(keystore, "known_hosts"),
         "audit_log": os.path.join(home, ".local", "state", "qborg", "audit.log"),

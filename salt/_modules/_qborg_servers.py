@@ -204,8 +204,21 @@ def vm_copies(settings, vm):
 def is_first_copy(settings):
     """True for the settings themselves and the first server's projection:
     its files keep the places a single server always had."""
-    return settings.get("copy", settings["servers"][0]["name"]) == settings["servers"][0]["name"]
+    return "copy" not in settings or settings["copy"] == settings["servers"][0]["name"]
 
+
+
+def copy_key(settings):
+    """None for the first server's copy (its files keep the places a single
+    server always had), else the copy's name, which sets its files apart."""
+    return None if is_first_copy(settings) else settings["copy"]
+
+
+def copy_label(settings, vm):
+    """How logs, status and results name vm's copy on this server: the VM's
+    name for the first server's, VM@server for another's."""
+    key = copy_key(settings)
+    return vm if key is None else f"{vm}@{key}"
 
 
 def repository_field(settings, vm):

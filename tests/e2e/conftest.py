@@ -34,11 +34,12 @@ def _e2e_needs_root():
 def _leftovers(lab):
     """What down() must not leave behind (of this lab's tag)."""
     problems = []
-    for name in (qborg_lab.sshd_config_name(lab.tag), qborg_lab.qubes_sshd_config_name(lab.tag)):
+    for name in (qborg_lab.sshd_config_name(lab.tag), qborg_lab.qubes_sshd_config_name(lab.tag),
+                 qborg_lab.server2_config_name(lab.tag)):
         for pid, config in qborg_lab._lab_sshd_pids(lab.tag, name).items():
             if config.startswith(lab.dir + os.sep):
                 problems.append("sshd %d (%s) still running" % (pid, name))
-    for name in list(lab.USERS.values()) + [lab.server_user]:
+    for name in list(lab.USERS.values()) + [lab.server_user, lab.server2_user]:
         if not name:
             continue
         try:

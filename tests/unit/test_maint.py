@@ -177,7 +177,11 @@ def test_vm_chosen_names_are_escaped_in_log_table_and_json(tmp_path, name):
     result = {"vm": "vm-a", "alarm": False}
 
     class FakeBorg:  # only the places _raise_alarm writes to
-        pass
+        copy = None
+
+        @staticmethod
+        def label(vm):
+            return vm
 
     borg = FakeBorg()
     borg.home, borg.owner = home, None
