@@ -114,14 +114,14 @@ def test_admin_provisioned_warns_of_a_shared_account_and_changes_nothing_more(
     finds everything in place."""
     admin_config["defaults"]["storage_quota"] = quota
     modules.qborg.settings_valid(admin_config)  # the module is loaded: the core is importable
-    import _qborg_adminops  # pylint: disable=import-outside-toplevel
+    import _qborg_copies  # pylint: disable=import-outside-toplevel
 
     calls = []
 
     def provision(settings, home, owner, vms=None, test=False):
         calls.append(test)
         return {}, []
-    monkeypatch.setattr(_qborg_adminops, "provision", provision)
+    monkeypatch.setattr(_qborg_copies, "provision", provision)
     ret = states.qborg.admin_provisioned(name="qborg-admin-provisioned", config=admin_config,
                                          test=test)
     assert calls == [test]
