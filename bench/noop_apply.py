@@ -8,7 +8,9 @@ no-op state (one file.managed of a file already in place) applied with the
 same salt, the same salt-call setup (minion config, file roots, the same
 pillar rendered) in the same qube. Both exclude the `saltutil.sync_all` that
 precedes each (it is the same for any formula). Every client re-apply must
-report zero changes.
+report zero changes. P-a/2 does the same with a second copy: the lab's
+second server in qborg:servers, so the client has two keys, two ssh aliases
+and two borgmatic configs to keep.
 
     sudo .venv/bin/python bench/noop_apply.py
 """
@@ -24,7 +26,16 @@ CLIENT = "vm-personal"
 TARGET = 1.3
 
 
-def measure(lab):
+def with_second_copy(lab):
+    """The user pillar with the lab's second server as qborg:servers:offsite."""
+    pillar = lab.user_pillar()
+    pillar["qborg"]["servers"] = {"offsite": lab.second_server()}
+    lab.set_pillar(pillar)
+
+
+def measure(lab, copies=1):
+    if copies == 2:
+        with_second_copy(lab)
     for qube in ("dom0", "backup-admin", CLIENT):
         rc, result = lab.apply(qube)
         if rc != 0:
@@ -47,7 +58,9 @@ def measure(lab):
     note = "%d changes in %d re-applies" % (len(changes), len(applies))
     if changes:
         note += " (%s)" % ", ".join(sorted(set(changes)))
-    return [b.row("P-a", "no-op re-apply of %s (state.apply qborg)" % CLIENT, apply, floor, "s",
+    name, what = ("P-a", "") if copies == 1 else ("P-a/2", ", two copies")
+    return [b.row(name, "no-op re-apply of %s (state.apply qborg%s)" % (CLIENT, what), apply,
+                  floor, "s",
                   "<= %.1fx the floor, 0 changes" % TARGET,
                   apply / floor <= TARGET and not changes, note=note)]
 
@@ -55,7 +68,7 @@ def measure(lab):
 def main():
     b.need_root()
     with b.bench_lab(keep="--keep" in sys.argv) as lab:
-        rows = measure(lab)
+        rows = measure(lab) + measure(lab, copies=2)
     b.emit(rows)
 
 
