@@ -3,12 +3,13 @@ with an error that names the pillar field and what to do.
 """
 
 import json
-import os
 import posixpath
 import re
 
 from _qborg_base import QborgConfigError, require
 from _qborg_checks import check_consistency_checks, check_monitoring
+# expand_home: here for the layers above, which take it from the settings
+from _qborg_options import OPTION_KEYS, check_options, expand_home, refuse_unknown
 
 
 BUNDLE_FORMAT = 1
@@ -83,7 +84,7 @@ VM_KEYS = (
     "encryption", "compression", "source_directories", "exclude_patterns",
     "interval", "retention", "storage_quota", "checks", "monitoring", "repository",
     "via",
-)
+) + OPTION_KEYS
 
 
 # how a VM reaches the server: its own network, through qborg:relay_vm, or
@@ -159,9 +160,8 @@ def _vm_settings(name, defaults, overrides):
     if overrides is None:
         overrides = {}
     require(isinstance(overrides, dict), field, "must be a mapping of settings (or {})")
-    for key in overrides:
-        require(key in VM_KEYS, f"{field}:{key}",
-                f"unknown setting (known: {', '.join(VM_KEYS)})")
+    for key in (k for k in overrides if k not in VM_KEYS):
+        refuse_unknown(key, f"{field}:{key}", VM_KEYS)
     vm = dict(defaults)
     vm.update(overrides)
     require(vm.get("encryption") in ENCRYPTIONS, f"{field}:encryption",
@@ -203,7 +203,7 @@ def _vm_settings(name, defaults, overrides):
             f"for a qube without network; auto: the relay when the qube has no netvm)")
     vm["via"] = via
     vm["via_field"] = via_field
-    return vm
+    return check_options(vm, overrides, name)
 
 
 def validate_settings(raw):
@@ -270,9 +270,8 @@ def validate_settings(raw):
 
     defaults = raw.get("defaults") or {}
     require(isinstance(defaults, dict), "qborg:defaults", "must be a mapping")
-    for key in defaults:
-        require(key in VM_KEYS, f"qborg:defaults:{key}",
-                f"unknown setting (known: {', '.join(VM_KEYS)})")
+    for key in (k for k in defaults if k not in VM_KEYS):
+        refuse_unknown(key, f"qborg:defaults:{key}", VM_KEYS)
     require(defaults.get("repository") is None, "qborg:defaults:repository",
             "a repository belongs to one VM: set it under qborg:vms:<vm>:repository")
     vms_raw = raw.get("vms") or {}
@@ -421,14 +420,6 @@ def check_templates(raw):
         check_qube_name(name, f"qborg:templates[{i}]")
     if raw.get("admin_template") is not None:
         check_qube_name(raw["admin_template"], "qborg:admin_template")
-
-
-def expand_home(path, home):
-    if path == "~":
-        return home
-    if path.startswith("~/"):
-        return os.path.join(home, path[2:])
-    return path
 
 
 # server side: URLs, forced commands, authorized_keys
