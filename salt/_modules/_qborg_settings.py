@@ -101,8 +101,14 @@ PROVIDERS = {
     "rsync.net": {"port": 22, "remote_path": "borg14", "upload": True},
     "hetzner": {"port": 23, "remote_path": "borg-1.4", "upload": True},
     "borgbase": {"port": 22, "remote_path": "borg", "upload": False, "per_vm_repository": True,
-                 "host": "repo.borgbase.com", "user": "borgbase"},
+                 "host": "repo.borgbase.com", "user": "borgbase",
+                 # BorgBase asks for `borg check` at most monthly
+                 "checks_at_most_every": "1 month"},
 }
+
+
+# a repository at BorgBase, whatever qborg:server:provider says
+BORGBASE_HOST_RE = re.compile(r"(^|\.)repo\.borgbase\.com\.?\Z", re.I)
 
 
 # names and settings
@@ -155,7 +161,7 @@ def _check_pattern_list(values, field):
                 f"{field}[{i}]", f"{pat!r} is not a valid exclude pattern")
 
 
-def _vm_settings(name, defaults, overrides):
+def _vm_settings(name, defaults, overrides, provider):
     field = f"qborg:vms:{name}"
     if overrides is None:
         overrides = {}
@@ -191,11 +197,14 @@ def _vm_settings(name, defaults, overrides):
             f"{name if quota_field.startswith(field) else 'each VM that inherits it'} would "
             f"fail); set at least {STORAGE_QUOTA_MIN}, e.g. 200G, or null for no quota")
     vm["storage_quota"] = None if quota is None else str(quota)
-    vm["checks"] = check_consistency_checks(vm.get("checks"), f"{field}:checks")
     vm["monitoring"] = check_monitoring(vm.get("monitoring"), f"{field}:monitoring")
     vm["repository"] = vm.get("repository") or None
-    if vm["repository"] is not None:
-        parse_repository_url(vm["repository"], f"{field}:repository")
+    if vm["repository"] is not None and BORGBASE_HOST_RE.search(
+            parse_repository_url(vm["repository"], f"{field}:repository")["host"]):
+        provider = "borgbase"
+    vm["checks"] = check_consistency_checks(
+        vm.get("checks"), f"{field}:checks" if "checks" in overrides else "qborg:defaults:checks",
+        PROVIDERS[provider].get("checks_at_most_every"), provider)
     via = vm.get("via") or "auto"
     via_field = f"{field}:via" if "via" in overrides else "qborg:defaults:via"
     require(via in VIA_CHOICES, via_field,
@@ -287,7 +296,7 @@ def validate_settings(raw):
         check_qube_name(name, f"qborg:vms:{name}")
         require(name != admin_vm, f"qborg:vms:{name}",
                 "the admin qube cannot be a backup client of itself")
-        vms[name] = _vm_settings(name, defaults, vms_raw[name])
+        vms[name] = _vm_settings(name, defaults, vms_raw[name], provider)
         if preset.get("per_vm_repository"):
             require(vms[name]["repository"], f"qborg:vms:{name}:repository",
                     f"provider {provider} needs each VM's repository URL, e.g. "
