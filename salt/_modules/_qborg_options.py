@@ -225,18 +225,16 @@ def expand_pattern(line, home):
     return f"{command} {m.group(1) or ''}{expand_home(m.group(2), home)}"
 
 
-def sqlite_dump_dir(home):
-    return home.rstrip("/") + "/.borgmatic/sqlite_databases/localhost"
-
-
 def sqlite_dump_commands(databases, home):
     """(before, after) shell commands that dump each database with sqlite3
-    as borgmatic's own hook does, for a borgmatic without that hook."""
-    directory = shlex.quote(sqlite_dump_dir(home))
+    as borgmatic's own hook does (where 1.7.9 to 1.8 put it), for a
+    borgmatic without that hook; after the backup the dumps go."""
+    dumps = os.path.join(home, ".borgmatic", "sqlite_databases")
+    directory = shlex.quote(dumps + "/localhost")
     before = [f"umask 077 && mkdir -p {directory} && sqlite3 -bail "
               f"{shlex.quote(expand_home(db['path'], home))} .dump > "
               f"{directory}/{shlex.quote(db['name'])}" for db in databases]
-    after = [f"rm -rf {directory}"] if databases else []
+    after = [f"rm -rf {shlex.quote(dumps)}"] if databases else []
     return before, after
 
 

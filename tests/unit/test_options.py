@@ -91,7 +91,8 @@ def test_sectioned_for_borgmatic_1_7_with_dumps_by_sqlite3(merged):
         f"{dumps}/notes",
         f"umask 077 && mkdir -p {dumps} && sqlite3 -bail /var/lib/app/app.db .dump > "
         f"{dumps}/app.db"]
-    assert hooks["after_backup"] == ["echo done", f"rm -rf {dumps}"]
+    assert hooks["after_backup"] == ["echo done",
+                                     "rm -rf /home/user/.borgmatic/sqlite_databases"]
     assert "sqlite_databases" not in hooks
 
 
