@@ -43,11 +43,28 @@ APPRISE_URL_RE = re.compile(r"^[a-z][a-z0-9+.-]{0,30}://[^\s]{1,2000}\Z")
 APPRISE_SINCE = (1, 8, 4)
 
 
-def check_consistency_checks(value, field):
+# borgmatic's own reading of a frequency (parse_frequency): a month is 30
+# days, a year 365
+FREQUENCY_SECONDS = {"second": 1, "minute": 60, "hour": 3600, "day": 86400, "week": 7 * 86400,
+                     "month": 30 * 86400, "year": 365 * 86400}
+
+
+def frequency_seconds(frequency):
+    """A check's frequency in seconds; 0 for 'always' or none (every run)."""
+    if frequency is None or frequency == "always":
+        return 0
+    number, unit = frequency.split()
+    return int(number) * FREQUENCY_SECONDS[unit.rstrip("s")]
+
+
+def check_consistency_checks(value, field, at_most_every=None, provider=None):
     """The `checks` setting: borgmatic's consistency checks, run by the client
     after a backup, each no more often than its frequency. Returns a list of
-    plain dicts, name first."""
+    plain dicts, name first. at_most_every: the provider's rule (e.g. '1
+    month'), the default frequency and the shortest one allowed there."""
     if value is None:
+        if at_most_every:
+            return [{"name": "repository", "frequency": at_most_every}]
         return [dict(check) for check in DEFAULT_CHECKS]
     require(isinstance(value, list) and value, field,
             "must be a non-empty list like [{name: repository, frequency: 2 weeks}] "
@@ -76,6 +93,13 @@ def check_consistency_checks(value, field):
                     "must be a lower-case option name with a single value")
             out[key] = option
         checks.append(out)
+        require(not at_most_every or out["name"] == "disabled"
+                or frequency_seconds(out.get("frequency")) >= frequency_seconds(at_most_every),
+                f"{item}:frequency",
+                f"{provider} asks that borg check run at most every {at_most_every}, but "
+                f"{out.get('frequency') or 'no frequency (after every backup)'} is more often "
+                f"(borgmatic counts a month as 30 days); set frequency: '{at_most_every}' or "
+                f"longer, or leave checks unset for that default")
     return checks
 
 

@@ -7,6 +7,7 @@ import re
 import shlex
 
 from _qborg_checks import DEFAULT_CHECKS, borgmatic_monitoring_hooks, version_tuple
+from _qborg_options import borgmatic_options
 from _qborg_settings import SSH_ALIAS, expand_home
 from _qborg_repos import END_MARKER, alias_repository_url
 from _qborg_relay import relay_proxy_command
@@ -60,6 +61,10 @@ def borgmatic_config(vm, vm_settings, server, home, passphrase_path, version):
     hooks = borgmatic_monitoring_hooks(vm, vm_settings.get("monitoring") or {}, version)
     if not location["exclude_patterns"]:
         del location["exclude_patterns"]
+    options = borgmatic_options(vm_settings, home, version)
+    location.update(options["location"])
+    storage.update(options["storage"])
+    hooks.update(options["hooks"])
     if version_tuple(version) < (1, 8):
         sectioned = {"location": location, "storage": storage, "consistency": consistency}
         if hooks:
@@ -95,6 +100,13 @@ BORGMATIC_KEY_SETTING = {
     "compression": "compression", "checks": "checks",
     "healthchecks": "monitoring:healthchecks", "ntfy": "monitoring:ntfy",
     "apprise": "monitoring:apprise",
+    "patterns": "patterns", "exclude_caches": "exclude_caches",
+    "exclude_if_present": "exclude_if_present", "one_file_system": "one_file_system",
+    "upload_rate_limit": "upload_rate_limit", "lock_wait": "lock_wait",
+    "sqlite_databases": "sqlite_databases", "before_backup": "before_backup",
+    "after_backup": "after_backup",
+    # what before_backup and after_backup become for borgmatic >= 2.0.3
+    "commands": ("before_backup", "after_backup"),
 }
 
 
@@ -108,9 +120,10 @@ def explain_borgmatic_rejection(vm, output):
         for part in re.split(r"[.\[\]]", path):
             setting = BORGMATIC_KEY_SETTING.get(part)
             if setting:
-                text = f"qborg:vms:{vm}:{setting} (or qborg:defaults:{setting})"
-                if text not in fields:
-                    fields.append(text)
+                for name in (setting,) if isinstance(setting, str) else setting:
+                    text = f"qborg:vms:{vm}:{name} (or qborg:defaults:{name})"
+                    if text not in fields:
+                        fields.append(text)
                 break
     return fields
 

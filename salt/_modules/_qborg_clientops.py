@@ -310,6 +310,13 @@ def borgmatic_config_managed(config, vm, test=False):
     paths = client_paths(settings, home)
     exe = borgmatic_path(settings["paths"]["prefix"])
     version = borgmatic_version(exe)
+    if settings["vms"][vm]["sqlite_databases"] and not shutil.which(
+            "sqlite3", path=os.pathsep.join([paths["bin_dir"], "/usr/bin", "/bin"])):
+        raise QborgError(
+            f"qborg:vms:{vm}:sqlite_databases (or qborg:defaults:sqlite_databases): the dumps "
+            f"need the sqlite3 command, which this qube does not have: add sqlite3 (Fedora: "
+            f"sqlite) to qborg:packages and apply qborg to its template; "
+            f"{paths['borgmatic_config']} was left as it was")
     text = borgmatic_config_text(settings, vm, home, version)
     path = paths["borgmatic_config"]
     current = read_text(path)

@@ -56,8 +56,14 @@ PROVIDERS = {
     "rsync.net": {"port": 22, "remote_path": "borg14", "upload": True},
     "hetzner": {"port": 23, "remote_path": "borg-1.4", "upload": True},
     "borgbase": {"port": 22, "remote_path": "borg", "upload": False, "per_vm_repository": True,
-                 "host": "repo.borgbase.com", "user": "borgbase"},
+                 "host": "repo.borgbase.com", "user": "borgbase",
+                 # BorgBase asks for `borg check` at most monthly
+                 "checks_at_most_every": "1 month"},
 }
+
+
+# a repository at BorgBase, whatever qborg:server:provider says
+BORGBASE_HOST_RE = re.compile(r"(^|\.)repo\.borgbase\.com\.?\Z", re.I)
 
 
 
@@ -225,7 +231,7 @@ def repository_field(settings, vm):
     """The pillar field that sets vm's repository on this copy's server."""
     if is_first_copy(settings):
         return f"qborg:vms:{vm}:repository"
-    return f"qborg:vms:{vm}:repositories:{settings['copy']}"
+    return f"qborg:vms:{vm}:repository:{settings['copy']}"
 
 
 

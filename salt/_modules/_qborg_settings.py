@@ -3,12 +3,15 @@ with an error that names the pillar field and what to do.
 """
 
 import json
-import os
 import re
 
 from _qborg_base import QborgConfigError, require
 from _qborg_checks import check_consistency_checks, check_monitoring
-from _qborg_servers import check_copy, copy_settings, parse_repository_url, servers_settings
+# expand_home: here for the layers above, which take it from the settings
+from _qborg_options import OPTION_KEYS, check_options, expand_home, refuse_unknown  # noqa: F401
+from _qborg_servers import (
+    BORGBASE_HOST_RE, PROVIDERS, check_copy, copy_settings, parse_repository_url, servers_settings,
+)
 
 
 BUNDLE_FORMAT = 1
@@ -64,8 +67,8 @@ RETENTION_KEYS = (
 VM_KEYS = (
     "encryption", "compression", "source_directories", "exclude_patterns",
     "interval", "retention", "storage_quota", "checks", "monitoring", "repository",
-    "via", "servers", "repositories",
-)
+    "via", "servers",
+) + OPTION_KEYS
 
 
 # how a VM reaches the server: its own network, through qborg:relay_vm, or
@@ -127,8 +130,9 @@ def _check_pattern_list(values, field):
 
 
 def _vm_servers(name, vm, overrides, servers):
-    """vm's `servers` (names, default all) and `repositories` (server name:
-    its own repository URL there; `repository` is the first server's)."""
+    """vm's `servers` (names, default all) and its own repositories: the
+    first server's as `repository: URL`, any server's as `repository:
+    {SERVER: URL}`; stored as vm["repositories"] {server: URL}."""
     field = f"qborg:vms:{name}"
     names = [s["name"] for s in servers]
     chosen = vm.get("servers")
@@ -141,24 +145,19 @@ def _vm_servers(name, vm, overrides, servers):
         require(server in names, f"{chosen_field}[{i}]",
                 f"{server!r} is not a server (known: {', '.join(names)}: qborg:server:name "
                 f"and the names under qborg:servers)")
-    repositories = vm.get("repositories") or {}
-    require(isinstance(repositories, dict), f"{field}:repositories",
-            "must be a mapping of server names to this VM's repository URL there")
+    given = vm.get("repository") or None
+    repositories = dict(given) if isinstance(given, dict) else (
+        {} if given is None else {names[0]: given})
     for server, url in repositories.items():
-        require(server != names[0], f"{field}:repositories:{server}",
-                f"the first server's repository is set with qborg:vms:{name}:repository")
-        require(server in chosen, f"{field}:repositories:{server}",
-                f"{server!r} is not one of this VM's servers ({', '.join(chosen)})")
-        parse_repository_url(url, f"{field}:repositories:{server}")
-    repository = vm.get("repository") or None
-    if repository is not None:
-        require(names[0] in chosen, f"{field}:repository",
-                f"sets the repository on the first server ({names[0]}), which is not one of "
-                f"this VM's servers ({', '.join(chosen)}); use repositories:<server>")
-        parse_repository_url(repository, f"{field}:repository")
+        where = f"{field}:repository" + (f":{server}" if isinstance(given, dict) else "")
+        require(server in chosen, where,
+                f"{server!r} is not one of this VM's servers ({', '.join(chosen)})"
+                + ("; set the repository of another with repository: {SERVER: URL}"
+                   if server == names[0] else ""))
+        parse_repository_url(url, where)
     vm["servers"] = [n for n in names if n in chosen]
-    vm["repositories"] = dict(repositories, **({names[0]: repository} if repository else {}))
-    vm["repository"] = repository
+    vm["repositories"] = repositories
+    vm["repository"] = repositories.get(names[0])
 
 
 def _vm_settings(name, defaults, overrides, servers):
@@ -166,9 +165,8 @@ def _vm_settings(name, defaults, overrides, servers):
     if overrides is None:
         overrides = {}
     require(isinstance(overrides, dict), field, "must be a mapping of settings (or {})")
-    for key in overrides:
-        require(key in VM_KEYS, f"{field}:{key}",
-                f"unknown setting (known: {', '.join(VM_KEYS)})")
+    for key in (k for k in overrides if k not in VM_KEYS):
+        refuse_unknown(key, f"{field}:{key}", VM_KEYS)
     vm = dict(defaults)
     vm.update(overrides)
     require(vm.get("encryption") in ENCRYPTIONS, f"{field}:encryption",
@@ -198,9 +196,19 @@ def _vm_settings(name, defaults, overrides, servers):
             f"{name if quota_field.startswith(field) else 'each VM that inherits it'} would "
             f"fail); set at least {STORAGE_QUOTA_MIN}, e.g. 200G, or null for no quota")
     vm["storage_quota"] = None if quota is None else str(quota)
-    vm["checks"] = check_consistency_checks(vm.get("checks"), f"{field}:checks")
     vm["monitoring"] = check_monitoring(vm.get("monitoring"), f"{field}:monitoring")
     _vm_servers(name, vm, overrides, servers)
+    # BorgBase's rule on checks holds for a VM with a copy there: its
+    # checks run against every copy
+    provider = servers[0]["provider"]
+    at = {s["name"]: s for s in servers}
+    if any(at[n]["provider"] == "borgbase" for n in vm["servers"]) or any(
+            BORGBASE_HOST_RE.search(parse_repository_url(url)["host"])
+            for url in vm["repositories"].values()):
+        provider = "borgbase"
+    vm["checks"] = check_consistency_checks(
+        vm.get("checks"), f"{field}:checks" if "checks" in overrides else "qborg:defaults:checks",
+        PROVIDERS[provider].get("checks_at_most_every"), provider)
     via = vm.get("via") or "auto"
     via_field = f"{field}:via" if "via" in overrides else "qborg:defaults:via"
     require(via in VIA_CHOICES, via_field,
@@ -208,7 +216,7 @@ def _vm_settings(name, defaults, overrides, servers):
             f"for a qube without network; auto: the relay when the qube has no netvm)")
     vm["via"] = via
     vm["via_field"] = via_field
-    return vm
+    return check_options(vm, overrides, name)
 
 
 def validate_settings(raw):
@@ -232,12 +240,10 @@ def validate_settings(raw):
 
     defaults = raw.get("defaults") or {}
     require(isinstance(defaults, dict), "qborg:defaults", "must be a mapping")
-    for key in defaults:
-        require(key in VM_KEYS, f"qborg:defaults:{key}",
-                f"unknown setting (known: {', '.join(VM_KEYS)})")
-    for key in ("repository", "repositories"):
-        require(defaults.get(key) is None, f"qborg:defaults:{key}",
-                f"a repository belongs to one VM: set it under qborg:vms:<vm>:{key}")
+    for key in (k for k in defaults if k not in VM_KEYS):
+        refuse_unknown(key, f"qborg:defaults:{key}", VM_KEYS)
+    require(defaults.get("repository") is None, "qborg:defaults:repository",
+            "a repository belongs to one VM: set it under qborg:vms:<vm>:repository")
     vms_raw = raw.get("vms") or {}
     require(isinstance(vms_raw, dict), "qborg:vms", "must be a mapping of qube names")
     relay_vm = raw.get("relay_vm") or None
@@ -297,13 +303,6 @@ def check_templates(raw):
     if raw.get("admin_template") is not None:
         check_qube_name(raw["admin_template"], "qborg:admin_template")
 
-
-def expand_home(path, home):
-    if path == "~":
-        return home
-    if path.startswith("~/"):
-        return os.path.join(home, path[2:])
-    return path
 
 
 # server side: URLs, forced commands, authorized_keys

@@ -196,3 +196,62 @@ def test_another_account_on_the_same_host_waits_for_the_servers_key(merge, tmp_p
         admin.provision(s, home, None, vms=["vm-mail"])
     store = keystore_mod.Keystore(server_mod.admin_paths(s, home)["keystore"])
     assert not os.path.exists(os.path.join(store.vm_dir("vm-mail"), "known_hosts"))
+
+
+def error_of(raw):
+    with pytest.raises(base.QborgConfigError) as exc:
+        settings.validate_settings(raw)
+    return str(exc.value)
+
+
+# BorgBase's rule: borg check at most monthly
+
+
+def borgbase_checking(merge, vm_settings=None, defaults=None):
+    raw = merge({"vms": {"vm-mail": dict(
+        vm_settings or {}, repository="ssh://a1b2c3d4@a1b2c3d4.repo.borgbase.com/./repo")}})
+    raw["server"] = {"provider": "borgbase", "host_key": BORGBASE_HOST_KEY}
+    raw["defaults"].update(defaults or {})
+    return raw
+
+
+def test_borgbase_checks_monthly_by_default(merge):
+    s = settings.validate_settings(borgbase_checking(merge))
+    assert s["vms"]["vm-mail"]["checks"] == [{"name": "repository", "frequency": "1 month"}]
+    assert servers_mod.PROVIDERS["borgbase"]["checks_at_most_every"] == "1 month"
+
+
+@pytest.mark.parametrize("checks,item", [
+    ([{"name": "repository", "frequency": "2 weeks"}], "[0]"),
+    ([{"name": "repository", "frequency": "4 weeks"}], "[0]"),   # 28 days < borgmatic's month
+    ([{"name": "repository", "frequency": "1 month"}, {"name": "archives"}], "[1]"),
+    ([{"name": "data", "frequency": "always"}], "[0]"),
+    ([{"name": "extract", "frequency": "29 days"}], "[0]"),
+])
+def test_checking_borgbase_more_often_than_monthly_is_refused(merge, checks, item):
+    message = error_of(borgbase_checking(merge, {"checks": checks}))
+    assert message.startswith(f"qborg:vms:vm-mail:checks{item}:frequency: borgbase asks that "
+                              f"borg check run at most every 1 month")
+    message = error_of(borgbase_checking(merge, defaults={"checks": checks}))
+    assert message.startswith(f"qborg:defaults:checks{item}:frequency: borgbase asks")
+
+
+@pytest.mark.parametrize("checks", [
+    [{"name": "repository", "frequency": "1 month"}],
+    [{"name": "repository", "frequency": "30 days"}, {"name": "data", "frequency": "6 months"}],
+    [{"name": "archives", "frequency": "1 year"}],
+    [{"name": "disabled"}],
+])
+def test_borgbase_takes_monthly_or_rarer_checks(merge, checks):
+    s = settings.validate_settings(borgbase_checking(merge, {"checks": checks}))
+    assert s["vms"]["vm-mail"]["checks"] == checks
+
+
+def test_the_rule_follows_a_repository_at_borgbase_under_another_provider(merged):
+    merged["server"]["host_key"] = BORGBASE_HOST_KEY
+    merged["vms"]["vm-work"] = {"repository": "ssh://ab12@ab12.repo.borgbase.com/./repo"}
+    s = settings.validate_settings(merged)
+    assert s["vms"]["vm-work"]["checks"][0]["frequency"] == "1 month"
+    assert s["vms"]["vm-personal"]["checks"][0]["frequency"] == "2 weeks"
+    merged["vms"]["vm-work"]["checks"] = [{"name": "repository", "frequency": "1 week"}]
+    assert error_of(merged).startswith("qborg:vms:vm-work:checks[0]:frequency: borgbase asks")

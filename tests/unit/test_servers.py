@@ -64,7 +64,7 @@ def test_a_vm_names_its_own_repository_on_another_server(merged):
                                         "host_key": "ssh-ed25519 " + "A" * 68})
     url = "ssh://ab12@ab12.repo.borgbase.com/./repo"
     for name in list(raw["vms"]):
-        raw["vms"][name] = dict(raw["vms"][name] or {}, repositories={
+        raw["vms"][name] = dict(raw["vms"][name] or {}, repository={
             "offsite": url.replace("ab12", name.replace("vm-", "x"))})
     s = settings_mod.validate_settings(raw)
     view = servers_mod.copy_settings(s, "offsite")
@@ -85,11 +85,13 @@ def test_a_vm_names_its_own_repository_on_another_server(merged):
     (lambda r: r["vms"].update({"vm-work": {"servers": []}}), "qborg:vms:vm-work:servers"),
     (lambda r: r["vms"].update({"vm-work": {"servers": ["main", "main"]}}), "qborg:vms:vm-work:servers"),
     (lambda r: r["defaults"].update(servers=["nowhere"]), "qborg:defaults:servers[0]"),
-    (lambda r: r["defaults"].update(repositories={}), "qborg:defaults:repositories"),
-    (lambda r: r["vms"].update({"vm-work": {"repositories": {"main": "ssh://a@b.example/./r"}}}),
-     "qborg:vms:vm-work:repositories:main"),
-    (lambda r: r["vms"].update({"vm-work": {"repositories": {"offsite": "http://x"}}}),
-     "qborg:vms:vm-work:repositories:offsite"),
+    (lambda r: r["defaults"].update(repository={"offsite": "ssh://a@b.example/./r"}),
+     "qborg:defaults:repository"),
+    (lambda r: r["vms"].update({"vm-work": {"servers": ["offsite"],
+                                            "repository": {"main": "ssh://a@b.example/./r"}}}),
+     "qborg:vms:vm-work:repository:main"),
+    (lambda r: r["vms"].update({"vm-work": {"repository": {"offsite": "http://x"}}}),
+     "qborg:vms:vm-work:repository:offsite"),
     (lambda r: r["vms"].update({"vm-work": {"servers": ["offsite"],
                                             "repository": "ssh://a@b.example/./r"}}),
      "qborg:vms:vm-work:repository"),
@@ -103,13 +105,13 @@ def test_a_bad_server_setting_names_its_field(merged, change, field):
 def test_two_vms_on_one_repository_of_a_second_server_are_refused(merged):
     raw = with_servers(merged, offsite=dict(OFFSITE))
     url = "ssh://u1234@u1234.your-storagebox.de:23/./qborg/vm-work"
-    raw["vms"]["vm-mail"] = {"repositories": {"offsite": url}}
+    raw["vms"]["vm-mail"] = {"repository": {"offsite": url}}
     message = error_of(raw)
-    assert message.startswith("qborg:vms:vm-mail:repositories:offsite:")
+    assert message.startswith("qborg:vms:vm-mail:repository:offsite:")
     assert "vm-work" in message and "qborg:servers:offsite:repos_dir" in message
 
 
 def test_a_borgbase_second_server_needs_each_vms_repository(merged):
     raw = with_servers(merged, offsite={"provider": "borgbase",
                                         "host_key": "ssh-ed25519 " + "A" * 68})
-    assert error_of(raw).startswith("qborg:vms:vm-mail:repositories:offsite:")
+    assert error_of(raw).startswith("qborg:vms:vm-mail:repository:offsite:")
