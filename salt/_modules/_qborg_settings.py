@@ -38,6 +38,15 @@ REMOTE_PATH_RE = re.compile(r"^[A-Za-z0-9_./+-]{1,200}\Z")
 REPOS_DIR_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_./-]{0,200}\Z")
 
 
+# qborg:installation: it names this admin qube's authorized_keys block
+# (`# BEGIN qborg NAME`), its keys' comments and the directory of its
+# repositories (<repos_dir>/NAME/<vm>), so one word, no separator
+INSTALLATION_NAME = r"[a-z][a-z0-9-]{0,23}"
+
+
+INSTALLATION_RE = re.compile(rf"^{INSTALLATION_NAME}\Z")
+
+
 # qborg:paths:*: they reach crontab lines, file names and commands, so a
 # plain absolute path: no space, quote, ';', '$' or newline to interpret
 LOCAL_PATH_RE = re.compile(r"^/[A-Za-z0-9_./-]{0,200}\Z")
@@ -259,6 +268,7 @@ def validate_settings(raw):
             and (admin_key.startswith("/") or admin_key.startswith("~/")),
             "qborg:server:admin_key", "must be an absolute path or start with ~/")
 
+    installation = check_installation(raw.get("installation"))
     check_templates(raw)
 
     paths = raw.get("paths") or {}
@@ -320,7 +330,10 @@ def validate_settings(raw):
             "provider": provider, "host": host, "user": server_user, "port": port,
             "remote_path": remote_path, "repos_dir": repos_dir, "host_key": host_key,
             "admin_key": admin_key, "upload": preset["upload"],
+            # repository_path and the block markers read it from the server
+            "installation": installation,
         },
+        "installation": installation,
         "paths": {"prefix": prefix.rstrip("/") or "/", "policy_dir": policy_dir},
         "vms": vms,
         "relay_vm": relay_vm,
@@ -353,7 +366,10 @@ def check_repositories_apart(settings):
     nested repository would hand one VM the other's backups."""
     server = settings["server"]
     home = (server["user"], server["host"].lower().rstrip("."), server["port"])
-    repos_dir = normalise_repository_path(server["repos_dir"])
+    # a named installation's VMs get theirs under <repos_dir>/<installation>
+    repos_dir = normalise_repository_path(default_repositories_dir(server))
+    dir_name = ("qborg:server:repos_dir" if not server.get("installation")
+                else "<qborg:server:repos_dir>/<qborg:installation>")
     where = {vm: repository_location(settings, vm) for vm in sorted(settings["vms"])}
 
     def field(vm):
@@ -362,7 +378,7 @@ def check_repositories_apart(settings):
     def origin(vm):
         if settings["vms"][vm]["repository"]:
             return field(vm)
-        return "its default place under qborg:server:repos_dir"
+        return f"its default place under {dir_name}"
 
     def url(vm):
         return repository_url(vm_server(settings, vm), vm)
@@ -372,11 +388,11 @@ def check_repositories_apart(settings):
     for vm, (user, host, port, path) in where.items():
         if settings["vms"][vm]["repository"] and (user, host, port) == home and (
                 path == repos_dir or repos_dir.startswith(path + "/")):
-            what = ("is qborg:server:repos_dir itself" if path == repos_dir
-                    else f"contains qborg:server:repos_dir ({server['repos_dir']})")
+            what = (f"is {dir_name} itself" if path == repos_dir
+                    else f"contains {dir_name} ({default_repositories_dir(server)})")
             require(False, field(vm),
                     f"{url(vm)} {what}, where every VM without a repository of its own gets "
-                    f"one (<repos_dir>/<vm>); {why}")
+                    f"one ({default_repositories_dir(server)}/<vm>); {why}")
     # every path once, then each path's parents: same or nested in one pass
     by_path = {}
     for vm, location in where.items():
@@ -399,6 +415,25 @@ def check_repositories_apart(settings):
                         f"{origin(outer)}); {why}")
             require(False, field(outer),
                     f"{url(outer)} contains {vm}'s repository ({url(vm)}, {origin(vm)}); {why}")
+
+
+def check_installation(value):
+    """qborg:installation: None (unset or empty: the one installation on
+    its server account, as before names existed) or a short name."""
+    if value is None or value == "":
+        return None
+    require(isinstance(value, str) and INSTALLATION_RE.match(value), "qborg:installation",
+            f"{str(value)[:40]!r} is not an installation name: 1 to 24 lower-case letters, "
+            f"digits and '-', starting with a letter (e.g. laptop), or null for none")
+    return value
+
+
+def default_repositories_dir(server):
+    """Where the VMs without a repository of their own get one:
+    <repos_dir>, or <repos_dir>/<installation> for a named installation."""
+    if server.get("installation"):
+        return f"{server['repos_dir']}/{server['installation']}"
+    return server["repos_dir"]
 
 
 def check_local_path(value, field):
@@ -436,7 +471,7 @@ def expand_home(path, home):
 
 def repository_path(server, vm):
     # a per-VM repository (vm_server) carries its own path
-    return server.get("repository_path") or f"{server['repos_dir']}/{vm}"
+    return server.get("repository_path") or f"{default_repositories_dir(server)}/{vm}"
 
 
 def repository_url(server, vm):
