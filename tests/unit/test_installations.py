@@ -9,6 +9,8 @@ import _qborg_base as base_mod
 import _qborg_settings as settings_mod
 import _qborg_repos as repos
 import _qborg_keystore as keystore_mod
+import _qborg_export as export_mod
+import _qborg_maint as maint_mod
 import _qborg_admin as admin
 
 ADMIN_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIAdminKeyOfTheDesktop00000000000000000000"
@@ -276,3 +278,29 @@ def test_a_single_installation_file_renders_as_it_always_did(merge):
         f'restrict,command="borg14 serve --append-only --restrict-to-repository qborg/{vm}" '
         f"{keys[vm]} qborg:{vm}\n" for vm in sorted(keys)) + "# END qborg\n")
     repos.check_other_installations(s, new, block_lines(s, keys))
+
+
+# ------------------------------------------------ export, import and status
+
+
+def test_an_export_is_imported_only_into_its_own_installation(merge, tmp_path):
+    laptop = settings(merge, "laptop")
+    server_entry = {"title": "server", "password": "",
+                    "properties": {"known_hosts": "", "installation": "laptop"}}
+    export_mod.plan_import(laptop, str(tmp_path), [server_entry])
+    for other in (settings(merge), settings(merge, "desk")):
+        with pytest.raises(base_mod.QborgError, match=(
+                r"^the export is of installation laptop, this admin qube's settings are for "
+                r"(the installation without a name|installation desk) .*nothing was written")):
+            export_mod.plan_import(other, str(tmp_path), [server_entry])
+    unnamed = {"title": "server", "password": "", "properties": {"known_hosts": ""}}
+    export_mod.plan_import(settings(merge), str(tmp_path), [unnamed])
+    with pytest.raises(base_mod.QborgError, match="the export is of the installation without"):
+        export_mod.plan_import(laptop, str(tmp_path), [unnamed])
+
+
+def test_status_names_a_named_installation_only():
+    data = {"vms": [], "last_maintenance_run": None, "installation": None}
+    assert "installation" not in maint_mod.status_table(data)
+    assert maint_mod.status_table(dict(data, installation="laptop")).endswith(
+        "\ninstallation: laptop")
