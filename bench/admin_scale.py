@@ -92,9 +92,9 @@ def run(lab, n, original):
         counts["connections"] += 1
         return real_client(self)
 
-    def counting_upload(self, *args):
+    def counting_upload(self, *args, **kwargs):
         counts["uploads"] += 1
-        return real_upload(self, *args)
+        return real_upload(self, *args, **kwargs)
 
     server_mod.ServerSession._new_client = counting_client
     server_mod.ServerSession.upload_authorized_keys = counting_upload

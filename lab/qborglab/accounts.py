@@ -5,6 +5,7 @@ which lab directory owns a tag's users."""
 import fcntl
 import os
 import pwd
+import re
 import shutil
 import time
 
@@ -138,6 +139,51 @@ class AccountsMixin:
             lines = [kept for kept in lines if not kept.endswith(" " + ADMIN_KEY_COMMENT)]
             lines.append(line)
         _write(path, "\n".join(lines) + "\n", 0o600, srv_uid, srv_gid)
+
+    # --- another admin qube's key (several installations on one account) ------
+
+    def trust_admin_key(self, pubkey, comment):
+        """Add another admin qube's public key ("TYPE BASE64 [comment]") to
+        this lab's server account, on a line of its own at the end, outside
+        every qborg block: what a user does by hand for a second Qubes
+        machine on one account. comment names it (not the lab's own
+        admin key comment, which `up` keeps for this lab's admin key)."""
+        key_type, key_b64 = pubkey.split()[:2]
+        if not re.match(r"^[A-Za-z0-9_.@-]{1,64}\Z", comment or "") or comment == ADMIN_KEY_COMMENT:
+            raise LabError("trust_admin_key: comment %r: 1-64 of A-Za-z0-9_.@- and not %s"
+                           % (comment, ADMIN_KEY_COMMENT))
+        line = "%s %s %s" % (key_type, key_b64, comment)
+        text = self._read_authorized_keys()
+        if line in text.splitlines():
+            return False
+        if text and not text.endswith("\n"):
+            text += "\n"
+        self._write_authorized_keys(text + line + "\n")
+        return True
+
+    def distrust_admin_key(self, pubkey):
+        """Remove the lines that trust_admin_key added for this key (any
+        line that is exactly "TYPE BASE64 COMMENT" of it); every other byte
+        stays. True if one was there."""
+        key_type, key_b64 = pubkey.split()[:2]
+        text = self._read_authorized_keys()
+        kept = [line for line in text.splitlines(keepends=True)
+                if line.split()[:2] != [key_type, key_b64] or len(line.split()) != 3]
+        if "".join(kept) == text:
+            return False
+        self._write_authorized_keys("".join(kept))
+        return True
+
+    def _read_authorized_keys(self):
+        try:
+            with open(self.authorized_keys_path, encoding="utf-8", newline="") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return ""
+
+    def _write_authorized_keys(self, text):
+        uid, gid = self._ids(self.server_user)
+        _write(self.authorized_keys_path, text, 0o600, uid, gid)
 
     def _write_owner_record(self):
         text = ("# qborg-lab-dir: %s\n"

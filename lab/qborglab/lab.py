@@ -284,6 +284,8 @@ class Lab(AccountsMixin, ServerMixin, Server2Mixin, QrexecMixin, Dom0Mixin, Salt
                         broker_log=self.broker_log, offline_qubes=sorted(self.offline))
             # the qube sshd for salt-ssh starts with the first apply-ssh
             info["qubes_sshd_pid"] = self.qubes_sshd_pid()
+            if self.used_server():
+                info["server_of_lab"] = self.used_server()["lab"]
             info["up"] = (bool(info["sshd_pid"]) and bool(info["broker_pid"])
                           and all(info["users"].values()))
         return info

@@ -32,18 +32,48 @@ class SaltMixin:
             text = json.dumps(data, indent=2) + "\n"
         _write(self.user_pillar_path, text)
 
+    @property
+    def other_server_path(self):
+        return self._p("other-server.json")
+
+    def use_server(self, other):
+        """Point this lab's pillar at the server account of another running
+        lab (a Lab), or back at its own (None): two Qubes machines, each with
+        its own admin qube and admin key, backing up to one account. The
+        other lab's account lets this lab's admin key in only once it trusts
+        it (other.trust_admin_key), as a real account does. Recorded in the
+        lab directory, so the command line sees it too."""
+        if other is None:
+            if os.path.exists(self.other_server_path):
+                os.unlink(self.other_server_path)
+            return
+        server = {"port": other.port, "user": other.server_user, "host_key": other.host_key,
+                  "lab": other.dir}
+        _write(self.other_server_path, json.dumps(server, indent=2) + "\n")
+
+    def used_server(self):
+        """{"port", "user", "host_key", "lab"} of the other lab's server this
+        lab's pillar points at (use_server), or None: its own."""
+        try:
+            with open(self.other_server_path, encoding="utf-8") as handle:
+                return json.load(handle)
+        except FileNotFoundError:
+            return None
+
     def lab_pillar(self, qube):
-        """The lab's overlay: where things live in the lab, and its server."""
+        """The lab's overlay: where things live in the lab, and its server
+        (its own, or the one use_server names)."""
+        other = self.used_server() or {}
         data = {
             "paths": {"prefix": self.prefix(qube), "policy_dir": self.policy_dir()},
             "server": {
                 "provider": "generic",
                 "host": "127.0.0.1",
-                "port": self.port,
-                "user": self.server_user,
+                "port": other.get("port", self.port),
+                "user": other.get("user", self.server_user),
                 "remote_path": self.remote_path,
                 "repos_dir": "qborg",
-                "host_key": self.host_key,
+                "host_key": other.get("host_key", self.host_key),
                 "admin_key": "~/.ssh/qborg-admin",
             },
         }

@@ -2,6 +2,7 @@
 bundles for every configured VM, and the settings dom0 pushes.
 """
 
+import glob
 import json
 import os
 import posixpath
@@ -17,7 +18,8 @@ from _qborg_servers import (
     copy_settings, is_first_copy, repository_path, repository_url, vm_copies, vm_server,
 )
 from _qborg_repos import (
-    render_authorized_keys, split_managed_block, uploads_key, vm_authorized_keys_line,
+    check_other_installations, key_blobs, key_comment, render_authorized_keys,
+    split_managed_block, uploads_key, vm_authorized_keys_line,
 )
 from _qborg_keystore import (
     Keystore, KeystoreLock, make_bundle, rotation_authorized_lines, rotation_bundle,
@@ -156,23 +158,28 @@ def _provision_in_session(settings, home, owner, vms, test, full_run, keystore, 
     session.step = "reading authorized_keys"
     old = session.read(ServerSession.AUTHORIZED_KEYS) or ""
     lines = managed_lines(settings, keystore)
-    new = render_authorized_keys(old, lines)
+    # another installation's repositories and keys on this account are
+    # not ours to take: refused before anything is written
+    check_other_installations(settings, old, lines, known_key_blobs(keystore))
+    name = settings["installation"]
+    new = render_authorized_keys(old, lines, name)
     if new != old or (test and missing):
-        _b, old_lines, _a = split_managed_block(old)
-        diff = _line_changes(old_lines, split_managed_block(new)[1])
+        _b, old_lines, _a = split_managed_block(old, name)
+        diff = _line_changes(old_lines, split_managed_block(new, name)[1])
         if test:  # the dry run has no keys for new VMs: their lines count as added
-            diff["added"] = sorted(set(diff["added"]) | {f"qborg:{vm}" for vm in missing})
+            diff["added"] = sorted(set(diff["added"]) | {key_comment(vm, name) for vm in missing})
         changes["authorized_keys"] = diff
         summary = ", ".join(f"{what} {' '.join(names)}" for what, names in diff.items()
                             if names) or "rewrite the qborg block"
         if test:
             comments.append(f"would upload authorized_keys ({summary})")
         else:
-            backup = session.upload_authorized_keys(new, admin_public_key(paths["admin_key"]))
+            backup = session.upload_authorized_keys(new, admin_public_key(paths["admin_key"]),
+                                                    expected=old)
             comments.append(f"uploaded authorized_keys ({summary})"
                             + (f"; previous kept on the server as {backup}" if backup else ""))
     if not test:
-        _record_uploaded(keystore, lines, owner)
+        record_uploaded(keystore, lines, owner)
     session.step = "looking for the repositories"
     repo_path = {vm: repository_path(vm_server(settings, vm), vm) for vm in vms}
     uninitialised = [vm for vm in vms if not session.exists(f"{repo_path[vm]}/config")]
@@ -198,7 +205,8 @@ def _provision_in_session(settings, home, owner, vms, test, full_run, keystore, 
 
 
 def _line_changes(old_lines, new_lines):
-    """Names (qborg:<vm>) of the managed lines added, removed and changed."""
+    """Names (the lines' comments, qborg:[<installation>:]<vm>) of the
+    managed lines added, removed and changed."""
     def by_name(lines):
         return {l.rsplit(" ", 1)[-1]: l for l in lines}
     old, new = by_name(old_lines), by_name(new_lines)
@@ -212,7 +220,7 @@ def _line_changes(old_lines, new_lines):
 UPLOADED_RECORD = "authorized_keys.qborg"
 
 
-def _record_uploaded(keystore, lines, owner):
+def record_uploaded(keystore, lines, owner):
     """Remember the managed lines now on the server (public keys and forced
     commands only), so qborg.GetBundle can tell without a connection whether
     a VM still needs provisioning."""
@@ -220,6 +228,16 @@ def _record_uploaded(keystore, lines, owner):
     text = "".join(line + "\n" for line in lines)
     if read_text(path) != text:
         atomic_write(path, text, 0o600, owner)
+
+
+def known_key_blobs(keystore):
+    """The public keys this admin qube made (every VM's in its keystore,
+    retired ones and next ones of a rotation included) or uploaded last:
+    any other key in its own block was put there by another admin qube."""
+    pubs = glob.glob(os.path.join(glob.escape(keystore.base), "vms", "*", "ssh_key.pub")) \
+        + glob.glob(os.path.join(glob.escape(keystore.base), "vms", "*", "next", "ssh_key.pub"))
+    return key_blobs("\n".join(read_text(path) or "" for path in
+                               [os.path.join(keystore.base, UPLOADED_RECORD)] + pubs))
 
 
 def _export_missing_keys(settings, vms, keystore, kh_line, owner, home, skip):

@@ -115,7 +115,8 @@ def maintain_all(settings, maint, home, owner=None, vms=None, scheduled=False, c
 
 def status_all(settings, home, owner=None, now=None):
     """status() of every server's copy: one row per copy (copy_label)."""
-    data = {"vms": [], "warnings": [], "last_maintenance_run": None}
+    data = {"vms": [], "warnings": [], "last_maintenance_run": None,
+            "installation": settings.get("installation")}
     for _name, view in copies(settings):
         part = status(view, home, owner, now=now)
         for entry in part["vms"]:

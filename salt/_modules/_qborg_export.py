@@ -10,9 +10,10 @@ import time
 from _qborg_base import QborgError, atomic_write, ensure_dir, iso, read_text, remove_if_present
 from _qborg_settings import valid_qube_name
 from _qborg_servers import (
-    copy_key, copy_label, copy_names, copy_settings, is_first_copy, repository_url, vm_server,
+    copy_key, copy_label, copy_names, copy_settings, default_repositories_dir, is_first_copy,
+    repository_url, vm_server,
 )
-from _qborg_repos import forced_command, known_hosts_host
+from _qborg_repos import block_markers, forced_command, known_hosts_host
 from _qborg_keystore import Keystore, public_key_of
 from _qborg_server import (
     admin_paths, admin_public_key, pinned_known_hosts_line, vm_pinned_known_hosts_line,
@@ -86,14 +87,19 @@ def _copy_entries(settings, home):
                             f"{title}.repokey": read_text(
                                 os.path.join(keystore.vm_dir(vm), "repokey")) or ""},
         })
+    name = settings["installation"]
     entries.append({
         "title": "server" if copy is None else f"server {copy}",
         "username": server["user"], "password": "",
         "url": f"ssh://{server['user']}@{server['host']}:{server['port']}",
         "notes": (f"the backup server account. repos_dir: {server['repos_dir']}, "
-                  f"remote_path: {server['remote_path']}\nknown_hosts: {host_line}"),
-        "properties": {"known_hosts": host_line, "repos_dir": server["repos_dir"],
-                       "remote_path": server["remote_path"]},
+                  + (f"installation: {name} (its repositories under "
+                     f"{default_repositories_dir(server)}, its block in authorized_keys "
+                     f"'{block_markers(name)[0]}'), " if name else "")
+                  + f"remote_path: {server['remote_path']}\nknown_hosts: {host_line}"),
+        "properties": dict({"known_hosts": host_line, "repos_dir": server["repos_dir"],
+                            "remote_path": server["remote_path"]},
+                           **({"installation": name} if name else {})),
         "attachments": {},
     })
     return entries
@@ -169,7 +175,8 @@ def export_paper(settings, raw, home, path):
                 f"url: {e['url']}", f"user: {e['username']}"]
         if e["password"]:
             out.append(f"passphrase: {e['password']}")
-        for key in ("remote_path", "repos_dir", "known_hosts", "ssh_public_key"):
+        for key in ("remote_path", "repos_dir", "installation", "known_hosts",
+                    "ssh_public_key"):
             if e["properties"].get(key):
                 out.append(f"{key}: {e['properties'][key]}")
         for key in ("ssh_private_key", "repokey"):
@@ -267,6 +274,16 @@ def plan_import(settings, home, entries):
     if twice:
         raise QborgError(f"the export holds more than one entry {twice[0]!r}; "
                          "nothing was written")
+    # an installation's keys belong to its own block and repositories
+    exported = next((e["properties"].get("installation") or "" for e in entries
+                     if e["title"] == "server"), "")
+    if exported != (settings["installation"] or ""):
+        def label(name):
+            return f"installation {name}" if name else "the installation without a name"
+        raise QborgError(
+            f"the export is of {label(exported)}, this admin qube's settings are for "
+            f"{label(settings['installation'])} (qborg:installation); nothing was written: "
+            f"import it where qborg:installation is {exported or 'unset'}")
     for entry in sorted(entries, key=lambda e: e["title"]):
         title = entry["title"]
         if title in SPECIAL_ENTRIES or SERVER_ENTRY_RE.match(title):

@@ -354,6 +354,7 @@ def status(settings, home, owner=None, now=None):
     vms = [vm_status(borg, vm, now) for vm in sorted(settings["vms"])]
     last_run = load_json(maint_paths(home, borg.copy)["last_run"], {}) or {}
     return {"generated": iso(now), "last_maintenance_run": last_run.get("iso"), "vms": vms,
+            "installation": settings["installation"],
             "warnings": shared_account_warnings(settings)}
 
 
@@ -379,5 +380,7 @@ def status_table(data):
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
     lines.append(f"last maintenance run: {data.get('last_maintenance_run') or 'never'}")
+    if data.get("installation"):
+        lines.append(f"installation: {data['installation']}")
     lines += [f"warning: {w}" for w in data.get("warnings") or []]
     return "\n".join(one_line(line) for line in lines)

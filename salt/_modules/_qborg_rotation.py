@@ -10,23 +10,26 @@ from _qborg_base import (
     remove_if_present, run_as,
 )
 from _qborg_settings import require_vm
-from _qborg_repos import render_authorized_keys, uploads_key
+from _qborg_repos import check_other_installations, render_authorized_keys, uploads_key
 from _qborg_keystore import (
     generate_passphrase, generate_ssh_key, next_dir, rotation_path, rotation_state, set_rotation,
 )
 from _qborg_server import ServerSession, admin_public_key, is_connection_error
 from _qborg_audit import maint_log
 from _qborg_borg import AdminBorg
-from _qborg_admin import managed_lines
+from _qborg_admin import known_key_blobs, managed_lines, record_uploaded
 
 
 def _upload_keys(settings, home, owner, paths, keystore):
     with ServerSession(settings, paths["admin_key"], paths["known_hosts"], owner) as s:
         try:
             old = s.read(ServerSession.AUTHORIZED_KEYS) or ""
-            new = render_authorized_keys(old, managed_lines(settings, keystore))
+            lines = managed_lines(settings, keystore)
+            check_other_installations(settings, old, lines, known_key_blobs(keystore))
+            new = render_authorized_keys(old, lines, settings["installation"])
             if new != old:
-                s.upload_authorized_keys(new, admin_public_key(paths["admin_key"]))
+                s.upload_authorized_keys(new, admin_public_key(paths["admin_key"]), expected=old)
+                record_uploaded(keystore, lines, owner)
                 return True
         except QborgError:
             raise

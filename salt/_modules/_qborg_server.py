@@ -232,9 +232,12 @@ class ServerSession:
     # -- authorized_keys --------------------------------------------------
     AUTHORIZED_KEYS = ".ssh/authorized_keys"
 
-    def upload_authorized_keys(self, new_text, admin_pubkey):
+    def upload_authorized_keys(self, new_text, admin_pubkey, expected=None):
         """Put new_text in place without ever locking the admin out. Returns
-        the name of the server-side backup of the previous file (or None)."""
+        the name of the server-side backup of the previous file (or None).
+        expected: the text new_text was made from; when the file changed
+        since (another admin qube on the account uploading at the same
+        time), nothing is written, so neither drops the other's block."""
         if not contains_key(new_text, admin_pubkey):
             raise QborgServerError(
                 "refusing to upload an authorized_keys that lacks the admin key "
@@ -242,6 +245,11 @@ class ServerSession:
         path = self.AUTHORIZED_KEYS
         self.step = "reading authorized_keys"
         old = self.read(path)
+        if expected is not None and (old or "") != expected:
+            raise QborgServerError(
+                "authorized_keys changed on the server while qborg prepared its upload "
+                "(another admin qube on the same account uploading at the same time?); "
+                "nothing was written: apply qborg again")
         self.makedirs(".ssh")
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         backup = None

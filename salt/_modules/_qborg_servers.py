@@ -45,6 +45,15 @@ COPY_NAME_RE = re.compile(r"^[a-z][a-z0-9-]{0,15}\Z")
 
 
 
+# qborg:installation: it names this admin qube's authorized_keys block
+# (`# BEGIN qborg NAME`), its keys' comments and the directory of its
+# repositories (<repos_dir>/NAME/<vm>), so one word, no separator
+INSTALLATION_NAME = r"[a-z][a-z0-9-]{0,23}"
+
+
+INSTALLATION_RE = re.compile(rf"^{INSTALLATION_NAME}\Z")
+
+
 # the name of qborg:server unless qborg:server:name sets one
 DEFAULT_COPY = "main"
 
@@ -75,7 +84,7 @@ def check_copy_name(name, field):
 
 
 
-def server_settings(srv, field, name):
+def server_settings(srv, field, name, installation=None):
     """One server of qborg:server (the first) or qborg:servers:<name>,
     validated, its provider's presets filled in; errors name `field`."""
     require(isinstance(srv, dict), field, "missing or not a mapping")
@@ -128,18 +137,39 @@ def server_settings(srv, field, name):
         "name": name, "field": field, "provider": provider, "host": host,
         "user": server_user, "port": port, "remote_path": remote_path, "repos_dir": repos_dir,
         "host_key": host_key, "admin_key": admin_key, "upload": preset["upload"],
+        # repository_path and the block markers read it from the server
+        "installation": installation,
     }
 
 
 
-def servers_settings(raw):
+def check_installation(value):
+    """qborg:installation: None (unset or empty: the one installation on
+    its server account, as before names existed) or a short name."""
+    if value is None or value == "":
+        return None
+    require(isinstance(value, str) and INSTALLATION_RE.match(value), "qborg:installation",
+            f"{str(value)[:40]!r} is not an installation name: 1 to 24 lower-case letters, "
+            f"digits and '-', starting with a letter (e.g. laptop), or null for none")
+    return value
+
+
+def default_repositories_dir(server):
+    """Where the VMs without a repository of their own get one:
+    <repos_dir>, or <repos_dir>/<installation> for a named installation."""
+    if server.get("installation"):
+        return f"{server['repos_dir']}/{server['installation']}"
+    return server["repos_dir"]
+
+
+def servers_settings(raw, installation=None):
     """[the first server (qborg:server), then qborg:servers in name order]:
     each VM keeps a copy of its backups on every server it is assigned."""
     srv = raw.get("server")
     require(isinstance(srv, dict), "qborg:server", "missing or not a mapping")
     first = srv.get("name") or DEFAULT_COPY
     check_copy_name(first, "qborg:server:name")
-    servers = [server_settings(srv, "qborg:server", first)]
+    servers = [server_settings(srv, "qborg:server", first, installation)]
     more = raw.get("servers") or {}
     require(isinstance(more, dict), "qborg:servers",
             "must be a mapping of server names to servers like qborg:server (or {})")
@@ -148,7 +178,7 @@ def servers_settings(raw):
         require(name != first, f"qborg:servers:{name}",
                 f"{name!r} is already the name of qborg:server (qborg:server:name); "
                 f"give this server another name")
-        servers.append(server_settings(more[name], f"qborg:servers:{name}", name))
+        servers.append(server_settings(more[name], f"qborg:servers:{name}", name, installation))
     return servers
 
 
@@ -261,7 +291,10 @@ def check_repositories_apart(settings):
     nested repository would hand one VM the other's backups."""
     server = settings["server"]
     home = (server["user"], server["host"].lower().rstrip("."), server["port"])
-    repos_dir = normalise_repository_path(server["repos_dir"])
+    # a named installation's VMs get theirs under <repos_dir>/<installation>
+    repos_dir = normalise_repository_path(default_repositories_dir(server))
+    dir_name = (f"{server['field']}:repos_dir" if not server.get("installation")
+                else f"<{server['field']}:repos_dir>/<qborg:installation>")
     where = {vm: repository_location(settings, vm) for vm in sorted(settings["vms"])}
 
     def field(vm):
@@ -270,7 +303,7 @@ def check_repositories_apart(settings):
     def origin(vm):
         if settings["vms"][vm]["repository"]:
             return field(vm)
-        return f"its default place under {server['field']}:repos_dir"
+        return f"its default place under {dir_name}"
 
     def url(vm):
         return repository_url(vm_server(settings, vm), vm)
@@ -280,11 +313,11 @@ def check_repositories_apart(settings):
     for vm, (user, host, port, path) in where.items():
         if settings["vms"][vm]["repository"] and (user, host, port) == home and (
                 path == repos_dir or repos_dir.startswith(path + "/")):
-            what = (f"is {server['field']}:repos_dir itself" if path == repos_dir
-                    else f"contains {server['field']}:repos_dir ({server['repos_dir']})")
+            what = (f"is {dir_name} itself" if path == repos_dir
+                    else f"contains {dir_name} ({default_repositories_dir(server)})")
             require(False, field(vm),
                     f"{url(vm)} {what}, where every VM without a repository of its own gets "
-                    f"one (<repos_dir>/<vm>); {why}")
+                    f"one ({default_repositories_dir(server)}/<vm>); {why}")
     # every path once, then each path's parents: same or nested in one pass
     by_path = {}
     for vm, location in where.items():
@@ -312,7 +345,7 @@ def check_repositories_apart(settings):
 
 def repository_path(server, vm):
     # a per-VM repository (vm_server) carries its own path
-    return server.get("repository_path") or f"{server['repos_dir']}/{vm}"
+    return server.get("repository_path") or f"{default_repositories_dir(server)}/{vm}"
 
 
 

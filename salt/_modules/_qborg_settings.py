@@ -10,7 +10,8 @@ from _qborg_checks import check_consistency_checks, check_monitoring
 # expand_home: here for the layers above, which take it from the settings
 from _qborg_options import OPTION_KEYS, check_options, expand_home, refuse_unknown  # noqa: F401
 from _qborg_servers import (
-    BORGBASE_HOST_RE, PROVIDERS, check_copy, copy_settings, parse_repository_url, servers_settings,
+    BORGBASE_HOST_RE, PROVIDERS, check_copy, check_installation, copy_settings,
+    parse_repository_url, servers_settings,
 )
 
 
@@ -228,7 +229,8 @@ def validate_settings(raw):
     require(isinstance(user, str) and UNIX_USER_RE.match(user), "qborg:user",
             f"{user!r} is not a valid unix user name")
 
-    servers = servers_settings(raw)
+    installation = check_installation(raw.get("installation"))
+    servers = servers_settings(raw, installation)
     check_templates(raw)
 
     paths = raw.get("paths") or {}
@@ -273,6 +275,7 @@ def validate_settings(raw):
         "user": user,
         "server": servers[0],
         "servers": servers,
+        "installation": installation,
         "paths": {"prefix": prefix.rstrip("/") or "/", "policy_dir": policy_dir},
         "vms": vms,
         "relay_vm": relay_vm,

@@ -81,8 +81,8 @@ def test_upload_dropping_the_admin_key_is_refused_before_anything_is_written(adm
     before = snapshot(server_home(lab))
     real = repos.render_authorized_keys
 
-    def without_admin(existing, lines):
-        text = real(existing, lines + ["# rendered by the test"])
+    def without_admin(existing, lines, *name):
+        text = real(existing, lines + ["# rendered by the test"], *name)
         return "".join(l for l in text.splitlines(keepends=True) if "qborg-lab-admin" not in l)
 
     monkeypatch.setattr(admin, "render_authorized_keys", without_admin)
@@ -97,9 +97,9 @@ def test_login_failure_after_upload_is_rolled_back_byte_for_byte(admin_lab, monk
     before = set(os.listdir(os.path.dirname(lab.authorized_keys_path)))
     real = repos.render_authorized_keys
 
-    def admin_only_from_elsewhere(existing, lines):
+    def admin_only_from_elsewhere(existing, lines, *name):
         # still carries the admin key, but sshd no longer lets it in from 127.0.0.1
-        text = real(existing, lines)
+        text = real(existing, lines, *name)
         return "".join('from="192.0.2.1" ' + l if "qborg-lab-admin" in l else l
                        for l in text.splitlines(keepends=True))
 
@@ -442,9 +442,9 @@ def test_many_vms_cost_one_session_and_one_upload(admin_lab, monkeypatch):
         counts["connections"] += 1
         return real_client(self)
 
-    def counting_upload(self, *args):
+    def counting_upload(self, *args, **kwargs):
         counts["uploads"] += 1
-        return real_upload(self, *args)
+        return real_upload(self, *args, **kwargs)
 
     monkeypatch.setattr(server_mod.ServerSession, "_new_client", counting_client)
     monkeypatch.setattr(server_mod.ServerSession, "upload_authorized_keys", counting_upload)

@@ -126,7 +126,7 @@ class AdminQube:
         self.keystore.ensure(vm)
         with open(os.path.join(self.keystore.vm_dir(vm), "repokey"), "w") as handle:
             handle.write("BORG_KEY 0000\n")
-        admin._record_uploaded(self.keystore, admin.managed_lines(self.settings, self.keystore),
+        admin.record_uploaded(self.keystore, admin.managed_lines(self.settings, self.keystore),
                                None)
         assert not admin.needs_provisioning(self.settings, vm, self.keystore)
 

@@ -216,6 +216,20 @@ def test_upload_keeps_a_backup_and_leaves_no_temp(settings, admin_key):
     assert set(sftp.files) == {".ssh/authorized_keys", backup}
 
 
+def test_upload_refuses_when_the_file_changed_since_it_was_read(settings, admin_key):
+    # another admin qube on the account uploaded its block in between
+    read = f"{admin_key} admin\n"
+    now = repos.render_authorized_keys(read, ["restrict ssh-ed25519 AAAAl qborg:l:vm"], "l")
+    sftp = FakeSFTP({".ssh/authorized_keys": now})
+    new = repos.render_authorized_keys(read, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
+    with pytest.raises(base_mod.QborgServerError, match="changed on the server.*nothing was written"):
+        session(settings, sftp, True).upload_authorized_keys(new, admin_key, expected=read)
+    assert sftp.files == {".ssh/authorized_keys": now}
+    new = repos.render_authorized_keys(now, ["restrict ssh-ed25519 AAAAvm qborg:vm"])
+    session(settings, sftp, True).upload_authorized_keys(new, admin_key, expected=now)
+    assert sftp.files[".ssh/authorized_keys"] == new
+
+
 def test_upload_restores_the_old_file_when_the_admin_is_locked_out(settings, admin_key):
     old = f"{admin_key} admin\n"
     sftp = FakeSFTP({".ssh/authorized_keys": old})

@@ -111,7 +111,7 @@ def test_needs_provisioning(settings, tmp_path):
     store.ensure("vm-work")
     open(os.path.join(store.vm_dir("vm-work"), "repokey"), "w").close()
     assert admin.needs_provisioning(settings, "vm-work", store)  # line not uploaded yet
-    admin._record_uploaded(store, admin.managed_lines(settings, store), None)
+    admin.record_uploaded(store, admin.managed_lines(settings, store), None)
     assert not admin.needs_provisioning(settings, "vm-work", store)
     settings["vms"]["vm-work"]["storage_quota"] = "1T"  # a new quota: a new line to upload
     assert admin.needs_provisioning(settings, "vm-work", store)
