@@ -23,6 +23,8 @@ import _qborg_servers as servers_mod
 import _qborg_settings as settings_mod
 from unit.test_qborg_backup import SCRIPT
 
+from .test_services import SALT_DIR, render_jinja
+
 VM = "vm-x"
 LATEST = os.environ.get("QBORG_BORGMATIC_LATEST", "/opt/qborg-test/borgmatic-latest/bin/borgmatic")
 
@@ -92,13 +94,14 @@ def test_the_second_server_down_the_first_copy_still_gets_its_archive(sshd, tmp_
     (home / "Documents").mkdir(parents=True)
     (home / "Documents" / "letter.txt").write_text("dear server\n")
     down = free_port()  # nothing listens there: the second server is down
-    settings = settings_mod.validate_settings(merge({
+    raw = merge({
         "user": "root",
         "server": {"host": "127.0.0.1", "port": sshd["port"], "user": "root",
                    "host_key": sshd["host_key"]},
         "servers": {"offsite": {"host": "127.0.0.1", "port": down, "user": "root",
                                 "host_key": sshd["host_key"]}},
-        "vms": {VM: {"source_directories": ["~/Documents"]}}}))
+        "vms": {VM: {"source_directories": ["~/Documents"]}}})
+    settings = settings_mod.validate_settings(raw)
 
     # what the admin qube does: a key and passphrase per copy, the first
     # server's repository made, the VM's key locked to it
@@ -139,9 +142,17 @@ def test_the_second_server_down_the_first_copy_still_gets_its_archive(sshd, tmp_
     bindir = tmp_path / "bin"
     bindir.mkdir()
     shutil.copy(SCRIPT, bindir / "qborg-backup")
+    (bindir / "qborg-backup").chmod(0o755)
     os.symlink(borgmatic, bindir / "borgmatic")
     (bindir / "ssh").write_text(f'#!/bin/sh\nexec /usr/bin/ssh -F {home}/.ssh/config "$@"\n')
     (bindir / "ssh").chmod(0o755)
+    # borgbak as client.sls renders it, from the client part's context
+    context = ops.client_context(raw, VM)
+    template = SALT_DIR / "qborg" / "files" / "client" / "borgbak.j2"
+    (bindir / "borgbak").write_text(render_jinja(template.read_text(), {
+        "conf": f"{home}/.config/qborg", "state_dir": str(home / ".local" / "state" / "qborg"),
+        "interval": context["interval"], "copies": context["copies"]}, template))
+    (bindir / "borgbak").chmod(0o755)
     env = {"HOME": str(home), "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
 
     def qborg_backup(*args):
@@ -182,3 +193,38 @@ def test_the_second_server_down_the_first_copy_still_gets_its_archive(sshd, tmp_
     assert proc.returncode != 0 and "copy offsite" in proc.stderr
     assert run(["borg", "list", "--short", str(repository)], env=borg_env).stdout.split() == \
         archives
+
+    # borgbak: the first copy by default, another with --copy
+    def borgbak(*args):
+        return subprocess.run([str(bindir / "borgbak"), *args], cwd=str(tmp_path),
+                              env=dict(env, PATH=f"{bindir}:/usr/bin:/bin"),
+                              capture_output=True, text=True, timeout=300, check=False)
+
+    listed = borgbak("list", "--short")
+    assert (listed.returncode, listed.stdout.split()) == (0, archives), listed.stderr
+    restore = tmp_path / "restore"
+    restore.mkdir()
+    extract = subprocess.run(
+        [str(bindir / "borgbak"), "extract", archives[0],
+         f"{str(home).lstrip('/')}/Documents/letter.txt"], cwd=str(restore),
+        env=dict(env, PATH=f"{bindir}:/usr/bin:/bin"), capture_output=True, text=True,
+        timeout=300, check=False)
+    assert extract.returncode == 0, extract.stderr
+    assert (restore / str(home).lstrip("/") / "Documents" / "letter.txt").read_text() == \
+        "dear server\n"
+    # (borg may end before it passes ssh's own words on; its debug log names
+    # the ssh command line, with the copy's alias)
+    offsite_list = borgbak("--copy", "offsite", "list", "--debug")
+    assert offsite_list.returncode != 0
+    assert "'ssh', 'qborg-offsite', 'borg', 'serve'" in offsite_list.stderr, offsite_list.stderr
+    assert "Connection closed by remote host" in offsite_list.stderr
+    assert borgbak("copies").stdout.splitlines() == [
+        "main  ssh://qborg/./qborg/vm-x  (default)", "offsite  ssh://qborg-offsite/./qborg/vm-x"]
+    status = borgbak("status")
+    assert status.returncode == 0 and "copy main: ok" in status.stdout
+    assert "copy offsite: STALE" in status.stdout
+    only = borgbak("--copy", "offsite", "status")
+    assert only.stdout.startswith("copy offsite: STALE\n") and "copy main" not in only.stdout
+    wrong = borgbak("--copy", "elsewhere", "list")
+    assert wrong.returncode == 2
+    assert "no copy named 'elsewhere'; its copies: main, offsite" in wrong.stderr
