@@ -143,9 +143,11 @@ def test_each_part_is_in_place(relay_lab):
     with open(config_path, encoding="utf-8") as handle:
         config = json.load(handle)
     # a route for each VM it may carry: vm-work (`via: auto`, as the relay
-    # cannot see its netvm; dom0's policy does not let it call) and the vault
-    server = {"host": "127.0.0.1", "port": lab.port}
+    # cannot see its netvm; dom0's policy does not let it call) and the
+    # vault, each to the server of its one copy (the first server's)
+    server = {"main": {"host": "127.0.0.1", "port": lab.port}}
     assert config["routes"] == {VAULT: server, "vm-work": server}
+    assert config["first"] == "main"
     st = os.stat(config_path)
     assert (st.st_uid, st.st_mode & 0o777) == (0, 0o644)
     service = os.path.join(lab.rpc_dir(RELAY), SERVICE)
