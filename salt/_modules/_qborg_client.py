@@ -8,8 +8,8 @@ import shlex
 
 from _qborg_checks import DEFAULT_CHECKS, borgmatic_monitoring_hooks, version_tuple
 from _qborg_options import borgmatic_options
-from _qborg_settings import SSH_ALIAS, expand_home
-from _qborg_repos import END_MARKER, alias_repository_url
+from _qborg_settings import expand_home
+from _qborg_repos import END_MARKER, alias_repository_url, copy_alias
 from _qborg_relay import relay_proxy_command
 
 
@@ -17,14 +17,15 @@ from _qborg_relay import relay_proxy_command
 
 
 def ssh_config_block(server, key_path, known_hosts_path, relay_vm=None):
-    """The body of the managed `Host qborg` block in ~/.ssh/config.
+    """The body of a managed `Host qborg` block in ~/.ssh/config (`Host
+    qborg-<copy>` for a server marked with its copy's name, see copy_alias).
 
     With relay_vm, ssh reaches the server through the relay qube's
     qborg.SshRelay service (a byte pipe over qrexec) instead of the network;
     HostName and Port still name the server, so ssh checks the same pinned
     host key and the relay sees only ciphertext."""
     lines = [
-        f"Host {SSH_ALIAS}",
+        f"Host {copy_alias(server)}",
         f"    HostName {server['host']}",
         f"    Port {server['port']}",
         f"    User {server['user']}",
@@ -36,7 +37,7 @@ def ssh_config_block(server, key_path, known_hosts_path, relay_vm=None):
         "    ServerAliveCountMax 30",
     ]
     if relay_vm is not None:
-        lines.append(f"    ProxyCommand {relay_proxy_command(relay_vm)}")
+        lines.append(f"    ProxyCommand {relay_proxy_command(relay_vm, server.get('copy'))}")
     return "\n".join(lines)
 
 
@@ -85,12 +86,16 @@ def borgmatic_config(vm, vm_settings, server, home, passphrase_path, version):
 RUN_NOTE_PREFIX = "# qborg-backup: "
 
 
-def borgmatic_run_note(version, config):
+def borgmatic_run_note(version, config, copy=None):
     """The run note (one comment line, no newline) for a config that
-    borgmatic_config rendered for borgmatic `version`."""
+    borgmatic_config rendered for borgmatic `version`; `copy` names the
+    server's copy it backs up to (qborg-backup keeps each copy's state
+    apart by it)."""
     location = config.get("location", config)
-    return RUN_NOTE_PREFIX + json.dumps({"borgmatic": str(version),
-                                         "source_directories": list(location["source_directories"])})
+    note = {"borgmatic": str(version), "source_directories": list(location["source_directories"])}
+    if copy is not None:
+        note["copy"] = copy
+    return RUN_NOTE_PREFIX + json.dumps(note)
 
 
 # borgmatic's top-level keys that come from a pillar setting, for errors that

@@ -10,7 +10,8 @@ import time
 
 from _qborg_base import QborgBundleError, atomic_write, ensure_dir, iso, load_json, read_text
 from _qborg_settings import BUNDLE_FORMAT, check_qube_name
-from _qborg_servers import HOST_KEY_RE, REMOTE_PATH_RE, repository_url, vm_server
+from _qborg_servers import (
+    COPY_NAME_RE, HOST_KEY_RE, REMOTE_PATH_RE, copy_settings, repository_url, vm_copies, vm_server)
 from _qborg_repos import known_hosts_host, vm_authorized_keys_line
 
 
@@ -114,8 +115,86 @@ def make_bundle(settings, vm, keystore, known_hosts_line):
     }
 
 
+# the fields of each copy in a bundle: the top level carries them for the
+# VM's first copy, each entry of "copies" for another
+COPY_FIELDS = ("repository", "remote_path", "ssh_private_key", "known_hosts", "passphrase")
+
+
+MAX_COPIES = 16
+
+
+def bundle_copy_entry(single, name):
+    """One entry of a bundle's "copies": a copy's fields, as a bundle for
+    that copy alone carries them at its top level, under its name."""
+    entry = {"name": name}
+    entry.update((field, single[field]) for field in COPY_FIELDS)
+    if single.get("passphrase_next") is not None:
+        entry["passphrase_next"] = single["passphrase_next"]
+    return entry
+
+
+def _check_copy_fields(entry, where):
+    """A copy's fields (the top level's or an entry's), each in the shape
+    qborg writes it; `where` names the copy in messages, "" for a bundle of
+    one copy. Messages never quote secrets."""
+    def field_name(field):
+        return f"bundle field {field!r}{where}"
+
+    for field in COPY_FIELDS:
+        if not isinstance(entry.get(field), str) or not entry[field]:
+            raise QborgBundleError(f"{field_name(field)} is missing or empty")
+    if not REMOTE_PATH_RE.match(entry["remote_path"]):
+        raise QborgBundleError(f"{field_name('remote_path')} is not a borg command path")
+    if not re.match(r"^ssh://[A-Za-z0-9_.-]+@[A-Za-z0-9.-]+:[0-9]{1,5}/\./[A-Za-z0-9_./-]+\Z",
+                    entry["repository"]):
+        raise QborgBundleError(f"{field_name('repository')} is not an ssh:// borg repository URL")
+    for field in ("passphrase", "passphrase_next"):
+        value = entry.get(field)
+        if field in entry and (not isinstance(value, str) or len(value) < 20
+                               or any(c in value for c in "\r\n\0")):
+            raise QborgBundleError(f"{field_name(field)} is not a valid passphrase")
+    kh = entry["known_hosts"].strip()
+    parts = kh.split()
+    if "\n" in kh or len(parts) < 3 or not HOST_KEY_RE.match(" ".join(parts[1:3])):
+        raise QborgBundleError(f"{field_name('known_hosts')} is not one 'HOST TYPE KEY' line")
+    try:
+        public_key_of(entry["ssh_private_key"])
+    except Exception:  # any parse error: never echo the key itself
+        raise QborgBundleError(
+            f"{field_name('ssh_private_key')} is not an OpenSSH private key") from None
+
+
+def _check_copies(bundle):
+    """The copy names of a bundle ("copy" and each entry of "copies"), each
+    entry checked like the top level."""
+    names = []
+    if "copy" in bundle:
+        if not isinstance(bundle["copy"], str) or not COPY_NAME_RE.match(bundle["copy"]):
+            raise QborgBundleError("bundle field 'copy' is not a server name")
+        names.append(bundle["copy"])
+    copies = bundle.get("copies", [])
+    if copies and "copy" not in bundle:
+        raise QborgBundleError("bundle has 'copies' but no field 'copy' naming its first copy")
+    if not isinstance(copies, list) or len(copies) > MAX_COPIES - 1:
+        raise QborgBundleError(f"bundle field 'copies' is not a list of at most "
+                               f"{MAX_COPIES - 1} copies")
+    for index, entry in enumerate(copies):
+        name = entry.get("name") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not COPY_NAME_RE.match(name):
+            raise QborgBundleError(f"bundle field 'copies' entry {index + 1} has no valid 'name'")
+        if name in names:
+            raise QborgBundleError(f"bundle names copy {name!r} twice")
+        unknown = sorted(set(entry) - set(COPY_FIELDS) - {"name", "passphrase_next"})
+        if unknown:
+            raise QborgBundleError(f"bundle copy {name!r} has unknown fields: "
+                                   f"{', '.join(map(repr, unknown))}")
+        _check_copy_fields(entry, f" of copy {name!r}")
+        names.append(name)
+
+
 def parse_bundle(text, expected_vm):
-    """Validate a bundle before anything is written. Messages never quote secrets."""
+    """Validate a bundle before anything is written: every copy's fields.
+    Messages never quote secrets."""
     if len(text) > 65536:
         raise QborgBundleError("bundle is larger than 64 KiB; refusing it")
     try:
@@ -135,51 +214,70 @@ def parse_bundle(text, expected_vm):
     if bundle.get("vm") != expected_vm:
         raise QborgBundleError(f"bundle is for {bundle.get('vm')!r}, not for this qube "
                                f"({expected_vm}); refusing it")
-    for field in ("repository", "remote_path", "ssh_private_key", "known_hosts", "passphrase"):
-        if not isinstance(bundle.get(field), str) or not bundle[field]:
-            raise QborgBundleError(f"bundle field {field!r} is missing or empty")
-    if not REMOTE_PATH_RE.match(bundle["remote_path"]):
-        raise QborgBundleError("bundle field 'remote_path' is not a borg command path")
-    if not re.match(r"^ssh://[A-Za-z0-9_.-]+@[A-Za-z0-9.-]+:[0-9]{1,5}/\./[A-Za-z0-9_./-]+\Z",
-                    bundle["repository"]):
-        raise QborgBundleError("bundle field 'repository' is not an ssh:// borg repository URL")
-    if any(c in bundle["passphrase"] for c in "\r\n\0") or len(bundle["passphrase"]) < 20:
-        raise QborgBundleError("bundle field 'passphrase' is not a valid passphrase")
-    kh = bundle["known_hosts"].strip()
-    parts = kh.split()
-    if "\n" in kh or len(parts) < 3 or not HOST_KEY_RE.match(" ".join(parts[1:3])):
-        raise QborgBundleError("bundle field 'known_hosts' is not one 'HOST TYPE KEY' line")
-    try:
-        public_key_of(bundle["ssh_private_key"])
-    except Exception:  # any parse error: never echo the key itself
-        raise QborgBundleError("bundle field 'ssh_private_key' is not an OpenSSH private key") from None
+    first = bundle.get("copy")
+    _check_copy_fields(bundle, f" of copy {first!r}" if isinstance(first, str)
+                       and COPY_NAME_RE.match(first) else "")
+    _check_copies(bundle)
     return bundle
+
+
+def bundle_copies(bundle, settings):
+    """{copy name: its fields} of a parsed bundle, the top level's first; a
+    bundle without "copy" (an admin qube of a single server) is one copy
+    named after the first server."""
+    first = bundle.get("copy") or settings["servers"][0]["name"]
+    out = {first: {field: bundle[field] for field in COPY_FIELDS + ("passphrase_next",)
+                   if field in bundle}}
+    for entry in bundle.get("copies", []):
+        out[entry["name"]] = {k: v for k, v in entry.items() if k != "name"}
+    return out
 
 
 def check_bundle_matches(bundle, settings, vm):
-    """A parsed bundle must agree with this qube's own pillar: its repository,
-    remote_path and the server's host (and pinned host key) in known_hosts.
-    A bundle that names another server or host key was tampered with or
-    comes from an admin qube with other settings: refused before anything
-    is written. Messages never quote secrets."""
+    """A parsed bundle must agree with this qube's own pillar: its copies
+    are the servers the VM is assigned, and each copy's repository,
+    remote_path and server host (and pinned host key) in known_hosts are
+    that server's. A bundle that names another server or host key was
+    tampered with or comes from an admin qube with other settings: refused
+    before anything is written. Messages never quote secrets."""
+    copies = bundle_copies(bundle, settings)
+    wanted = vm_copies(settings, vm)
+    if sorted(copies) != sorted(wanted):
+        missing = [name for name in wanted if name not in copies]
+        extra = [name for name in copies if name not in wanted]
+        raise QborgBundleError(
+            f"bundle carries the copies {', '.join(copies)}, but this qube's pillar assigns "
+            f"it the servers {', '.join(wanted)}"
+            + (f" (missing: {', '.join(missing)})" if missing else "")
+            + (f" (not assigned: {', '.join(extra)})" if extra else "")
+            + "; refusing it (apply qborg to the admin qube so both have the same settings, "
+              "and update qborg there if it predates several servers)")
+    named = "copy" in bundle
+    for name, entry in copies.items():
+        _check_copy_matches(entry, copy_settings(settings, name), vm,
+                            f" of copy {name!r}" if named else "")
+    return bundle
+
+
+def _check_copy_matches(entry, settings, vm, where):
     server = vm_server(settings, vm)
     expected = {"repository": repository_url(server, vm), "remote_path": server["remote_path"]}
     for field, value in expected.items():
-        if bundle[field] != value:
+        if entry[field] != value:
             raise QborgBundleError(
-                f"bundle field {field!r} is {bundle[field]!r}, but this qube's pillar says "
+                f"bundle field {field!r}{where} is {entry[field]!r}, but this qube's pillar says "
                 f"{value!r}; refusing it (apply qborg to the admin qube so both have the same "
                 f"settings, and check it was not tampered with)")
-    host, key = bundle["known_hosts"].split()[0], " ".join(bundle["known_hosts"].split()[1:3])
+    host, key = entry["known_hosts"].split()[0], " ".join(entry["known_hosts"].split()[1:3])
     if host != known_hosts_host(server):
         raise QborgBundleError(
-            f"bundle field 'known_hosts' names {host!r}, not this qube's server "
+            f"bundle field 'known_hosts'{where} names {host!r}, not this qube's server "
             f"{known_hosts_host(server)!r}; refusing it")
     if settings["server"]["host_key"] and key != settings["server"]["host_key"]:
         raise QborgBundleError(
-            "bundle field 'known_hosts' carries another host key than qborg:server:host_key "
-            f"pins for {known_hosts_host(server)}; refusing it")
-    return bundle
+            f"bundle field 'known_hosts'{where} carries another host key than "
+            f"{settings['server']['field']}:host_key pins for {known_hosts_host(server)}; "
+            f"refusing it")
 
 
 class KeystoreLock:

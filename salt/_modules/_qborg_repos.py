@@ -38,9 +38,17 @@ def key_comment(vm, installation=None):
     return f"qborg:{installation}:{vm}" if installation else f"qborg:{vm}"
 
 
+def copy_alias(server):
+    """The client's ssh alias for a server: `qborg` for the first server's
+    copy, `qborg-<copy>` for a server the client side marked with its copy
+    name (server["copy"], set only for a copy other than the first)."""
+    return f"{SSH_ALIAS}-{server['copy']}" if server.get("copy") else SSH_ALIAS
+
+
 def alias_repository_url(server, vm):
-    """The repository as the client reaches it, through its `Host qborg` alias."""
-    return f"ssh://{SSH_ALIAS}/./{repository_path(server, vm)}"
+    """The repository as the client reaches it, through its `Host qborg`
+    alias (`Host qborg-<copy>` for another copy, see copy_alias)."""
+    return f"ssh://{copy_alias(server)}/./{repository_path(server, vm)}"
 
 
 def known_hosts_host(server):

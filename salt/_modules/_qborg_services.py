@@ -16,7 +16,8 @@ bin/qborg-maint             the scheduled maintenance (cron)        admin
 ==========================  ======================================  ==========
 
 A service learns its caller only from QREXEC_REMOTE_DOMAIN, which dom0 sets
-and the caller cannot forge; the service argument is never trusted. Paths
+and the caller cannot forge; the service argument is never trusted (the
+relay takes it, validated, only to pick among the caller's own servers). Paths
 derive from the prefix the entry was installed under (qborg:paths:prefix).
 """
 
@@ -139,7 +140,7 @@ ENTRY_POINTS = {
     "qborg.GetBundle": lambda prefix, argv: get_bundle(prefix, os.environ),
     "qborg.UpdateSettings": lambda prefix, argv: push_settings(prefix, os.environ),
     "qborg.SshRelay": lambda prefix, argv: serve(os.environ, relay_config_path(prefix),
-                                                 _state_file("relay.log")),
+                                                 _state_file("relay.log"), argv=argv),
     "qborg": lambda prefix, argv: _command(prefix, argv, "qborg"),
     "qborg-maint": lambda prefix, argv: _command(prefix, ["maint", *argv], "qborg-maint"),
 }

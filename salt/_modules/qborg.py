@@ -162,7 +162,8 @@ def cron_running(name, service="crond", unit=None, test=False):
 def client_context(config):
     """
     What client.sls renders with (never raising): ``{"valid": True,
-    "interval", "remote_path", "repository"}`` or ``{"valid": False, "error"}``.
+    "interval", "copies": [{"name", "first", "repository", "remote_path"}]}``
+    (one per server the qube keeps a copy on) or ``{"valid": False, "error"}``.
 
     CLI example:
 
@@ -176,8 +177,8 @@ def client_context(config):
 @_adapt
 def bundle_installed(config, test=False):
     """
-    This qube's key, passphrase and pinned host key match its bundle from
-    the admin qube (fetched over qrexec).
+    This qube's key, passphrase and pinned host key of each copy match its
+    bundle from the admin qube (fetched over qrexec).
 
     CLI example:
 
@@ -191,8 +192,9 @@ def bundle_installed(config, test=False):
 @_adapt
 def ssh_config_managed(config, test=False):
     """
-    The managed ``Host qborg`` block comes first in the user's ~/.ssh/config;
-    every other line stays as it was.
+    The managed ``Host qborg`` blocks (``Host qborg-<server>`` for each other
+    copy) come first in the user's ~/.ssh/config; every other line stays as
+    it was.
 
     CLI example:
 
@@ -206,8 +208,9 @@ def ssh_config_managed(config, test=False):
 @_adapt
 def borgmatic_config_managed(config, test=False):
     """
-    This qube's borgmatic config, rendered for the borgmatic its user runs
-    and checked by that borgmatic's validator before it replaces the file.
+    This qube's borgmatic config of each copy, rendered for the borgmatic its
+    user runs and checked by that borgmatic's validator before any replaces
+    a file.
 
     CLI example:
 

@@ -56,6 +56,13 @@
 {#-   the bundle (key, passphrase, pinned host key): copies of the admin
       qube's keystore, which keeps them #}
 {%-   do home_paths.extend([".config/borgmatic.d/qborg.yaml", ".config/qborg"]) %}
+{#-   the config of each other server's copy (qborg-<server>.yaml); a name
+      that is no server name never reaches a path #}
+{%-   for name in qborg.get("servers") or {} %}
+{%-     if name is string and name | regex_match("^([a-z][a-z0-9-]{0,15})$") %}
+{%-       do home_paths.append(".config/borgmatic.d/qborg-" ~ name ~ ".yaml") %}
+{%-     endif %}
+{%-   endfor %}
 {%- endif %}
 {%- if "admin" in parts %}
 {%-   do crons.append(["qborg-maint", none]) %}

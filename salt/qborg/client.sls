@@ -59,9 +59,10 @@ qborg-client-ssh-dir:
     - require:
       - qborg: qborg-client-pillar-valid
 
-{#- the Host qborg block first (ssh takes the first value it meets, so a
-    Host * or Match of the user's cannot override it); every other line of
-    the user's file kept byte for byte #}
+{#- the Host qborg block (and a Host qborg-<copy> block for each other
+    server the qube keeps a copy on) first (ssh takes the first value it
+    meets, so a Host * or Match of the user's cannot override it); every
+    other line of the user's file kept byte for byte #}
 qborg-client-ssh-config:
   qborg.ssh_config_managed:
     - name: {{ (home ~ "/.ssh/config") | json }}
@@ -85,9 +86,11 @@ qborg-client-borgmatic-dir:
     - require:
       - qborg: qborg-client-pillar-valid
 
-{#- rendered for the borgmatic the user runs (prefix/bin before PATH) and
-    checked by that borgmatic's own validator before it replaces the file:
-    a config borgmatic rejects never replaces a working one #}
+{#- one config per copy (qborg.yaml for the first server's, qborg-<copy>.yaml
+    for another), rendered for the borgmatic the user runs (prefix/bin before
+    PATH) and checked by that borgmatic's own validator before any replaces
+    a file: a config borgmatic rejects never replaces a working one; the
+    config of a server no longer assigned goes #}
 qborg-client-borgmatic:
   qborg.borgmatic_config_managed:
     - name: {{ (home ~ "/.config/borgmatic.d/qborg.yaml") | json }}
@@ -103,8 +106,8 @@ qborg-client-borgbak:
     - context:
         conf: {{ conf | json }}
         state_dir: {{ state_dir | json }}
-        repository: {{ context.repository | json }}
-        remote_path: {{ context.remote_path | json }}
+        interval: {{ context.interval | json }}
+        copies: {{ context.copies | json }}
     - user: root
     - group: root
     - mode: '0755'

@@ -86,7 +86,10 @@ def copy(source, sink, flipper):
 def main():
     caller = os.environ["QREXEC_REMOTE_DOMAIN"]
     with open(CONFIG, encoding="utf-8") as handle:
-        route = json.load(handle)["routes"][caller]
+        config = json.load(handle)
+    # the copy is the service argument; none: the first server's
+    server = os.environ.get("QREXEC_SERVICE_ARGUMENT") or config["first"]
+    route = config["routes"][caller][server]
     sock = socket.create_connection((route["host"], route["port"]))
     down = Flipper("kex-reply" if MODE == "hostkey" else "after-newkeys") \
         if MODE in ("hostkey", "mac-from-server") else None

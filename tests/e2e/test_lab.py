@@ -21,6 +21,7 @@ echo "caller=$QREXEC_REMOTE_DOMAIN"
 echo "user=$(id -un)"
 echo "cwd=$(pwd)"
 echo "arg=${QREXEC_SERVICE_ARGUMENT-}"
+echo "argv=$#:${1-}"
 env | sort | sed 's/^/env:/'
 sed 's/^/stdin:/'
 case "${QREXEC_SERVICE_ARGUMENT-}" in exit*) exit "${QREXEC_SERVICE_ARGUMENT#exit}";; esac
@@ -234,6 +235,7 @@ def test_argument_and_exit_code(lab, rpc):
     proc = call(lab, "vm-personal", ADMIN, service=SERVICE + "+exit7")
     assert proc.returncode == 7
     assert parse(proc.stdout)["arg"] == "exit7"
+    assert parse(proc.stdout)["argv"] == "1:exit7"  # as Qubes gives it: also argv[1]
     proc = call(lab, "vm-personal", ADMIN, service=SERVICE + "+other")
     assert proc.returncode == 126 and proc.stdout == ""
 

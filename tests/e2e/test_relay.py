@@ -143,9 +143,11 @@ def test_each_part_is_in_place(relay_lab):
     with open(config_path, encoding="utf-8") as handle:
         config = json.load(handle)
     # a route for each VM it may carry: vm-work (`via: auto`, as the relay
-    # cannot see its netvm; dom0's policy does not let it call) and the vault
-    server = {"host": "127.0.0.1", "port": lab.port}
+    # cannot see its netvm; dom0's policy does not let it call) and the
+    # vault, each to the server of its one copy (the first server's)
+    server = {"main": {"host": "127.0.0.1", "port": lab.port}}
     assert config["routes"] == {VAULT: server, "vm-work": server}
+    assert config["first"] == "main"
     st = os.stat(config_path)
     assert (st.st_uid, st.st_mode & 0o777) == (0, 0o644)
     service = os.path.join(lab.rpc_dir(RELAY), SERVICE)
@@ -308,11 +310,10 @@ def test_the_relay_connects_only_to_the_configured_server(relay_lab, decoy):
                              str(lab.port)]).stdout.strip()
     assert banner.startswith("SSH-2.0-OpenSSH")
     attempts = [
-        ("127.0.0.1+%d" % decoy.port, b""),
         ("", b"127.0.0.1 %d\n" % decoy.port),
         ("", b"CONNECT 127.0.0.1:%d HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n"
              % (decoy.port, decoy.port)),
-        ("localhost+%d" % decoy.port, b"SSH-2.0-x\r\nhost=127.0.0.1 port=%d\n" % decoy.port),
+        ("main", b"SSH-2.0-x\r\nhost=127.0.0.1 port=%d\n" % decoy.port),
     ]
     for argument, stdin in attempts:
         before = len(relay_log(lab))
@@ -322,10 +323,24 @@ def test_the_relay_connects_only_to_the_configured_server(relay_lab, decoy):
         lines = relay_log(lab)[before:]
         assert len(lines) == 1
         fields = log_fields(lines[0])
-        assert fields["caller"] == VAULT
+        assert fields["caller"] == VAULT and fields["copy"] == "main"
         assert fields["server"] == "127.0.0.1:%d" % lab.port
         assert int(fields["bytes_to_server"]) == len(stdin)
         assert int(fields["bytes_from_server"]) >= len(banner)
+    # an argument picks only among the caller's own servers: an address, or
+    # a server it has no copy on, is refused before any connection
+    before_conn = sshd_connections(lab)
+    for argument, logged, result in (("127.0.0.1+%d" % decoy.port, "127.0.0.1+%d" % decoy.port,
+                                      "refused:bad-argument"),
+                                     ("localhost", "localhost", "refused:unknown-copy")):
+        proc = relay_call(lab, VAULT, argument, b"SSH-2.0-x\r\n")
+        out, code = relay_result(proc)
+        assert (out, code) == (b"", 1), (argument, proc.stderr)
+        assert "refused" in proc.stderr
+        fields = log_fields(relay_log(lab)[-1])
+        assert (fields["caller"], fields["copy"], fields["server"], fields["result"]) == \
+            (VAULT, logged, "-", result)
+    assert sshd_connections(lab) == before_conn
     assert decoy.accepted == 0
 
 

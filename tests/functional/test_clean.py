@@ -178,6 +178,7 @@ def test_applied_it_removes_the_client_part_and_a_second_run_changes_nothing(
                        "  HostName de1234.rsync.net\n# END qborg\n" + theirs,
         ".config/qborg/passphrase": "secret\n",
         ".config/borgmatic.d/qborg.yaml": "repositories: []\n",
+        ".config/borgmatic.d/qborg-offsite.yaml": "repositories: []\n",
         ".config/borgmatic.d/mine.yaml": "repositories: []\n",
         ".local/state/qborg/backup.log": "ok\n",
     }
@@ -193,7 +194,10 @@ def test_applied_it_removes_the_client_part_and_a_second_run_changes_nothing(
                "@reboot /usr/local/bin/qborg-backup --scheduled --interval 1h --delay 60\n"
                "0 3 * * * echo the user's own\n")
     as_user(user, "crontab", "-", input=crontab, text=True)
-    pillar = {"qborg": {"user": user, "paths": {"prefix": str(prefix)}}}
+    # a second server's copy: its config goes too; a name that is no
+    # server name never reaches a path
+    pillar = {"qborg": {"user": user, "paths": {"prefix": str(prefix)},
+                        "servers": {"offsite": {"host": "u1.example"}, "/../mine": {}}}}
     sls = loaders.modules.state.sls
 
     # test=True: says what it would remove (Salt's file.absent lists it as a
@@ -202,7 +206,7 @@ def test_applied_it_removes_the_client_part_and_a_second_run_changes_nothing(
     assert all(state["result"] is not False for state in dry.values()), dry
     # (not the @reboot entry: Salt's cron.absent looks among the timed ones
     # only under test=True)
-    assert sum(1 for state in dry.values() if state["result"] is None) == 7, dry
+    assert sum(1 for state in dry.values() if state["result"] is None) == 8, dry
     assert sorted(p.name for p in (prefix / "bin").iterdir()) == [
         "borg-of-the-user", "borgbak", "qborg-backup"]
     for path, text in files.items():
@@ -211,7 +215,7 @@ def test_applied_it_removes_the_client_part_and_a_second_run_changes_nothing(
 
     first = sls("qborg.clean", pillar=pillar).raw
     assert all(state["result"] for state in first.values()), first
-    assert sum(1 for state in first.values() if state["changes"]) == 8, first
+    assert sum(1 for state in first.values() if state["changes"]) == 9, first
     assert sorted(p.name for p in (prefix / "bin").iterdir()) == ["borg-of-the-user"]
     assert (home / ".ssh" / "config").read_text() == theirs
     assert (home / ".ssh" / "config").stat().st_mode & 0o777 == 0o640

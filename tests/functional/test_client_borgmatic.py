@@ -101,3 +101,53 @@ def test_a_newer_borgmatic_in_the_prefix_wins_and_gets_the_flat_format(states, m
     conf = yaml.safe_load(client["path"].read_text())
     assert "location" not in conf
     assert conf["apprise"]["services"][0]["url"] == "mailto://a@b"
+
+
+OFFSITE = {"provider": "hetzner", "host": "u1.your-storagebox.de", "user": "u1"}
+
+
+def test_each_copy_gets_its_config_and_a_server_no_longer_assigned_loses_it(states, client):
+    client["config"]["servers"] = {"offsite": OFFSITE}
+    configs = client["path"].parent
+    (configs / "mine.yaml").write_text("repositories: []\n")  # the user's own: stays
+    ret = apply(states, client)
+    assert ret.result is True, ret.comment
+    assert (ret.changes["config"], ret.changes["offsite:config"]) == ("created", "created")
+    offsite = configs / "qborg-offsite.yaml"
+    conf = yaml.safe_load(offsite.read_text())
+    assert conf["location"]["repositories"] == ["ssh://qborg-offsite/./qborg/vm-personal"]
+    assert conf["location"]["remote_path"] == "borg-1.4"
+    assert conf["storage"]["encryption_passcommand"] == \
+        f"cat {client['home']}/.config/qborg/copies/offsite/passphrase"
+    assert '"copy": "offsite"' in offsite.read_text().splitlines()[1]
+    assert (offsite.stat().st_mode & 0o777) == 0o600
+    again = apply(states, client)
+    assert again.result is True and again.changes == {}, again.changes
+    assert "are up to date" in again.comment
+
+    # vm-personal keeps its copy on offsite only: qborg.yaml goes
+    client["config"]["vms"]["vm-personal"]["servers"] = ["offsite"]
+    dry = apply(states, client, test=True)
+    assert dry.result is None and dry.changes["removed"] == [str(client["path"])]
+    assert client["path"].exists()
+    ret = apply(states, client)
+    assert ret.result is True and ret.changes == {"borgmatic": "1.7.7",
+                                                  "removed": [str(client["path"])]}
+    assert sorted(os.listdir(configs)) == ["mine.yaml", "qborg-offsite.yaml"]
+    # and back to the first server only: the other copy's config goes
+    client["config"]["vms"]["vm-personal"]["servers"] = ["main"]
+    ret = apply(states, client)
+    assert ret.changes["config"] == "created" and ret.changes["removed"] == [str(offsite)]
+    assert sorted(os.listdir(configs)) == ["mine.yaml", "qborg.yaml"]
+
+
+def test_one_copy_borgmatic_rejects_changes_no_copy(states, client):
+    client["config"]["servers"] = {"offsite": OFFSITE}
+    assert apply(states, client).result is True
+    configs = client["path"].parent
+    before = {p.name: p.read_bytes() for p in configs.iterdir()}
+    client["config"]["vms"]["vm-personal"]["checks"] = [{"name": "spot"}]
+    ret = apply(states, client)
+    assert ret.result is False and ret.changes == {}
+    assert "qborg:vms:vm-personal:checks" in ret.comment
+    assert {p.name: p.read_bytes() for p in configs.iterdir()} == before

@@ -12,8 +12,8 @@ def test_client_context_has_the_rendered_values(modules, qborg_config):
     assert context == {
         "valid": True,
         "interval": "30m",
-        "remote_path": "borg14",
-        "repository": "ssh://qborg/./qborg/vm-personal",
+        "copies": [{"name": "main", "first": True, "remote_path": "borg14",
+                    "repository": "ssh://qborg/./qborg/vm-personal"}],
     }
 
 

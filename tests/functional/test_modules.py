@@ -70,11 +70,12 @@ def test_borgmatic_config_renders_sectioned_yaml(core, settings):
     assert conf["location"]["source_directories"] == ["/root/Documents"]
     assert conf["location"]["remote_path"] == "borg14"
     assert conf["storage"]["encryption_passcommand"] == "cat /root/.config/qborg/passphrase"
-    # the run note for qborg-backup: the borgmatic it is for, the sources as in the config
+    # the run note for qborg-backup: the borgmatic it is for, the sources as in
+    # the config, the copy (the server) it backs up to
     note = text.splitlines()[1]
     assert note.startswith("# qborg-backup: ")
     assert json.loads(note[len("# qborg-backup: "):]) == {
-        "borgmatic": "1.7.7", "source_directories": ["/root/Documents"]}
+        "borgmatic": "1.7.7", "source_directories": ["/root/Documents"], "copy": "main"}
 
 
 def test_borgmatic_config_flat_for_newer_borgmatic(core, settings):

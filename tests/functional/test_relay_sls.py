@@ -96,9 +96,9 @@ def test_the_relay_qube_gets_the_relay_part_only(relay_loaders_for):
         "salt://qborg/files/common/qborg-entry"
     config = high["qborg-relay-config"]
     assert _arg(config, "file", "name") == "/usr/local/etc/qborg/relay.json"
-    # a route for each VM it may carry (via relay, or auto): dom0's policy,
-    # which knows each qube's netvm, picks who may call
-    server = {"host": "de1234.rsync.net", "port": 22}
+    # a route for each VM it may carry (via relay, or auto), one per copy:
+    # dom0's policy, which knows each qube's netvm, picks who may call
+    server = {"main": {"host": "de1234.rsync.net", "port": 22}}
     assert json.loads(_arg(config, "file", "contents"))["routes"] == \
         {vm: server for vm in (OFFLINE, "vm-personal", VAULT, "vm-work")}
     assert (_arg(config, "file", "user"), _arg(config, "file", "mode")) == ("root", "0644")

@@ -158,9 +158,9 @@ def test_relay_routes_one_server_per_relayed_vm(relayed):
     settings = settings_mod.validate_settings(relayed)
     config = relay.relay_config(settings)
     assert config == {
-        "format": 1, "relay_vm": "sys-qborg-relay",
-        "routes": {"vm-mail": {"host": "abcd.repo.borgbase.com", "port": 2222},
-                   "vm-vault": {"host": "de1234.rsync.net", "port": 22}},
+        "format": 2, "relay_vm": "sys-qborg-relay", "first": "main",
+        "routes": {"vm-mail": {"main": {"host": "abcd.repo.borgbase.com", "port": 2222}},
+                   "vm-vault": {"main": {"host": "de1234.rsync.net", "port": 22}}},
     }
     text = relay.relay_config_text(settings)
     assert json.loads(text) == config and text.endswith("\n")
@@ -248,14 +248,14 @@ def server():
 @pytest.fixture
 def relay_setup(tmp_path, server):
     config = tmp_path / "relay.json"
-    config.write_text(json.dumps({"format": 1, "relay_vm": "sys-qborg-relay",
-                                  "routes": {"vm-vault": {"host": "127.0.0.1",
-                                                          "port": server.port}}}))
+    config.write_text(json.dumps({"format": 2, "relay_vm": "sys-qborg-relay", "first": "main",
+                                  "routes": {"vm-vault": {"main": {"host": "127.0.0.1",
+                                                                   "port": server.port}}}}))
     return {"config": str(config), "log": str(tmp_path / "state" / "qborg" / "relay.log"),
             "server": server}
 
 
-def run_relay(setup, caller, stdin_bytes, env_extra=None, connect=None):
+def run_relay(setup, caller, stdin_bytes, env_extra=None, connect=None, argv=()):
     """serve() with pipes for stdin/stdout; returns (code, stdout, stderr)."""
     in_r, in_w = os.pipe()
     out_r, out_w = os.pipe()
@@ -278,7 +278,7 @@ def run_relay(setup, caller, stdin_bytes, env_extra=None, connect=None):
 
     def target():
         result["code"] = relay.serve(environ, setup["config"], setup["log"], in_fd=in_r,
-                                     out_fd=out_w, err=Err(), **kwargs)
+                                     out_fd=out_w, err=Err(), argv=argv, **kwargs)
 
     thread = threading.Thread(target=target)
     thread.start()
@@ -308,7 +308,7 @@ def test_relay_pipes_both_ways_to_the_configured_server(relay_setup):
     assert relay_setup["server"].received == [b"hello server\n"]
     [line] = log_lines(relay_setup)
     port = relay_setup["server"].port
-    assert f" qborg.SshRelay caller=vm-vault server=127.0.0.1:{port} result=ok " in line
+    assert f" qborg.SshRelay caller=vm-vault copy=main server=127.0.0.1:{port} result=ok " in line
     assert " bytes_to_server=13 bytes_from_server=27 " in line
     assert line.split()[-1].startswith("seconds=")
     log = pathlib.Path(relay_setup["log"])
@@ -317,14 +317,11 @@ def test_relay_pipes_both_ways_to_the_configured_server(relay_setup):
 
 
 def test_relay_takes_the_destination_from_its_config_only(relay_setup):
-    """Neither the argument nor anything on stdin moves the connection."""
+    """Nothing on stdin moves the connection."""
     decoy = Server(greeting=b"DECOY\r\n")
     try:
         asked = b"CONNECT 127.0.0.1:%d HTTP/1.1\r\n\r\n127.0.0.1 %d\n" % (decoy.port, decoy.port)
-        code, out, _err = run_relay(
-            relay_setup, "vm-vault", asked,
-            env_extra={"QREXEC_SERVICE_ARGUMENT": "127.0.0.1+%d" % decoy.port,
-                       "QREXEC_SERVICE_FULL_NAME": "qborg.SshRelay+127.0.0.1+%d" % decoy.port})
+        code, out, _err = run_relay(relay_setup, "vm-vault", asked)
     finally:
         decoy.close()
     assert code == 0
@@ -333,12 +330,88 @@ def test_relay_takes_the_destination_from_its_config_only(relay_setup):
     assert relay_setup["server"].received == [asked]
 
 
+@pytest.mark.parametrize("argument, argv, logged", [
+    ("127.0.0.1+%d", None, "127.0.0.1+%d"),          # an address
+    ("localhost", None, "localhost"),                # a server name, but none of the caller's
+    ("Offsite", None, "Offsite"),                    # not a server name
+    ("a" * 17, None, "a" * 17),
+    ("main\nx", None, "(invalid)"),
+    ("offsite", ["main"], "offsite"),                # the environment and argv disagree
+    ("", ["offsite"], "-"),
+    ("offsite", ["offsite", "x"], "offsite"),
+])
+def test_relay_refuses_an_argument_that_names_none_of_the_callers_copies(
+        relay_setup, argument, argv, logged):
+    """The argument picks only among the caller's own copies; anything else
+    is refused before a connection is made, and logged."""
+    decoy = Server(greeting=b"DECOY\r\n")
+    try:
+        argument = argument.replace("%d", str(decoy.port))
+        logged = logged.replace("%d", str(decoy.port))
+        code, out, err = run_relay(
+            relay_setup, "vm-vault", b"SSH-2.0-x\r\n",
+            env_extra={"QREXEC_SERVICE_ARGUMENT": argument} if argument else {},
+            argv=argv if argv is not None else [argument])
+    finally:
+        decoy.close()
+    assert (code, out) == (relay.EXIT_REFUSED, b"")
+    assert decoy.received == [] and relay_setup["server"].received == []
+    assert "refused" in err
+    fields = dict(f.split("=", 1) for f in log_lines(relay_setup)[-1].split()[2:])
+    assert fields["caller"] == "vm-vault" and fields["server"] == "-"
+    assert fields["result"] in ("refused:bad-argument", "refused:unknown-copy")
+    assert fields["copy"] == logged
+
+
+def test_relay_takes_each_copy_to_its_own_server(relay_setup):
+    other = Server(greeting=b"SSH-2.0-offsite\r\n")
+    try:
+        config = json.loads(pathlib.Path(relay_setup["config"]).read_text())
+        config["routes"]["vm-vault"]["offsite"] = {"host": "127.0.0.1", "port": other.port}
+        pathlib.Path(relay_setup["config"]).write_text(json.dumps(config))
+        # as Qubes runs it: the argument in the environment and as argv[1]
+        code, out, err = run_relay(relay_setup, "vm-vault", b"to offsite\n",
+                                   env_extra={"QREXEC_SERVICE_ARGUMENT": "offsite"},
+                                   argv=["offsite"])
+        assert code == 0, err
+        assert out == b"SSH-2.0-offsite\r\nTO OFFSITE\n"
+        # without an argument (and with the first's name): the first server
+        for env_extra, argv in (({}, []), ({"QREXEC_SERVICE_ARGUMENT": "main"}, ["main"])):
+            code, out, err = run_relay(relay_setup, "vm-vault", b"to main\n",
+                                       env_extra=env_extra, argv=argv)
+            assert (code, out) == (0, b"SSH-2.0-test\r\nTO MAIN\n"), err
+    finally:
+        other.close()
+    assert other.received == [b"to offsite\n"]
+    assert relay_setup["server"].received == [b"to main\n", b"to main\n"]
+    lines = log_lines(relay_setup)
+    assert f"caller=vm-vault copy=offsite server=127.0.0.1:{other.port} result=ok" in lines[0]
+    assert " copy=main " in lines[1] and " copy=main " in lines[2]
+
+
+def test_relay_routes_every_copy_of_a_relayed_vm(relayed):
+    relayed["servers"] = {"offsite": {"provider": "hetzner", "host": "u1.your-storagebox.de",
+                                      "user": "u1"}}
+    relayed["vms"]["vm-work"] = {"servers": ["offsite"], "via": "relay"}
+    settings = settings_mod.validate_settings(relayed)
+    routes = relay.relay_config(settings)["routes"]
+    assert routes["vm-vault"] == {"main": {"host": "de1234.rsync.net", "port": 22},
+                                  "offsite": {"host": "u1.your-storagebox.de", "port": 23}}
+    assert routes["vm-work"] == {"offsite": {"host": "u1.your-storagebox.de", "port": 23}}
+    # the ProxyCommand names the copy for every server but the first
+    assert relay.relay_proxy_command("sys-qborg-relay", "offsite") == \
+        "qrexec-client-vm sys-qborg-relay qborg.SshRelay+offsite"
+    with pytest.raises(base.QborgConfigError):
+        relay.relay_proxy_command("sys-qborg-relay", "off site")
+
+
 def test_relay_refuses_a_caller_it_does_not_relay(relay_setup):
     code, out, err = run_relay(relay_setup, "vm-work", b"SSH-2.0-x\r\n")
     assert (code, out) == (relay.EXIT_REFUSED, b"")
     assert "vm-work is not relayed by this qube" in err
     assert relay_setup["server"].received == []
-    assert "caller=vm-work server=- result=refused:not-relayed" in log_lines(relay_setup)[-1]
+    assert "caller=vm-work copy=main server=- result=refused:not-relayed" in \
+        log_lines(relay_setup)[-1]
 
 
 @pytest.mark.parametrize("caller", [None, "", "vm vault", "../x", "dom0", "a" * 40, "vm\nx"])
@@ -350,10 +423,20 @@ def test_relay_refuses_an_invalid_caller(relay_setup, caller):
 
 
 @pytest.mark.parametrize("content", [
-    "not json", json.dumps({"format": 2, "routes": {}}),
-    json.dumps({"format": 1, "routes": {"vm-vault": {"host": "-oProxyCommand=x", "port": 22}}}),
-    json.dumps({"format": 1, "routes": {"vm-vault": {"host": "h", "port": "22"}}}),
-    json.dumps({"format": 1, "routes": {"bad name": {"host": "h", "port": 22}}}),
+    "not json", json.dumps({"format": 3, "first": "main", "routes": {}}),
+    # a relay of one server per VM (before several servers): applied again, it gets routes per copy
+    json.dumps({"format": 1, "routes": {"vm-vault": {"host": "h", "port": 22}}}),
+    json.dumps({"format": 2, "routes": {}}),
+    json.dumps({"format": 2, "first": "Main", "routes": {}}),
+    json.dumps({"format": 2, "first": "main",
+                "routes": {"vm-vault": {"main": {"host": "-oProxyCommand=x", "port": 22}}}}),
+    json.dumps({"format": 2, "first": "main",
+                "routes": {"vm-vault": {"main": {"host": "h", "port": "22"}}}}),
+    json.dumps({"format": 2, "first": "main",
+                "routes": {"bad name": {"main": {"host": "h", "port": 22}}}}),
+    json.dumps({"format": 2, "first": "main",
+                "routes": {"vm-vault": {"Off site": {"host": "h", "port": 22}}}}),
+    json.dumps({"format": 2, "first": "main", "routes": {"vm-vault": {"host": "h", "port": 22}}}),
 ])
 def test_relay_refuses_with_a_bad_config(relay_setup, content):
     pathlib.Path(relay_setup["config"]).write_text(content)
