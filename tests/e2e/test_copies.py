@@ -4,6 +4,7 @@ each with its own key, passphrase and authorized_keys line."""
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -244,3 +245,29 @@ def test_rotation_changes_the_key_and_passphrase_of_both_copies(client):
     for path in (lab.authorized_keys_path, lab.server2_authorized_keys_path):
         lines = managed_lines(path, VM)
         assert len(lines) == 1 and not any(blob in lines[0] for blob in old), lines
+
+
+def test_one_copys_secrets_open_nothing_on_the_other_server(client):
+    """The attacker holds the VM's first copy (its key and passphrase, as a
+    leak of one copy would give) and turns to the second server."""
+    lab = client
+    conf = "$HOME/.config/qborg"
+    offsite = "ssh://%s@127.0.0.1:%d/./qborg/%s" % (lab.server2_user, lab.server2_port, VM)
+
+    def borg_list(key, passphrase):
+        rsh = ("ssh -i %s/%s -o IdentitiesOnly=yes -o BatchMode=yes -o StrictHostKeyChecking=yes "
+               "-o UserKnownHostsFile=%s/copies/offsite/known_hosts -F /dev/null" % (conf, key, conf))
+        return vm_run(lab, 'BORG_RSH="%s" BORG_PASSCOMMAND="cat %s/%s" BORG_REMOTE_PATH=%s '
+                           'BORG_RELOCATED_REPO_ACCESS_IS_OK=yes borg list --short %s'
+                      % (rsh, conf, passphrase, lab.remote_path, offsite), check=False)
+
+    # the first copy's key is not let in on the second server at all
+    proc = borg_list("ssh_key", "passphrase")
+    assert proc.returncode != 0 and "Permission denied (publickey" in proc.stderr, proc.stderr
+    # with the second copy's own key, the first copy's passphrase opens nothing
+    proc = borg_list("copies/offsite/ssh_key", "passphrase")
+    assert proc.returncode != 0 and re.search(r"passphrase supplied in .* is incorrect",
+                                              proc.stderr), proc.stderr
+    # and the second copy's own secrets do (the test itself can fail)
+    proc = borg_list("copies/offsite/ssh_key", "copies/offsite/passphrase")
+    assert proc.returncode == 0 and proc.stdout.split(), proc.stderr
