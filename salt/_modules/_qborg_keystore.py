@@ -214,9 +214,10 @@ def parse_bundle(text, expected_vm):
     if bundle.get("vm") != expected_vm:
         raise QborgBundleError(f"bundle is for {bundle.get('vm')!r}, not for this qube "
                                f"({expected_vm}); refusing it")
+    # a copy is named in messages when there are several to tell apart
     first = bundle.get("copy")
     _check_copy_fields(bundle, f" of copy {first!r}" if isinstance(first, str)
-                       and COPY_NAME_RE.match(first) else "")
+                       and COPY_NAME_RE.match(first) and bundle.get("copies") else "")
     _check_copies(bundle)
     return bundle
 
@@ -252,7 +253,7 @@ def check_bundle_matches(bundle, settings, vm):
             + (f" (not assigned: {', '.join(extra)})" if extra else "")
             + "; refusing it (apply qborg to the admin qube so both have the same settings, "
               "and update qborg there if it predates several servers)")
-    named = "copy" in bundle
+    named = bool(bundle.get("copies"))
     for name, entry in copies.items():
         _check_copy_matches(entry, copy_settings(settings, name), vm,
                             f" of copy {name!r}" if named else "")
