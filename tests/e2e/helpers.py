@@ -20,6 +20,14 @@ def failed(result):
     return {v["__id__"]: v["comment"] for v in result.values() if v.get("result") is False}
 
 
+def applied_ok(lab, qube, test=False):
+    """state.apply qborg in qube, which must succeed; its result."""
+    rc, result = lab.apply(qube, test=test)
+    assert rc == 0 and isinstance(result, dict) and not failed(result), \
+        (qube, failed(result) if isinstance(result, dict) else result, lab.last.stderr[-2000:])
+    return result
+
+
 def by_id(result, state_id):
     return next(v for v in result.values() if v["__id__"] == state_id)
 

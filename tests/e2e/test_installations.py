@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from helpers import ADMIN, archives, failed, keystore, read_bytes
+from helpers import applied_ok, ADMIN, archives, failed, keystore, read_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "salt", "_modules"))
@@ -46,13 +46,6 @@ def second_tag(first):
     if tag == first:
         tag = first[:5] + "j"
     return qborg_lab._check_tag(tag)
-
-
-def applied_ok(lab, qube, test=False):
-    rc, result = lab.apply(qube, test=test)
-    assert rc == 0 and isinstance(result, dict) and not failed(result), \
-        (qube, failed(result) if isinstance(result, dict) else result, lab.last.stderr[-2000:])
-    return result
 
 
 def admin_side(lab):

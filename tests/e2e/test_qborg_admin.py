@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from helpers import admin_owner, by_id, changed, failed, read_bytes
+from helpers import applied_ok, admin_owner, by_id, changed, failed, read_bytes
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(REPO, "salt", "_modules"))
@@ -27,13 +27,6 @@ import _qborg_server as server_mod  # noqa: E402
 import _qborg_admin as admin  # noqa: E402
 
 NEW_VM = "vm-new"
-
-
-def applied_ok(lab, qube, test=False):
-    rc, result = lab.apply(qube, test=test)
-    assert rc == 0 and isinstance(result, dict) and not failed(result), \
-        (qube, failed(result) if isinstance(result, dict) else result)
-    return result
 
 
 def snapshot(*roots):

@@ -19,6 +19,7 @@ import _qborg_keystore as keystore_mod
 import _qborg_server as server_mod
 import _qborg_servers as servers_mod
 import _qborg_settings as settings_mod
+from unit.test_maint import snapshot  # every file under a directory: (bytes, mode)
 
 HOST_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOffsiteHostKeyOffsiteHostKeyOffsiteHost"
 OFFSITE = {"provider": "hetzner", "host": "u1234.your-storagebox.de", "user": "u1234",
@@ -31,16 +32,6 @@ def two_servers(merged):
     raw["servers"] = {"offsite": dict(OFFSITE)}
     raw["vms"]["vm-mail"] = {"servers": ["main"]}
     return raw, settings_mod.validate_settings(raw)
-
-
-def snapshot(root):
-    out = {}
-    for dirpath, _dirs, names in os.walk(root):
-        for name in names:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = (f.read(), stat.S_IMODE(os.stat(path).st_mode))
-    return out
 
 
 @pytest.fixture
