@@ -122,6 +122,19 @@ def borg_sshd_config_text(port, host_key_path, pidfile, user, what):
     ])
 
 
+def stop_lab_sshd(pid, running, config, pidfile, orphans_too=False):
+    """Stop a lab sshd: its pidfile's pid, every listener of `running` ({pid:
+    config path}) started from `config` (with orphans_too, also those whose
+    config is gone), and remove the pidfile."""
+    if pid:
+        _stop_pid(pid)
+    for other, path in running.items():
+        if path == config or (orphans_too and not os.path.exists(path)):
+            _stop_pid(other)
+    if os.path.exists(pidfile):
+        os.unlink(pidfile)
+
+
 class ServerMixin:
     """The borg server's sshd, and commands run as its login user."""
 
@@ -181,14 +194,8 @@ class ServerMixin:
                             self.sshd_pid, self._stop_sshd, old_port, "sshd")
 
     def _stop_sshd(self):
-        pid = self.sshd_pid()
-        if pid:
-            _stop_pid(pid)
-        for other, config in _lab_sshd_pids(self.tag).items():
-            if config == self.sshd_config:
-                _stop_pid(other)
-        if os.path.exists(self.sshd_pidfile):
-            os.unlink(self.sshd_pidfile)
+        stop_lab_sshd(self.sshd_pid(), _lab_sshd_pids(self.tag), self.sshd_config,
+                      self.sshd_pidfile)
 
     def server(self, cmd, check=True, input=None, env=None):
         """Run CMD as the borg server's login user, in its home."""

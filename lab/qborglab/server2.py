@@ -6,9 +6,9 @@ server that is down."""
 import json
 import os
 
-from .common import _pidfile_pid, _stop_pid, _tagged, _write
+from .common import _pidfile_pid, _tagged, _write
 from .server import (_ensure_host_key, _lab_sshd_pids, _launch_sshd, _ssh_banner,
-                     borg_sshd_config_text)
+                     borg_sshd_config_text, stop_lab_sshd)
 
 
 def server2_config_name(tag=""):
@@ -100,14 +100,9 @@ class Server2Mixin:
     def stop_server2(self):
         """Stop the second server's sshd (a server that is down); its
         repositories and authorized_keys stay."""
-        pid = self.server2_pid()
-        if pid:
-            _stop_pid(pid)
-        for other, config in _lab_sshd_pids(self.tag, server2_config_name(self.tag)).items():
-            if config == self.server2_config or not os.path.exists(config):
-                _stop_pid(other)
-        if os.path.exists(self.server2_pidfile):
-            os.unlink(self.server2_pidfile)
+        stop_lab_sshd(self.server2_pid(),
+                      _lab_sshd_pids(self.tag, server2_config_name(self.tag)),
+                      self.server2_config, self.server2_pidfile, orphans_too=True)
 
     def server2(self, cmd, check=True, input=None, env=None):
         """Run CMD as the second server's login user, in its home."""

@@ -64,15 +64,7 @@ def targets(settings, names):
         return {name: None for name in copy_names(settings)}
     wanted = {}
     for target in names:
-        vm, _at, server = str(target).partition("@")
-        require_vm(settings, vm)
-        chosen = vm_copies(settings, vm)
-        if server:
-            if server not in chosen:
-                raise QborgConfigError(
-                    f"{target}: {vm} keeps no copy on a server named {server!r} (its "
-                    f"servers: {', '.join(chosen)})")
-            chosen = [server]
+        vm, chosen = _target(settings, target)
         for name in chosen:
             wanted.setdefault(name, [])
             if vm not in wanted[name]:
@@ -80,21 +72,28 @@ def targets(settings, names):
     return {name: wanted[name] for name in copy_names(settings) if name in wanted}
 
 
-def one_copy(settings, target):
-    """(that server's copy of the settings, vm) for VM (its first copy, when
-    it has one only) or VM@server."""
+def _target(settings, target):
+    """(vm, the servers of its copies that target names): VM, every copy;
+    VM@server, that one, refused naming the VM's servers if it has none there."""
     vm, _at, server = str(target).partition("@")
     require_vm(settings, vm)
     chosen = vm_copies(settings, vm)
     if not server:
-        if len(chosen) > 1:
-            raise QborgConfigError(
-                f"{vm} keeps copies on {', '.join(chosen)}: name one, e.g. {vm}@{chosen[1]}")
-        server = chosen[0]
+        return vm, chosen
     if server not in chosen:
         raise QborgConfigError(f"{target}: {vm} keeps no copy on a server named {server!r} "
                                f"(its servers: {', '.join(chosen)})")
-    return copy_settings(settings, server), vm
+    return vm, [server]
+
+
+def one_copy(settings, target):
+    """(that server's copy of the settings, vm) for VM (its first copy, when
+    it has one only) or VM@server."""
+    vm, chosen = _target(settings, target)
+    if len(chosen) > 1:
+        raise QborgConfigError(
+            f"{vm} keeps copies on {', '.join(chosen)}: name one, e.g. {vm}@{chosen[1]}")
+    return copy_settings(settings, chosen[0]), vm
 
 
 def maintain_all(settings, maint, home, owner=None, vms=None, scheduled=False, check=None):
