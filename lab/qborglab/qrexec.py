@@ -18,6 +18,16 @@ from .common import HERE, LabError, _mkdir, _must, _pidfile_pid, _proc_matches, 
 DOM0_TOOLS = ("qvm-check", "qvm-prefs", "qvm-features", "qvm-service")
 # the stand-ins for a qube's own qubesdb-read and systemctl (its cron unit)
 QUBE_TOOLS = ("qubesdb-read", "systemctl")
+# what every lab qube takes from its template's root (qubes-core-agent):
+# LAB/template/<path> stands for /<path> in each qube
+TEMPLATE_FILES = {"qubes.Filecopy": os.path.join("etc", "qubes-rpc", "qubes.Filecopy"),
+                  "qfile-unpacker": os.path.join("usr", "lib", "qubes", "qfile-unpacker")}
+# Qubes' own default for the file copy (qubes-core-admin:
+# qubes-rpc-policy/90-default.policy, R4.2): the user confirms each copy in
+# a dom0 dialog. The lab's dom0 has this line of that file and no other.
+DEFAULT_POLICY = ("# the qubes.Filecopy line of Qubes' 90-default.policy (R4.2); the lab's\n"
+                  "# broker logs each ask and says yes for the user\n"
+                  "qubes.Filecopy          *           @anyvm          @anyvm      ask\n")
 
 
 def _lab_broker_pids():
@@ -34,6 +44,16 @@ class QrexecMixin:
             source = os.path.join(HERE, "bin", name)
             with open(source, encoding="utf-8") as handle:
                 _write(os.path.join(self.bin_dir, name), handle.read(), 0o755)
+        for name, relative in TEMPLATE_FILES.items():
+            target = os.path.join(self.template_dir, relative)
+            path = self.template_dir
+            _mkdir(path, 0o755)
+            for part in os.path.dirname(relative).split(os.sep):
+                path = os.path.join(path, part)
+                _mkdir(path, 0o755)
+            with open(os.path.join(HERE, "bin", name), encoding="utf-8") as handle:
+                _write(target, handle.read(), 0o755)
+        _write(os.path.join(self.policy_dir(), "90-default.policy"), DEFAULT_POLICY, 0o644)
         # an older lab's sudo-based dispatcher
         if os.path.lexists(os.path.join(self.bin_dir, "qrexec-dispatch")):
             os.unlink(os.path.join(self.bin_dir, "qrexec-dispatch"))
@@ -56,8 +76,15 @@ class QrexecMixin:
         for qube in self.QUBES:
             qubes[qube] = {"user": self.USERS[qube], "home": self.home(qube),
                            "prefix": self.prefix(qube)}
-        registry = {"dir": self.dir, "policy_dir": self.policy_dir(), "qubes": qubes}
+        registry = {"dir": self.dir, "policy_dir": self.policy_dir(), "qubes": qubes,
+                    "system_rpc_dir": os.path.join(self.template_dir, "etc", "qubes-rpc")}
         _write(self.registry_path, json.dumps(registry, indent=2) + "\n", 0o644)
+
+    @property
+    def template_dir(self):
+        """The root file system every lab qube takes from its template: its
+        etc/qubes-rpc is each qube's /etc/qubes-rpc."""
+        return self._p("template")
 
     @property
     def broker_socket(self):

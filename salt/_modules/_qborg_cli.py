@@ -1,5 +1,5 @@
 """The `qborg` command of the admin qube: maintenance, status, rotation,
-export and import.
+export, import and restore into another qube.
 """
 
 import argparse
@@ -12,6 +12,9 @@ from _qborg_settings import maintenance_settings, validate_settings
 from _qborg_maint import ALARM_EXIT, status_table
 from _qborg_copies import accept_copy, break_lock_copy, maintain_all, rotate_all, status_all
 from _qborg_export import export_keepass, export_paper, import_keepass, read_password
+from _qborg_restore import restore, summary_line
+
+RESTORE_LEFT_OUT_EXIT = 4  # restored, but some items of the archive were left out
 
 
 # command line (prefix/bin/qborg and prefix/bin/qborg-maint)
@@ -77,7 +80,20 @@ def main(argv, settings_path, prog="qborg"):
     p.add_argument("path")
     p.add_argument("--password-fd", type=int, metavar="N",
                    help="read the master password from file descriptor N (0: stdin)")
-    args = parser.parse_args(argv)
+    p = sub.add_parser("restore", help="send VM's archive (or PATHs in it) into another qube "
+                                       "through Qubes' file copy, which asks you in dom0")
+    p.add_argument("vm", help="VM, or VM@SERVER for its copy on a server other than the first")
+    p.add_argument("--to", required=True, metavar="QUBE",
+                   help="the qube to restore into (its ~/QubesIncoming/<this qube>/)")
+    p.add_argument("--archive", metavar="NAME", help="the archive (default: the latest)")
+    p.add_argument("paths", nargs="*", metavar="PATH",
+                   help="only these files or directories, as the archive names them "
+                        "(e.g. home/user/Documents)")
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "restore" and not any(x.startswith("-") for x in extra):
+        args.paths += extra  # PATHs after --to QUBE: argparse leaves them over
+    elif extra:
+        parser.error("unrecognized arguments: " + " ".join(extra))
     home = os.path.expanduser("~")
     try:
         raw, settings, maint = load_settings(settings_path)
@@ -100,6 +116,11 @@ def main(argv, settings_path, prog="qborg"):
             res = break_lock_copy(settings, home, None, args.vm)
             print(f"{res['vm']}: {res['message']}")
             return 0
+        if args.command == "restore":
+            res = restore(settings, home, args.vm, args.to, args.archive, args.paths,
+                          report=lambda line: print(one_line(line), file=sys.stderr))
+            print(summary_line(res))
+            return RESTORE_LEFT_OUT_EXIT if res["skipped"] else 0
         if args.command == "rotate":
             for res in rotate_all(settings, home, None, args.vm):
                 print(f"{res['vm']}: rotation {res['stage']}: {res['message']}")
