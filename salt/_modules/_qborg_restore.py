@@ -43,7 +43,7 @@ def check_target_qube(qube, admin_vm):
     if not isinstance(qube, str) or not QUBE_RE.match(qube) or qube in RESERVED_QUBES \
             or qube.endswith("-dm"):
         raise QborgConfigError(
-            f"--to: {printable(qube)!r} is not a qube name (letters, digits, '_', '.', '-', "
+            f"--to: '{printable(qube)}' is not a qube name (letters, digits, '_', '.', '-', "
             "starting with a letter, at most 31 characters, not dom0): name the qube to "
             "restore into, e.g. a new qube made with qvm-create")
     if qube == admin_vm:
@@ -60,7 +60,7 @@ def archive_paths(paths):
     for path in paths or ():
         relative = str(path).lstrip("/")
         if not relative or "\0" in relative or "\n" in relative:
-            raise QborgConfigError(f"PATH {printable(path)!r}: name a file or directory in the "
+            raise QborgConfigError(f"PATH '{printable(path)}': name a file or directory in the "
                                    "archive, e.g. home/user/Documents")
         out.append(relative)
     return out
@@ -77,7 +77,7 @@ def pick_archive(listing, vm, wanted=None):
         return names[-1]
     if wanted not in names:
         shown = ", ".join(printable(n) for n in names[-20:])
-        raise QborgConfigError(f"--archive: {vm} has no archive named {printable(wanted)!r}; "
+        raise QborgConfigError(f"--archive: {vm} has no archive named '{printable(wanted)}'; "
                                f"its archives, oldest first: {shown}")
     return wanted
 
