@@ -347,12 +347,17 @@ def _judge(summary, failure, borg_code, borg_err, code, answer, receiver, stream
         summary["warning"] = borg_err.text()[-400:]
 
 
+def _count(n, one, many=None):
+    return f"{n} {one if n == 1 else many or one + 's'}"
+
+
 def summary_line(res):
     """The restore's outcome in one line, and where the files are."""
-    line = (f"restored {res['files']} files ({human_size(res['bytes'])}), "
-            f"{res['directories']} directories and {res['links']} links of "
+    line = (f"restored {_count(res['files'], 'file')} ({human_size(res['bytes'])}), "
+            f"{_count(res['directories'], 'directory', 'directories')} and "
+            f"{_count(res['links'], 'link')} of "
             f"{res['vm']}::{res['archive']} into {res['qube']}:{res['incoming']}/")
     if res["skipped"]:
-        line += f"; left out {len(res['skipped'])} items (listed above)"
+        line += f"; left out {_count(len(res['skipped']), 'item')} (listed above)"
     return line + (f"\nin {res['qube']}, they are under their paths in the archive "
                    f"({res['incoming']}/home/...): move what you need into place")

@@ -104,7 +104,7 @@ def test_one_path_arrives_byte_for_byte_and_nothing_else(lab, world):
     blob = next(p for p in world["files"] if p.endswith("blob.bin"))
     proc = qborg(lab, "restore", VM, "--to", NEW, in_archive(blob))
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "restored 1 files" in proc.stdout and f"{NEW}:~/QubesIncoming/{ADMIN}/" in proc.stdout
+    assert "restored 1 file (" in proc.stdout and f"{NEW}:~/QubesIncoming/{ADMIN}/" in proc.stdout
     got = os.path.join(incoming(lab), in_archive(blob))
     with open(got, "rb") as handle:
         assert handle.read() == BLOB + MARKER

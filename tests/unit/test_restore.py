@@ -12,7 +12,7 @@ import pytest
 
 from _qborg_base import QborgConfigError, QborgError
 from _qborg_qfile import QfileWriter
-from _qborg_restore import _Stream, archive_paths, check_target_qube, pick_archive
+from _qborg_restore import _Stream, archive_paths, check_target_qube, pick_archive, summary_line
 
 from .test_qfile import unpack
 
@@ -155,3 +155,14 @@ def test_set_id_and_sticky_bits_do_not_travel(incoming):
     assert code == 0 and result[0] == 0 and lines == [], err
     assert stat.S_IMODE((incoming / "d" / "tool").stat().st_mode) == 0o755
     assert stat.S_IMODE((incoming / "d" / "sticky").stat().st_mode) == 0o777
+
+
+def test_the_summary_says_where_the_files_are():
+    res = {"files": 1, "bytes": 2048, "directories": 3, "links": 0, "vm": "vm-personal",
+           "archive": "a", "qube": "vm-new", "incoming": "~/QubesIncoming/backup-admin",
+           "skipped": ["skipped x: y"]}
+    line = summary_line(res)
+    assert line.startswith("restored 1 file (2.0 KiB), 3 directories and 0 links of "
+                           "vm-personal::a into vm-new:~/QubesIncoming/backup-admin/; "
+                           "left out 1 item (listed above)")
+    assert "move what you need into place" in line
