@@ -119,6 +119,8 @@ def main(argv, settings_path, prog="qborg"):
         if args.command == "restore":
             res = restore(settings, home, args.vm, args.to, args.archive, args.paths,
                           report=lambda line: print(one_line(line), file=sys.stderr))
+            if res.get("warning"):
+                print(one_line(f"borg: {res['warning']}"), file=sys.stderr)
             print(summary_line(res))
             return RESTORE_LEFT_OUT_EXIT if res["skipped"] else 0
         if args.command == "rotate":

@@ -343,6 +343,12 @@ def _judge(summary, failure, borg_code, borg_err, code, answer, receiver, stream
     if crc != stream.writer.crc:
         raise QborgError(f"the copy to {qube} arrived damaged (checksum mismatch): restore "
                          "again into an empty QubesIncoming")
+    sent_any = summary["files"] or summary["directories"] or summary["links"]
+    if summary["paths"] and not sent_any and not summary["skipped"]:
+        raise QborgConfigError(
+            f"nothing in {summary['vm']}::{summary['archive']} matched "
+            f"{', '.join(printable(p) for p in summary['paths'])}: name paths as the archive "
+            "does (home/user/Documents, as `borgbak list ARCHIVE` shows them)")
     if borg_code == 1:
         summary["warning"] = borg_err.text()[-400:]
 

@@ -181,6 +181,14 @@ def test_bad_input_is_refused_naming_the_field(lab, world, args, words):
     assert "Filecopy" not in broker_log(lab)[log_before:]
 
 
+def test_a_path_the_archive_does_not_have_says_how_paths_are_named(lab, world):
+    clear_incoming(lab)
+    proc = qborg(lab, "restore", VM, "--to", NEW, "Documents/nothing-here")
+    assert proc.returncode == 1
+    assert "matched Documents/nothing-here: name paths as the archive does" in proc.stderr
+    clear_incoming(lab)
+
+
 def test_a_qube_that_does_not_exist_gets_nothing(lab, world):
     proc = qborg(lab, "restore", VM, "--to", "vm-not-there")
     assert proc.returncode == 1 and "was refused" in proc.stderr
