@@ -48,7 +48,8 @@ def _print_maintenance(out, as_json):
 
 def main(argv, settings_path, prog="qborg"):
     parser = argparse.ArgumentParser(prog=prog, description="qborg in the admin qube: status, "
-                                     "maintenance, key rotation, offline export")
+                                     "maintenance, key rotation, offline export, restore "
+                                     "into another qube")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("status", help="per VM: last archive, age, count, size, alarm, key age")
     p.add_argument("--json", action="store_true", help="JSON for scripts")
