@@ -14,8 +14,10 @@ import time
 
 from .common import HERE, LabError, _mkdir, _must, _pidfile_pid, _proc_matches, _stop_pid, _write
 
-# the stand-ins for dom0's qvm-* tools (one program, lab/bin/qvm-prefs)
-DOM0_TOOLS = ("qvm-check", "qvm-prefs", "qvm-features", "qvm-service")
+# the stand-ins for dom0's qvm-* tools (one program, lab/bin/qvm-prefs, over
+# lab/bin/qubesd.py, its record and qubesd's checks)
+DOM0_TOOLS = ("qvm-check", "qvm-prefs", "qvm-features", "qvm-service", "qvm-tags",
+              "qvm-firewall", "qvm-create", "qvm-remove")
 # the stand-ins for a qube's own qubesdb-read and systemctl (its cron unit)
 QUBE_TOOLS = ("qubesdb-read", "systemctl")
 
@@ -34,6 +36,8 @@ class QrexecMixin:
             source = os.path.join(HERE, "bin", name)
             with open(source, encoding="utf-8") as handle:
                 _write(os.path.join(self.bin_dir, name), handle.read(), 0o755)
+        with open(os.path.join(HERE, "bin", "qubesd.py"), encoding="utf-8") as handle:
+            _write(os.path.join(self.bin_dir, "qubesd.py"), handle.read(), 0o644)
         # an older lab's sudo-based dispatcher
         if os.path.lexists(os.path.join(self.bin_dir, "qrexec-dispatch")):
             os.unlink(os.path.join(self.bin_dir, "qrexec-dispatch"))
