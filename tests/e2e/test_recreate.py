@@ -177,6 +177,9 @@ def new_machine(lab, lost):
         # account's authorized_keys as it is
         other.set_pillar(lab.user_pillar())
         dom0(other, "qvm-remove", "--force", VM)  # the lost qube
+        # the user makes the admin qube by hand, with the service its
+        # maintenance schedule needs (dom0's part cannot run yet)
+        dom0(other, "qvm-service", "--enable", ADMIN, "crond")
         for path in (other.admin_key_path, other.admin_key_path + ".pub"):
             os.unlink(path)  # the new admin qube has no key yet: it comes with the export
         rc, _result = other.apply(ADMIN)  # installs `qborg`; provisioning fails, nothing made
