@@ -339,8 +339,8 @@ def recreate_commands(vm, definition):
     commands = [["qvm-create", "--class", "AppVM", "--template", definition["template"],
                  "--label", definition["label"], vm]]
     props = definition["properties"]
-    for name in sorted(props, key=lambda n: (n not in ("provides_network",
-                                                        "template_for_dispvms"), n)):
+    first = ("provides_network", "template_for_dispvms")
+    for name in sorted(props, key=lambda n: (n not in first, n)):
         commands.append(["qvm-prefs", vm, name, props[name] if props[name] != "" else "none"])
     for name, value in definition["features"].items():
         if name.startswith("service.") and value in ("1", ""):

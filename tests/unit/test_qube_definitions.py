@@ -67,9 +67,9 @@ def test_the_default_firewall_is_recorded_as_none():
 
 def test_the_script_runs_only_qvm_tools_with_quoted_arguments(definition):
     script = qubes.recreate_script({"vm-personal": definition}, ["vm-personal"])
-    lines = [l for l in script.splitlines() if l and not l.startswith("#")]
+    lines = [line for line in script.splitlines() if line and not line.startswith("#")]
     assert lines[0] == "set -eu"
-    commands = [shlex.split(l) for l in lines[1:] if not l.startswith(("if ", "echo "))]
+    commands = [shlex.split(line) for line in lines[1:] if not line.startswith(("if ", "echo "))]
     assert all(c[0].startswith("qvm-") for c in commands), commands
     assert commands[0] == ["qvm-create", "--class", "AppVM", "--template", "debian-12-xfce",
                            "--label", "blue", "vm-personal"]
