@@ -19,7 +19,7 @@ import time
 from _qborg_alerts import is_stale, next_told, queued
 from _qborg_base import load_json, one_line, printable, save_json, human_age
 from _qborg_audit import alarm_path, maint_log, record_path
-from _qborg_servers import copy_label
+from _qborg_servers import copy_key, copy_label
 from _qborg_copies import copies
 
 APP_NAME = "qborg"
@@ -240,9 +240,10 @@ def copy_states(settings, home, labels, now):
             label = copy_label(view, vm)
             if label not in labels:
                 continue
-            alarm = load_json(alarm_path(home, vm, view["copy"]))
+            copy = copy_key(view)
+            alarm = load_json(alarm_path(home, vm, copy))
             mine = view["vms"][vm]
-            last = last_archive_time(home, vm, view["copy"], now)
+            last = last_archive_time(home, vm, copy, now)
             if alarm:
                 findings = "; ".join(one_line(f) for f in alarm.get("findings") or [])
                 found[label] = ("alarm", findings or "see qborg status")
