@@ -103,8 +103,6 @@ def world(lab):
                 entry = pwd.getpwnam(lab.user(ADMIN))
                 os.chown(path, entry.pw_uid, entry.pw_gid)
                 os.chmod(path, 0o600)
-        for qube in ("dom0", ADMIN, VM):
-            applied_ok(lab, qube)
 
 
 def test_the_session_bus_is_where_a_gui_login_puts_it(lab, world):
