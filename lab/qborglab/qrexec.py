@@ -31,8 +31,8 @@ class QrexecMixin:
     """The qrexec broker of a lab, the stand-ins in LAB/bin, the registry."""
 
     def _install_stand_ins(self):
-        for name in (("qrexec-client-vm", "qrexec-broker", "qvm-run", "qube-root-shell")
-                     + DOM0_TOOLS + QUBE_TOOLS):
+        for name in (("qrexec-client-vm", "qrexec-broker", "qvm-run", "qube-root-shell",
+                      "qubes-notification-sink") + DOM0_TOOLS + QUBE_TOOLS):
             source = os.path.join(HERE, "bin", name)
             with open(source, encoding="utf-8") as handle:
                 _write(os.path.join(self.bin_dir, name), handle.read(), 0o755)

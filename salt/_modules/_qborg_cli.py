@@ -13,6 +13,7 @@ from _qborg_maint import ALARM_EXIT, status_table
 from _qborg_copies import accept_copy, break_lock_copy, maintain_all, rotate_all, status_all
 from _qborg_export import export_keepass, export_paper, import_keepass, read_password
 from _qborg_qubes import definitions_path, read_definitions, recreate_script
+from _qborg_notify import admin_notices
 
 
 # command line (prefix/bin/qborg and prefix/bin/qborg-maint)
@@ -94,6 +95,9 @@ def main(argv, settings_path, prog="qborg"):
             out = maintain_all(settings, maint, home, vms=args.vms or None,
                                scheduled=args.scheduled, check=args.check)
             _print_maintenance(out, args.json)
+            if out["ran"]:
+                # the desktop's notices of what changed (logged, never printed)
+                admin_notices(settings, maint, home, None, set(out["vms"]))
             if out["alarms"]:
                 return ALARM_EXIT
             return 1 if out["errors"] else 0
