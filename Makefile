@@ -6,7 +6,7 @@ VENV ?= .venv
 VPY := $(VENV)/bin/python
 DEB_PACKAGES := borgbackup borgmatic openssh-server openssh-client cron sudo \
 	python3-venv python3-paramiko python3-passlib python3-cryptography python3-yaml \
-	python3-pykeepass keepassxc rpm sqlite3
+	python3-pykeepass keepassxc rpm sqlite3 dbus-daemon python3-dbus python3-gi
 PYTEST_ARGS ?=
 # the current borgmatic from PyPI, for the lab's vm-work (its /usr/local/bin):
 # a venv of Debian's /usr/bin/python3 in a world-readable place, so that the

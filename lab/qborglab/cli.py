@@ -1,7 +1,8 @@
 """The qborg lab: a whole Qubes system played on one Linux host.
 
 The command line of lab/qborg_lab.py (`up`, `down`, `status`, `apply`,
-`apply-ssh`, `salt`, `run`, `server`, `boot`, `tick`).
+`apply-ssh`, `salt`, `run`, `server`, `boot`, `tick`, `gui-login`,
+`gui-logout`, `notifications`).
 """
 
 import argparse
@@ -42,7 +43,12 @@ def main(argv=None):
     for name, text in (("boot", "restart QUBE: its service flags afresh from dom0's features, "
                                 "its cron only with the crond flag"),
                        ("tick", "one tick of QUBE's cron: run its due crontab entries, if its "
-                                "cron runs")):
+                                "cron runs"),
+                       ("gui-login", "log QUBE's user in as its GUI agent does: session bus "
+                                     "and notification agent"),
+                       ("gui-logout", "end QUBE's GUI login"),
+                       ("notifications", "the notices QUBE's notification agent took "
+                                         "(JSON lines)")):
         p = sub.add_parser(name, help=text)
         p.add_argument("qube", choices=[q for q in Lab.QUBES if q != "dom0"])
     opts = parser.parse_args(argv)
@@ -77,8 +83,18 @@ def main(argv=None):
                 args = ["--retcode-passthrough", "state.apply", "qborg"] + args
             argv_, env = lab.salt_command(opts.qube, *args)
             return subprocess.run(argv_, env=env, check=False).returncode
-        if opts.command in ("boot", "tick"):
+        if opts.command in ("boot", "tick", "gui-login"):
             lab._load_state()  # the lab must be up
+        if opts.command == "gui-login":
+            print("%s logged in: session bus %s" % (opts.qube, lab.gui_login(opts.qube)))
+            return 0
+        if opts.command == "gui-logout":
+            lab.gui_logout(opts.qube)
+            return 0
+        if opts.command == "notifications":
+            for notice in lab.notifications(opts.qube):
+                print(json.dumps(notice, sort_keys=True))
+            return 0
         if opts.command == "boot":
             lab.boot(opts.qube)
             print("%s booted: crond flag %s, cron %s"

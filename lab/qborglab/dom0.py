@@ -26,13 +26,15 @@ class Dom0Mixin:
     # the classes that have a `template` property
     TEMPLATE_BASED = ("AppVM", "DispVM")
     SYSTEM_QUBES = {
-        "dom0": {"klass": "AdminVM", "netvm": None},
-        DEFAULT_TEMPLATE: {"klass": "TemplateVM", "netvm": None},
+        "dom0": {"klass": "AdminVM", "netvm": None, "label": "black"},
+        DEFAULT_TEMPLATE: {"klass": "TemplateVM", "netvm": None, "label": "black"},
         "sys-net": {"klass": "AppVM", "netvm": None, "provides_network": True,
-                    "template": DEFAULT_TEMPLATE},
+                    "template": DEFAULT_TEMPLATE, "label": "red"},
         "sys-firewall": {"klass": "AppVM", "netvm": "sys-net", "provides_network": True,
-                         "template": DEFAULT_TEMPLATE},
+                         "template": DEFAULT_TEMPLATE, "label": "green"},
     }
+    # the label of the lab's own qubes (Qubes has no default: qvm-create asks)
+    LAB_LABEL = "red"
 
     @property
     def dom0_qubes_path(self):
@@ -73,16 +75,18 @@ class Dom0Mixin:
             for qube in self.QUBES:
                 if qube not in qubes:
                     qubes[qube] = {"klass": "AppVM", "netvm": data["default_netvm"],
-                                   "netvm_is_default": True, "features": {}}
+                                   "netvm_is_default": True, "features": {},
+                                   "label": self.LAB_LABEL}
                 if qube in self.offline:  # a qube without network: netvm none
                     qubes[qube].update(netvm=None, netvm_is_default=False)
-            for entry in qubes.values():  # a record from before templates
+            for entry in qubes.values():  # a record from before templates and labels
                 if entry.get("klass") in self.TEMPLATE_BASED:
                     entry.setdefault("template", self.DEFAULT_TEMPLATE)
+                entry.setdefault("label", self.LAB_LABEL)
         self._edit_dom0_qubes(change)
 
     def register_qube(self, qube, netvm=DEFAULT_NETVM, klass="AppVM", template=None,
-                      tags=None):
+                      tags=None, label=LAB_LABEL):
         """Make QUBE exist in dom0 only (qvm-check finds it), without a unix
         user: a qube that qborg's dom0 part may name but the lab runs nothing in.
         An AppVM's template is DEFAULT_TEMPLATE unless given; TAGS a list."""
@@ -92,7 +96,7 @@ class Dom0Mixin:
 
         def change(data):
             entry = data["qubes"].setdefault(qube, {"features": {}})
-            entry.update(klass=klass, netvm=netvm, netvm_is_default=False)
+            entry.update(klass=klass, netvm=netvm, netvm_is_default=False, label=label)
             if klass in self.TEMPLATE_BASED:
                 entry["template"] = template or self.DEFAULT_TEMPLATE
             else:
@@ -108,8 +112,9 @@ class Dom0Mixin:
         self._edit_dom0_qubes(lambda data: data["qubes"].pop(qube, None))
 
     def dom0_qube(self, qube):
-        """The record of QUBE in dom0 ({klass, netvm, features}, and template
-        and tags when it has them), None if none."""
+        """The record of QUBE in dom0 ({klass, label, netvm, features}, and
+        template, tags, prefs (the other properties set) and firewall when
+        it has them; lab/bin/qubesd.py), None if none."""
         with open(self.dom0_qubes_path, encoding="utf-8") as handle:
             return json.load(handle)["qubes"].get(qube)
 

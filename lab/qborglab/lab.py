@@ -14,6 +14,7 @@ from .common import (HERE, MARKER, SAFE_PATH_RE, LabError, _check_tag, _mkdir, _
                      _tagged, _user, _write, default_dir, owner_record_path, sudoers_path)
 from .cron import CronMixin
 from .dom0 import Dom0Mixin
+from .gui import GuiMixin
 from .netns import NetnsMixin
 from .qrexec import QrexecMixin, _lab_broker_pids
 from .salt import SaltMixin
@@ -23,7 +24,7 @@ from .server2 import Server2Mixin, server2_config_name
 
 
 class Lab(AccountsMixin, ServerMixin, Server2Mixin, QrexecMixin, Dom0Mixin, SaltMixin, SaltSshMixin,
-          NetnsMixin, CronMixin, BorgMixin):
+          NetnsMixin, CronMixin, BorgMixin, GuiMixin):
     """A lab in one directory (see lab/README.md); each part is a mixin of
     its own module, this class holds what they share: names, paths, the
     state `up` writes, and the steps that run the parts together."""
@@ -192,6 +193,7 @@ class Lab(AccountsMixin, ServerMixin, Server2Mixin, QrexecMixin, Dom0Mixin, Salt
         self.stop_server2()
         self._stop_qubes_sshd()
         self._stop_broker()
+        self._gui_logout_all()
         recorded = self.recorded_lab()
         if recorded in (None, self.dir):
             # the lab users of our tag are ours (or nobody's): remove them
@@ -319,6 +321,7 @@ class Lab(AccountsMixin, ServerMixin, Server2Mixin, QrexecMixin, Dom0Mixin, Salt
                            % qube)
         if qube not in self.QUBES:
             return
+        self.gui_logout(qube)
         self._remove_user(self.user(qube))
         shutil.rmtree(self.qube_dir(qube), ignore_errors=True)
         self.QUBES = tuple(q for q in self.QUBES if q != qube)

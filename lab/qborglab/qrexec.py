@@ -14,8 +14,10 @@ import time
 
 from .common import HERE, LabError, _mkdir, _must, _pidfile_pid, _proc_matches, _stop_pid, _write
 
-# the stand-ins for dom0's qvm-* tools (one program, lab/bin/qvm-prefs)
-DOM0_TOOLS = ("qvm-check", "qvm-prefs", "qvm-features", "qvm-service")
+# the stand-ins for dom0's qvm-* tools (one program, lab/bin/qvm-prefs, over
+# lab/bin/qubesd.py, its record and qubesd's checks)
+DOM0_TOOLS = ("qvm-check", "qvm-prefs", "qvm-features", "qvm-service", "qvm-tags",
+              "qvm-firewall", "qvm-create", "qvm-remove")
 # the stand-ins for a qube's own qubesdb-read and systemctl (its cron unit)
 QUBE_TOOLS = ("qubesdb-read", "systemctl")
 # what every lab qube takes from its template's root (qubes-core-agent):
@@ -39,11 +41,13 @@ class QrexecMixin:
     """The qrexec broker of a lab, the stand-ins in LAB/bin, the registry."""
 
     def _install_stand_ins(self):
-        for name in (("qrexec-client-vm", "qrexec-broker", "qvm-run", "qube-root-shell")
-                     + DOM0_TOOLS + QUBE_TOOLS):
+        for name in (("qrexec-client-vm", "qrexec-broker", "qvm-run", "qube-root-shell",
+                      "qubes-notification-sink") + DOM0_TOOLS + QUBE_TOOLS):
             source = os.path.join(HERE, "bin", name)
             with open(source, encoding="utf-8") as handle:
                 _write(os.path.join(self.bin_dir, name), handle.read(), 0o755)
+        with open(os.path.join(HERE, "bin", "qubesd.py"), encoding="utf-8") as handle:
+            _write(os.path.join(self.bin_dir, "qubesd.py"), handle.read(), 0o644)
         for name, relative in TEMPLATE_FILES.items():
             target = os.path.join(self.template_dir, relative)
             path = self.template_dir

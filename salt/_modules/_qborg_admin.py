@@ -14,6 +14,7 @@ from _qborg_base import (
     read_text, run_as,
 )
 from _qborg_settings import settings_file_text, valid_qube_name, validate_settings
+from _qborg_qubes import DEFINITIONS_KEY, check_definitions, store_definitions
 from _qborg_servers import (
     copy_settings, is_first_copy, repository_path, repository_url, vm_copies, vm_server,
 )
@@ -452,6 +453,8 @@ def update_settings(untrusted_data, settings_path):
             f"settings: {settings_path} does not exist: apply qborg to this qube first")
     current = json.loads(current_text)
     raw = dict(untrusted)
+    # the definitions of the configured VMs, which dom0 records: kept apart
+    untrusted_definitions = raw.pop(DEFINITIONS_KEY, None)
     for key in LOCAL_KEYS:
         raw.pop(key, None)
         if key in current:
@@ -460,12 +463,15 @@ def update_settings(untrusted_data, settings_path):
         raise QborgConfigError(
             f"qborg:admin_vm: the settings are for {raw.get('admin_vm')!r}, this qube is "
             f"{current.get('admin_vm')!r}; refused")
-    validate_settings(raw)  # raises naming the pillar field
+    settings = validate_settings(raw)  # raises naming the pillar field
+    definitions = None if untrusted_definitions is None else check_definitions(
+        untrusted_definitions, settings["vms"])
     text = settings_file_text(raw)
-    if text == current_text:
-        return SETTINGS_UNCHANGED
     st = os.stat(settings_path)
     owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
+    changed = definitions is not None and store_definitions(definitions, settings_path, owner)
+    if text == current_text:
+        return SETTINGS_UPDATED if changed else SETTINGS_UNCHANGED
     atomic_write(settings_path, text, 0o644, owner)
     return SETTINGS_UPDATED
 

@@ -1,5 +1,6 @@
 """The `qborg` command of the admin qube: maintenance, status, rotation,
-export, import and restore into another qube.
+export and import, the recreate script of the VMs' qubes, and restore into
+another qube.
 """
 
 import argparse
@@ -12,6 +13,8 @@ from _qborg_settings import maintenance_settings, validate_settings
 from _qborg_maint import ALARM_EXIT, status_table
 from _qborg_copies import accept_copy, break_lock_copy, maintain_all, rotate_all, status_all
 from _qborg_export import export_keepass, export_paper, import_keepass, read_password
+from _qborg_qubes import definitions_path, read_definitions, recreate_script
+from _qborg_notify import admin_notices
 from _qborg_restore import restore, summary_line
 
 RESTORE_LEFT_OUT_EXIT = 4  # restored, but some items of the archive were left out
@@ -76,6 +79,10 @@ def main(argv, settings_path, prog="qborg"):
                    help="read the master password from file descriptor N (0: stdin)")
     p.add_argument("--paper", action="store_true",
                    help="plain text (mode 0600) to print, no master password: delete it after")
+    p = sub.add_parser("recreate", help="print the dom0 commands (qvm-create, qvm-prefs, ...) "
+                                        "that rebuild VMs as dom0 recorded them, to run in dom0")
+    p.add_argument("--json", action="store_true", help="the definitions themselves, as JSON")
+    p.add_argument("vms", nargs="*", help="these VMs (default: every VM with a definition)")
     p = sub.add_parser("import", help="rebuild the keystore and the admin key from an export "
                                       "(disaster recovery); never overwrites a file")
     p.add_argument("path")
@@ -106,6 +113,9 @@ def main(argv, settings_path, prog="qborg"):
             out = maintain_all(settings, maint, home, vms=args.vms or None,
                                scheduled=args.scheduled, check=args.check)
             _print_maintenance(out, args.json)
+            if out["ran"]:
+                # the desktop's notices of what changed (logged, never printed)
+                admin_notices(settings, maint, home, None, set(out["vms"]))
             if out["alarms"]:
                 return ALARM_EXIT
             return 1 if out["errors"] else 0
@@ -128,20 +138,37 @@ def main(argv, settings_path, prog="qborg"):
             for res in rotate_all(settings, home, None, args.vm):
                 print(f"{res['vm']}: rotation {res['stage']}: {res['message']}")
             return 0
+        if args.command == "recreate":
+            definitions = read_definitions(definitions_path(settings_path))
+            vms = args.vms or sorted(definitions)
+            if not vms:
+                raise QborgError("no qube definitions here: apply qborg to dom0 (it records "
+                                 "every configured VM), or import an export that holds them")
+            if args.json:
+                missing = [vm for vm in vms if vm not in definitions]
+                if missing:
+                    raise QborgError(f"no definition of {', '.join(missing)}")
+                print(json.dumps({vm: definitions[vm] for vm in vms}, indent=2, sort_keys=True))
+            else:
+                sys.stdout.write(recreate_script(definitions, vms))
+            return 0
+        definitions = read_definitions(definitions_path(settings_path)) \
+            if args.command == "export" else None
         if args.command == "export" and args.paper:
-            res = export_paper(settings, raw, home, args.path)
+            res = export_paper(settings, raw, home, args.path, definitions)
             print(f"wrote {res['path']} (plain text, mode 0600, {res['entries']} entries): "
                   "print it, then delete it")
             return 0
         if args.command == "export":
             password = read_password(args.password_fd, confirm=args.password_fd is None)
-            res = export_keepass(settings, raw, home, args.path, password)
+            res = export_keepass(settings, raw, home, args.path, password, definitions)
             print(f"wrote {res['path']} (KDBX 4) with entries: {', '.join(res['entries'])}")
             return 0
         if args.command == "import":
             password = read_password(args.password_fd, confirm=False,
                                      prompt="master password of the export: ")
-            res = import_keepass(settings, home, args.path, password)
+            res = import_keepass(settings, home, args.path, password,
+                                 definitions_file=definitions_path(settings_path))
             print(f"imported from {res['path']}: {', '.join(res['imported']) or 'nothing'}"
                   + (f"; already in place: {', '.join(res['unchanged'])}" if res["unchanged"]
                      else ""))

@@ -19,6 +19,7 @@ import tempfile
 from _qborg_base import (
     QborgError, atomic_write, ensure_dir, open_dir, open_file, read_text, remove_dead_temps,
     remove_file, run_as)
+from _qborg_alerts import stale_after_text
 from _qborg_checks import version_tuple
 from _qborg_servers import COPY_NAME_RE, copy_settings, vm_copies, vm_server
 from _qborg_repos import alias_repository_url
@@ -78,8 +79,8 @@ def require_client(settings, vm):
 
 def client_context(config, vm):
     """Everything client.sls renders with, never raising for a bad pillar:
-    ``{"valid": True, "interval", "copies": [{"name", "first", "repository",
-    "remote_path"}, ...]}`` (the VM's copies, its first first; ``first``:
+    ``{"valid": True, "interval", "notify", "stale_after", "copies": [{"name",
+    "first", "repository", "remote_path"}, ...]}`` (the VM's copies, its first first; ``first``:
     the first server's copy, whose files are ~/.config/qborg itself, the
     others' ~/.config/qborg/copies/<name>), or ``{"valid": False, "error"}``
     naming the field (under salt-ssh an error of a ``salt[...]`` call comes
@@ -95,7 +96,9 @@ def client_context(config, vm):
         copies.append({"name": copy, "first": copy == first_copy(settings),
                        "repository": alias_repository_url(server, vm),
                        "remote_path": server["remote_path"]})
-    return {"valid": True, "interval": settings["vms"][vm]["interval"], "copies": copies}
+    mine = settings["vms"][vm]
+    return {"valid": True, "interval": mine["interval"], "copies": copies,
+            "notify": mine["notify"], "stale_after": stale_after_text(mine["stale_after"])}
 
 
 # --- the bundle ---------------------------------------------------------------

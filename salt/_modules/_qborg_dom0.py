@@ -1,6 +1,7 @@
 """The dom0 part's entry points: which qubes exist and have a netvm (Qubes'
 tools, read only), which VMs go through the relay (for the policy), and the
-push of the non-secret settings to the admin qube.
+push of the non-secret settings, with each VM's definition (what it takes
+to recreate it), to the admin qube.
 """
 
 import os
@@ -9,6 +10,7 @@ import subprocess
 from _qborg_base import QborgError, atomic_write, ensure_dir, read_text
 from _qborg_settings import check_qube_name, settings_file_text, valid_qube_name
 from _qborg_relay import qube_is_offline, relayed_vms as relayed
+from _qborg_qubes import DEFINITIONS_KEY, definition_from_tools, own_feature
 from _qborg_admin import SETTINGS_REFUSED, SETTINGS_UNCHANGED, SETTINGS_UPDATED, pushed_settings
 from _qborg_local import ensured, load, tool
 
@@ -104,15 +106,40 @@ def relayed_vms(config):
     return relayed(settings, offline)
 
 
+def _qvm_out(vm, *args):
+    """The output of a qvm tool that reads VM; any failure is an error."""
+    proc = _qvm(*args)
+    if proc.returncode != 0:
+        raise QborgError(f"{' '.join(args)} failed (exit {proc.returncode}): "
+                         f"{proc.stderr.strip()[-300:]}; nothing was pushed to the admin qube")
+    return proc.stdout
+
+
+def qube_definition(vm):
+    """What it takes to recreate VM, from dom0's own tools (qvm-prefs,
+    qvm-features, qvm-tags, qvm-firewall): never from the VM."""
+    check_qube_name(vm, "qube")
+    prefs = _qvm_out(vm, "qvm-prefs", vm)
+    names = [line.split()[0] for line in _qvm_out(vm, "qvm-features", vm).splitlines()
+             if line.strip() and not own_feature(line.split()[0])]
+    # one call per feature: its value exactly, whatever spaces it holds
+    features = {name: _qvm_out(vm, "qvm-features", vm, name).rstrip("\n") for name in names}
+    tags = _qvm_out(vm, "qvm-tags", vm, "list").splitlines()
+    rules = _qvm_out(vm, "qvm-firewall", "--raw", vm, "list").splitlines()
+    return definition_from_tools(vm, prefs, features, tags, rules)
+
+
 def admin_settings_pushed(config, test=False):
-    """Push the non-secret settings to the admin qube through ``qvm-run
+    """Push the non-secret settings, with the definition of every configured
+    VM (qube_definition), to the admin qube through ``qvm-run
     --pass-io --service -- ADMIN qborg.UpdateSettings`` when they differ from
     the last push (kept in dom0 at prefix/etc/qborg/). Only the service's
     exit code is read back. An admin qube that cannot be reached is a
     warning (retried on every run); one that refuses them, an error."""
     raw, settings = load(config)
     admin = settings["admin_vm"]
-    payload = settings_file_text(pushed_settings(raw))
+    definitions = {vm: qube_definition(vm) for vm in sorted(settings["vms"])}
+    payload = settings_file_text(dict(pushed_settings(raw), **{DEFINITIONS_KEY: definitions}))
     record = os.path.join(settings["paths"]["prefix"], "etc", "qborg", f"pushed-to-{admin}.json")
     count = len(settings["vms"])
     if read_text(record) == payload:

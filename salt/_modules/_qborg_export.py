@@ -19,6 +19,7 @@ from _qborg_server import (
     admin_paths, admin_public_key, pinned_known_hosts_line, vm_pinned_known_hosts_line,
 )
 from _qborg_audit import record_path
+from _qborg_qubes import check_definitions, definitions_text, read_definitions
 
 
 MIN_MASTER_PASSWORD = 8
@@ -27,11 +28,15 @@ MIN_MASTER_PASSWORD = 8
 # offline export (KeePass, KDBX 4)
 
 
-def export_entries(settings, raw, home):
+DEFINITIONS_ENTRY = "qube definitions"
+
+
+def export_entries(settings, raw, home, definitions=None):
     """What the export holds, as plain data: one entry per VM and server
     (titled VM on the first server, VM@SERVER on another), one per server
     account ("server", "server SERVER") and admin key ("admin key", "admin
-    key SERVER" for a server with a key of its own), and the settings."""
+    key SERVER" for a server with a key of its own), the settings, and the
+    qube definitions dom0 recorded (when there are any)."""
     entries, admin_keys = [], []
     for view in (copy_settings(settings, name) for name in copy_names(settings)):
         entries += _copy_entries(view, home)
@@ -46,6 +51,10 @@ def export_entries(settings, raw, home):
         "notes": json.dumps(raw, indent=2, sort_keys=True),
         "properties": {}, "attachments": {},
     })
+    if definitions:
+        text = definitions_text(definitions)
+        entries.append({"title": DEFINITIONS_ENTRY, "username": "", "password": "", "url": "",
+                        "notes": text, "properties": {"definitions": text}, "attachments": {}})
     return entries
 
 
@@ -121,7 +130,7 @@ def _admin_key_entry(settings, path, title):
     }
 
 
-def export_keepass(settings, raw, home, path, password):
+def export_keepass(settings, raw, home, path, password, definitions=None):
     """Write the KDBX 4 database atomically, mode 0600."""
     if not password or len(password) < MIN_MASTER_PASSWORD:
         raise QborgError(f"the master password must have at least {MIN_MASTER_PASSWORD} "
@@ -131,7 +140,7 @@ def export_keepass(settings, raw, home, path, password):
     except ImportError:
         raise QborgError("the export needs pykeepass: install python3-pykeepass in the "
                          "admin qube's template (apply qborg to the template)") from None
-    entries = export_entries(settings, raw, home)
+    entries = export_entries(settings, raw, home, definitions)
     directory = os.path.dirname(os.path.abspath(path)) or "."
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
     old_umask = os.umask(0o077)
@@ -158,7 +167,7 @@ def export_keepass(settings, raw, home, path, password):
     return {"path": path, "entries": [e["title"] for e in entries]}
 
 
-def export_paper(settings, raw, home, path):
+def export_paper(settings, raw, home, path, definitions=None):
     """The export as plain text for paper (print it, then delete the file):
     the same entries as the KeePass database but the settings (dom0's
     pillar holds them), written atomically, mode 0600."""
@@ -167,8 +176,12 @@ def export_paper(settings, raw, home, path):
            "below: print it, keep the paper offline, then delete this file.",
            f"written {iso(time.time())}", rule, ""]
     count = 0
-    for e in export_entries(settings, raw, home):
+    for e in export_entries(settings, raw, home, definitions):
         if e["title"] == "settings":
+            continue
+        if e["title"] == DEFINITIONS_ENTRY:
+            out += [f"--- {DEFINITIONS_ENTRY} " + "-" * (67 - len(DEFINITIONS_ENTRY)),
+                    e["notes"].rstrip("\n"), ""]
             continue
         count += 1
         out += [f"--- {e['title']} " + "-" * max(3, 67 - len(e["title"])),
@@ -189,7 +202,7 @@ def export_paper(settings, raw, home, path):
 
 # import: the keystore rebuilt from an export (disaster recovery)
 
-SPECIAL_ENTRIES = ("server", "admin key", "settings")
+SPECIAL_ENTRIES = ("server", "admin key", "settings", DEFINITIONS_ENTRY)
 
 
 # "server NAME" and "admin key NAME": another server's account and admin key
@@ -249,7 +262,7 @@ def _entry_copy(settings, title, name):
     return copy_settings(settings, name)
 
 
-def plan_import(settings, home, entries):
+def plan_import(settings, home, entries, definitions_file=None):
     """What an import would write: [(path, text, mode)] for the files that
     are missing, and the names of what is already there unchanged. Every
     entry is checked first; a file that exists with other content is a
@@ -303,6 +316,8 @@ def plan_import(settings, home, entries):
             if m or entry["title"] == "server":
                 view = _entry_copy(settings, entry["title"], m.group(2) if m else None)
                 _plan_host_key(view, home, entry, files, conflicts, imported, unchanged)
+    if definitions_file:
+        _plan_definitions(entries, definitions_file, files, imported, unchanged)
     if conflicts:
         raise QborgError(
             "the admin qube already holds other secrets than the export for: "
@@ -344,6 +359,31 @@ def _plan_vm(settings, home, entry, vm, want, files, imported, unchanged):
             imported.append(f"{title} audit ledger")
 
 
+def _plan_definitions(entries, path, files, imported, unchanged):
+    """The export's qube definitions, checked, added for the VMs the admin
+    qube has none of (one it has, which dom0 pushed, is newer and stays)."""
+    entry = next((e for e in entries if e["title"] == DEFINITIONS_ENTRY), None)
+    if entry is None:
+        return
+    try:
+        untrusted = json.loads(entry["properties"].get("definitions") or "{}")
+    except ValueError:
+        raise QborgError(f"export entry {DEFINITIONS_ENTRY!r}: not JSON; nothing was "
+                         "written") from None
+    try:
+        exported = check_definitions(untrusted)
+        current = read_definitions(path)
+    except QborgError as exc:
+        raise QborgError(f"export entry {DEFINITIONS_ENTRY!r}: {exc}; nothing was "
+                         "written") from None
+    added = sorted(vm for vm in exported if vm not in current)
+    unchanged += [f"definition of {vm}" for vm in sorted(exported) if vm in current]
+    if added:
+        merged = dict(current, **{vm: exported[vm] for vm in added})
+        files.append((path, definitions_text(merged), 0o644))
+        imported += [f"definition of {vm}" for vm in added]
+
+
 def _plan_admin_key(paths, entry, want, imported, unchanged):
     if not entry["properties"].get("ssh_private_key", "").strip():
         return
@@ -379,21 +419,24 @@ def _plan_host_key(settings, home, entry, files, conflicts, imported, unchanged)
         unchanged.append(what)
 
 
-def import_keepass(settings, home, path, password, owner=None):
+def import_keepass(settings, home, path, password, owner=None, definitions_file=None):
     """Rebuild the keystore, the admin key and a learned host key from an
     export: everything is read and checked before the first write, files
     are written atomically (0600, public keys 0644), existing ones are
     never overwritten. Apply qborg to the admin qube afterwards: nothing
     is regenerated, so every VM keeps its key and passphrase."""
-    result = apply_import(settings, home, read_export(path, password), owner)
+    result = apply_import(settings, home, read_export(path, password), owner, definitions_file)
     return dict(result, path=path)
 
 
-def apply_import(settings, home, entries, owner=None):
+def apply_import(settings, home, entries, owner=None, definitions_file=None):
     """import_keepass after the reading: entries as export_entries makes them."""
-    files, imported, unchanged = plan_import(settings, home, entries)
+    files, imported, unchanged = plan_import(settings, home, entries, definitions_file)
     keystore = admin_paths(settings, home)["keystore_root"]
     for target, text, mode in files:
+        if target == definitions_file:  # beside the settings, not in the keystore
+            atomic_write(target, text, mode, owner)
+            continue
         # missing directories 0700, inside the keystore up to its top
         dirs = [os.path.dirname(target)]
         while dirs[-1] != keystore and os.path.commonpath([dirs[-1], keystore]) == keystore:

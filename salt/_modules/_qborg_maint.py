@@ -11,6 +11,7 @@ from _qborg_base import (
     QborgError, QborgServerError, ensure_dir, human_age, human_size, iso, load_json, one_line,
     owned_file, printable, remove_if_present, save_json,
 )
+from _qborg_alerts import is_stale
 from _qborg_settings import require_vm
 from _qborg_servers import copy_key
 from _qborg_repos import shared_account_warnings
@@ -341,14 +342,14 @@ def vm_status(borg, vm, now):
         ts, last = max(dated, key=lambda pair: pair[0])
         entry.update(last_archive=printable(last["name"]), last_archive_time=iso(ts),
                      age_seconds=int(now - ts))
-        entry["stale"] = now - ts > 2 * interval
+        entry["stale"] = is_stale(ts, now, interval, settings["vms"][vm]["stale_after"])
     return entry
 
 
 def status(settings, home, owner=None, now=None):
     """Per VM: last archive and its age, archive count, repository size,
-    audit alarm, key age, stale (no archive, or the last is older than 2x
-    the interval). JSON-able, no secret."""
+    audit alarm, key age, stale (no archive, or the last is older than the
+    VM's stale_after times its interval). JSON-able, no secret."""
     now = time.time() if now is None else now
     borg = AdminBorg(settings, home, owner)
     vms = [vm_status(borg, vm, now) for vm in sorted(settings["vms"])]

@@ -5,6 +5,7 @@ with an error that names the pillar field and what to do.
 import json
 import re
 
+from _qborg_alerts import check_alerts, check_maintenance_notify
 from _qborg_base import QborgConfigError, require
 from _qborg_checks import check_consistency_checks, check_monitoring
 # expand_home: here for the layers above, which take it from the settings
@@ -68,7 +69,7 @@ RETENTION_KEYS = (
 VM_KEYS = (
     "encryption", "compression", "source_directories", "exclude_patterns",
     "interval", "retention", "storage_quota", "checks", "monitoring", "repository",
-    "via", "servers",
+    "via", "servers", "notify", "stale_after",
 ) + OPTION_KEYS
 
 
@@ -217,6 +218,7 @@ def _vm_settings(name, defaults, overrides, servers):
             f"for a qube without network; auto: the relay when the qube has no netvm)")
     vm["via"] = via
     vm["via_field"] = via_field
+    check_alerts(vm, overrides, name)
     return check_options(vm, overrides, name)
 
 
@@ -323,7 +325,7 @@ def settings_file_text(raw):
 
 
 MAINT_DEFAULTS = {"interval": "1d", "check_interval": "1w", "verify_data": False,
-                  "clock_tolerance": "15m"}
+                  "clock_tolerance": "15m", "notify": "all"}
 
 
 # settings and paths
@@ -354,6 +356,7 @@ def maintenance_settings(raw):
         "clock_tolerance": maint["clock_tolerance"],
         "clock_tolerance_seconds": parse_interval(
             maint["clock_tolerance"], "qborg:maintenance:clock_tolerance"),
+        "notify": check_maintenance_notify(maint["notify"]),
     }
 
 

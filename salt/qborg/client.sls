@@ -107,6 +107,7 @@ qborg-client-borgbak:
         conf: {{ conf | json }}
         state_dir: {{ state_dir | json }}
         interval: {{ context.interval | json }}
+        stale_after: {{ context.stale_after | json }}
         copies: {{ context.copies | json }}
     - user: root
     - group: root
@@ -126,12 +127,25 @@ qborg-client-backup-program:
     - require:
       - qborg: qborg-client-pillar-valid
 
+{#- the desktop notices of qborg-backup's runs (docs/usage.md#notices) #}
+qborg-client-notify-program:
+  file.managed:
+    - name: {{ prefix }}/bin/qborg-notify
+    - source: salt://qborg/files/client/qborg-notify
+    - user: root
+    - group: root
+    - mode: '0755'
+    - makedirs: True
+    - require:
+      - qborg: qborg-client-pillar-valid
+
 {#- cron fires every 5 minutes; qborg-backup backs up only when the last
     good backup is older than the interval, after a random wait, under a
     lock. The @reboot entry catches up soon after the qube starts. #}
 {#- the prefix is a plain path (validate_settings), quoted all the same #}
 {%- set backup_cmd = (prefix ~ "/bin/qborg-backup") | quote ~ " --scheduled --interval "
-                     ~ context.interval | quote %}
+                     ~ context.interval | quote ~ " --notify " ~ context.notify | quote
+                     ~ " --stale-after " ~ context.stale_after | quote %}
 qborg-client-schedule:
   cron.present:
     - name: {{ (backup_cmd ~ " --jitter 120") | json }}
@@ -141,6 +155,7 @@ qborg-client-schedule:
     - comment: 'qborg: backs up when the last good backup is older than the interval'
     - require:
       - file: qborg-client-backup-program
+      - file: qborg-client-notify-program
       - qborg: qborg-client-borgmatic
       - qborg: qborg-client-bundle
 
@@ -153,6 +168,7 @@ qborg-client-schedule-boot:
     - comment: 'qborg: catches up soon after the qube starts'
     - require:
       - file: qborg-client-backup-program
+      - file: qborg-client-notify-program
       - qborg: qborg-client-borgmatic
       - qborg: qborg-client-bundle
 

@@ -12,6 +12,8 @@ def test_client_context_has_the_rendered_values(modules, qborg_config):
     assert context == {
         "valid": True,
         "interval": "30m",
+        "notify": "all",
+        "stale_after": "2",
         "copies": [{"name": "main", "first": True, "remote_path": "borg14",
                     "repository": "ssh://qborg/./qborg/vm-personal"}],
     }

@@ -13,7 +13,8 @@ import pytest
 REPO = pathlib.Path(__file__).resolve().parents[2]
 POLICY_TEMPLATE = REPO / "salt" / "qborg" / "files" / "dom0" / "70-qborg.policy.j2"
 STAND_IN = REPO / "lab" / "bin" / "qvm-prefs"
-TOOLS = ("qvm-check", "qvm-prefs", "qvm-features", "qvm-service")
+TOOLS = ("qvm-check", "qvm-prefs", "qvm-features", "qvm-service", "qvm-tags", "qvm-firewall",
+         "qvm-create", "qvm-remove")
 
 
 @pytest.fixture
@@ -142,6 +143,7 @@ def qubes(tmp_path, monkeypatch):
     for tool in TOOLS:
         shutil.copy(STAND_IN, bin_dir / tool)
         (bin_dir / tool).chmod(0o755)
+    shutil.copy(STAND_IN.parent / "qubesd.py", bin_dir / "qubesd.py")
     data = {"default_netvm": "sys-firewall", "qubes": {
         "dom0": {"klass": "AdminVM", "netvm": None, "features": {}},
         "sys-firewall": {"klass": "AppVM", "netvm": None, "provides_network": True,

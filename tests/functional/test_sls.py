@@ -29,12 +29,14 @@ def test_client_states_carry_the_rendered_values(modules):
     assert _arg(borgmatic, "qborg", "config")["vms"]["vm-personal"] == {"interval": "30m"}
     schedule = high["qborg-client-schedule"]
     assert _arg(schedule, "cron", "name") == \
-        "/usr/local/bin/qborg-backup --scheduled --interval 30m --jitter 120"
+        "/usr/local/bin/qborg-backup --scheduled --interval 30m --notify all --stale-after 2 " \
+        "--jitter 120"
     assert _arg(schedule, "cron", "minute") == "*/5"
     boot = high["qborg-client-schedule-boot"]
     assert _arg(boot, "cron", "special") == "@reboot"
     assert _arg(boot, "cron", "name") == \
-        "/usr/local/bin/qborg-backup --scheduled --interval 30m --delay 60 --jitter 60"
+        "/usr/local/bin/qborg-backup --scheduled --interval 30m --notify all --stale-after 2 " \
+        "--delay 60 --jitter 60"
     assert _arg(boot, "cron", "identifier") != _arg(schedule, "cron", "identifier")
     ssh = high["qborg-client-ssh-config"]
     assert "ssh_config_managed" in ssh["qborg"]

@@ -4,10 +4,13 @@ import json
 import os
 import pathlib
 import pwd
+import shutil
 import socket
 from unittest import mock
 
 import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def closed_port():
@@ -164,11 +167,35 @@ exit $(cat "$0.rc")
 """
 
 
+DOM0_TOOLS = ("qvm-check", "qvm-prefs", "qvm-features", "qvm-tags", "qvm-firewall")
+
+
+def lab_dom0_tools(root, qubes):
+    """The lab's qvm-* stand-ins in ROOT/bin over a record of QUBES ({name: entry})."""
+    stand_in = REPO / "lab" / "bin" / "qvm-prefs"
+    (root / "bin").mkdir(exist_ok=True)
+    for tool in DOM0_TOOLS:
+        shutil.copy(stand_in, root / "bin" / tool)
+        (root / "bin" / tool).chmod(0o755)
+    shutil.copy(stand_in.parent / "qubesd.py", root / "bin" / "qubesd.py")
+    record = root / "qubes" / "dom0" / "qubes.json"
+    record.parent.mkdir(parents=True, exist_ok=True)
+    base = {"debian-12-xfce": {"klass": "TemplateVM", "netvm": None, "label": "black"},
+            "sys-firewall": {"klass": "AppVM", "netvm": None, "provides_network": True,
+                             "template": "debian-12-xfce", "label": "green"}}
+    record.write_text(json.dumps({"default_netvm": "sys-firewall", "qubes": dict(base, **{
+        name: dict({"klass": "AppVM", "netvm": "sys-firewall", "netvm_is_default": True,
+                    "template": "debian-12-xfce", "label": "red", "features": {}}, **entry)
+        for name, entry in qubes.items()})}))
+    return record
+
+
 @pytest.fixture
 def dom0_push(qborg_config, tmp_path, monkeypatch):
     qborg_config["paths"]["prefix"] = str(tmp_path / "dom0-prefix")
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
+    lab_dom0_tools(tmp_path, {"backup-admin": {}, "vm-personal": {"label": "blue"},
+                              "vm-work": {}})
     stub = bin_dir / "qvm-run"
     stub.write_text(QVM_RUN_STUB)
     stub.chmod(0o755)
@@ -197,6 +224,9 @@ def test_admin_settings_pushed(states, dom0_push, rc, result, changes, recorded)
     pushed = json.loads(pathlib.Path(str(stub) + ".stdin").read_text())
     assert "paths" not in pushed and "user" not in pushed
     assert set(pushed["vms"]) == {"vm-personal", "vm-work"}
+    assert pushed["qube_definitions"]["vm-personal"] == {
+        "class": "AppVM", "label": "blue", "template": "debian-12-xfce", "properties": {},
+        "features": {}, "tags": [], "firewall": None}
     assert record.exists() is recorded
     if rc == 127:
         assert "retried on every run" in ret.comment.lower()
