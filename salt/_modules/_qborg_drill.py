@@ -57,13 +57,15 @@ def latest_archive(listing, now):
     """The newest archive of `borg list --json` output (the VM's times, none
     counted after now, as qborg status does), checkpoints left out; None."""
     dated = []
-    for archive in listing.get("archives", []):
+    for order, archive in enumerate(listing.get("archives", [])):
         if CHECKPOINT_RE.search(str(archive.get("name", ""))):
             continue
         ts = claimed_time(archive.get("time") or archive.get("start"))
         if ts is not None:
-            dated.append((min(ts, now), archive))
-    return max(dated, key=lambda pair: pair[0])[1] if dated else None
+            # borg 1.2 lists times to the second: of two in one second,
+            # the one listed later (borg lists by time, then as written)
+            dated.append((min(ts, now), order, archive))
+    return max(dated, key=lambda entry: entry[:2])[2] if dated else None
 
 
 def pick_file(lines, cap=DRILL_MAX_BYTES, rng=None):
