@@ -143,10 +143,10 @@ def _borg_argv(borg, vm, command, archive, *args):
             borg.server["remote_path"], f"{borg.url(vm)}::{archive}", *args]
 
 
-def _pick_from(borg, vm, archive):
+def _pick_from(borg, vm, archive, cap, rng):
     stream = _Stream(borg, vm, _borg_argv(borg, vm, ["list", "--json-lines"], archive))
     lines = (raw.decode("utf-8", "surrogateescape") for raw in stream.proc.stdout)
-    chosen, small = pick_file(lines)
+    chosen, small = pick_file(lines, cap, rng)
     code, err = stream.finish()
     if code != 0:
         raise _Failed(f"borg list of archive {printable(archive)} failed (exit {code}): "
@@ -195,7 +195,7 @@ def drill_vm(borg, vm, now=None, cap=DRILL_MAX_BYTES, rng=None):
             return dict(result, ok=None, skipped="no archive yet: nothing to drill")
         archive = latest["name"]
         result["archive"] = printable(archive)
-        chosen, _small = _pick_from(borg, vm, archive)
+        chosen, _small = _pick_from(borg, vm, archive, cap, rng)
         if chosen is None:
             raise _Failed(f"archive {printable(archive)} holds no regular file with data: "
                           "nothing could be read back")

@@ -29,8 +29,8 @@ def put_file(lab, vm, name, data):
     lab.run(vm, ["/usr/bin/python3", "-c",
                  "import os,sys,shutil; d=os.path.expanduser('~/drill');"
                  "shutil.rmtree(d, ignore_errors=True); os.makedirs(d);"
-                 "open(os.path.join(d, sys.argv[1]),'wb').write(bytes.fromhex(sys.argv[2]))",
-                 name, data.hex()])
+                 "open(os.path.join(d, sys.argv[1]),'wb').write(bytes.fromhex(sys.stdin.read()))",
+                 name], input=data.hex())
 
 
 def segments(lab, vm):

@@ -154,3 +154,17 @@ def test_the_vms_program_records_ok_then_failed(repo, tmp_path):
     assert bad.returncode == 1
     assert "FAILED" in bad.stderr and "archive vm-2" in bad.stderr
     assert "FAILED" in run_program(borg, state, "--status").stdout
+
+
+def test_a_hostile_file_name_is_neither_a_pattern_nor_a_terminal_escape(repo):
+    """The VM chooses its file names: `re:.*` read as borg's regex style
+    would extract every file into the count; an ESC would reach the
+    admin's terminal. With the cap, the drill picks the small file."""
+    borg, src = repo
+    create(borg, src, "vm-1", {"re:.*": b"x" * 10, "zz": b"y" * 1000})
+    result = drill.drill_vm(borg, "vm-a", cap=100)
+    assert result["ok"] is True and result["file"] == "re:.*" and result["bytes"] == 10, result
+    create(borg, src, "vm-2", {"evil\x1b[2J\nname": b"z" * 20})
+    result = drill.drill_vm(borg, "vm-a")
+    assert result["ok"] is True and result["file"] == "evil\\x1b[2J\\x0aname"
+    assert "\x1b" not in drill.drill_line("vm-a", drill.last_drill(borg.home, "vm-a"))

@@ -173,3 +173,10 @@ def test_the_drill_record_lives_with_the_copys_maintenance_state(tmp_path):
     assert drill.last_drill(home, "vm-a") is None
     base_mod.save_json(drill.drill_path(home, "vm-a"), OK)
     assert drill.last_drill(home, "vm-a") == OK
+
+
+def test_of_two_archives_in_one_second_the_one_listed_later_is_the_latest():
+    listing = {"archives": [{"name": "vm-1", "time": "2030-01-01T00:00:00.000000"},
+                            {"name": "vm-2", "time": "2030-01-01T00:00:00.000000"}]}
+    assert drill.latest_archive(listing, 2_000_000_000)["name"] == "vm-2"
+    assert client_program().latest_archive(listing, 2_000_000_000)["name"] == "vm-2"
