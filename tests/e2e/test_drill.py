@@ -121,7 +121,8 @@ def test_a_drill_reads_a_file_back_and_status_says_so(lab, world):
     assert f"{len(world['marker'])} bytes" in proc.stdout
 
     status = qborg(lab, "status")
-    line = next(l for l in status.stdout.splitlines() if l.startswith(f"{VM}: last drill:"))
+    line = next(line for line in status.stdout.splitlines()
+                if line.startswith(f"{VM}: last drill:"))
     assert " ok (" in line and "letter.txt" in line, status.stdout
     assert "restore drill FAILED" not in status.stdout
     record = os.path.join(lab.home(ADMIN), ".local", "state", "qborg", "maint",
@@ -184,7 +185,8 @@ def test_damaged_data_fails_every_drill_naming_the_archive(lab, world):
     status = qborg(lab, "status")
     assert status.returncode == 3, status.stdout + status.stderr
     assert "ALARM: restore drill FAILED" in status.stdout
-    line = next(l for l in status.stdout.splitlines() if l.startswith(f"{VM}: last drill:"))
+    line = next(line for line in status.stdout.splitlines()
+                if line.startswith(f"{VM}: last drill:"))
     assert "FAILED" in line and archive in line, status.stdout
 
     vm_proc = lab.run(VM, ["borgbak", "drill"], check=False)
