@@ -11,7 +11,10 @@ import sys
 from _qborg_base import QborgError, one_line, read_json_document
 from _qborg_settings import maintenance_settings, validate_settings
 from _qborg_maint import ALARM_EXIT, status_table
-from _qborg_copies import accept_copy, break_lock_copy, maintain_all, rotate_all, status_all
+from _qborg_copies import (
+    accept_copy, break_lock_copy, drill_all, maintain_all, rotate_all, status_all,
+)
+from _qborg_drill import drill_summary
 from _qborg_export import export_keepass, export_paper, import_keepass, read_password
 from _qborg_qubes import definitions_path, read_definitions, recreate_script
 from _qborg_notify import admin_notices
@@ -47,6 +50,16 @@ def _print_maintenance(out, as_json):
             print(one_line(f"{vm}: ok, {res['archives']} archives, pruned {len(res['pruned'])}"
                            + (", full check" if res["checked"] else "")
                            + (f"; {res['postponed']}" if res.get("postponed") else "")))
+    _print_drills(out)
+
+
+def _print_drills(out):
+    """One line per restore drill; a failed one on stderr, as an alarm."""
+    for label, res in sorted((out.get("drills") or {}).items()):
+        failed = res["ok"] is False
+        line = one_line(f"{label}: {'ALARM: ' if failed else ''}restore drill: "
+                        f"{drill_summary(res)}")
+        print(line, file=sys.stderr if failed else sys.stdout)
 
 
 def main(argv, settings_path, prog="qborg"):
@@ -62,6 +75,11 @@ def main(argv, settings_path, prog="qborg"):
     p.add_argument("--check", dest="check", action="store_true", default=None,
                    help="run borg check now")
     p.add_argument("--no-check", dest="check", action="store_false")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("vms", nargs="*", help="only these VMs (VM: every copy; VM@SERVER: the "
+                                          "copy on that server)")
+    p = sub.add_parser("drill", help="read one random file of each VM's latest archive back "
+                                     "through borg (nothing is written), and record the result")
     p.add_argument("--json", action="store_true")
     p.add_argument("vms", nargs="*", help="only these VMs (VM: every copy; VM@SERVER: the "
                                           "copy on that server)")
@@ -108,7 +126,8 @@ def main(argv, settings_path, prog="qborg"):
         if args.command == "status":
             data = status_all(settings, home)
             print(json.dumps(data, indent=2, sort_keys=True) if args.json else status_table(data))
-            return ALARM_EXIT if any(e["alarm"] for e in data["vms"]) else 0
+            return ALARM_EXIT if any(e["alarm"] or e.get("drill_failed")
+                                     for e in data["vms"]) else 0
         if args.command == "maint":
             out = maintain_all(settings, maint, home, vms=args.vms or None,
                                scheduled=args.scheduled, check=args.check)
@@ -116,9 +135,16 @@ def main(argv, settings_path, prog="qborg"):
             if out["ran"]:
                 # the desktop's notices of what changed (logged, never printed)
                 admin_notices(settings, maint, home, None, set(out["vms"]))
-            if out["alarms"]:
+            if out["alarms"] or out.get("drill_failed"):
                 return ALARM_EXIT
             return 1 if out["errors"] else 0
+        if args.command == "drill":
+            out = drill_all(settings, home, vms=args.vms or None)
+            if args.json:
+                print(json.dumps(out, indent=2, sort_keys=True))
+            else:
+                _print_drills(out)
+            return ALARM_EXIT if out["drill_failed"] else 0
         if args.command == "accept":
             res = accept_copy(settings, home, None, args.vm)
             print(f"{res['vm']}: {res['archives']} archives are the new audit baseline")

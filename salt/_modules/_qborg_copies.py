@@ -14,6 +14,8 @@ from _qborg_repos import shared_account_warnings
 from _qborg_admin import provision
 from _qborg_rotation import rotate
 from _qborg_maint import accept_vm, break_lock, run_maintenance, status
+from _qborg_borg import AdminBorg
+from _qborg_drill import run_drills
 
 
 def copies(settings):
@@ -109,6 +111,33 @@ def maintain_all(settings, maint, home, owner=None, vms=None, scheduled=False, c
             for vm, value in res[key].items():
                 out[key][vm if vm == "*" else copy_label(view, vm)] = value
         out["alarms"] += [copy_label(view, vm) for vm in res["alarms"]]
+        if res["ran"] and maint.get("drill_interval_seconds") is not None:
+            _merge_drills(out, drill_copy(view, home, owner, chosen,
+                                          maint["drill_interval_seconds"]))
+    return out
+
+
+def drill_copy(view, home, owner, vms=None, interval_seconds=None):
+    """Restore drills of one server's copy (every VM it keeps, or vms);
+    results keyed by copy_label."""
+    borg = AdminBorg(view, home, owner)
+    return {copy_label(view, vm): res for vm, res in run_drills(
+        borg, sorted(view["vms"]) if vms is None else vms, interval_seconds).items()}
+
+
+def _merge_drills(out, results):
+    out.setdefault("drills", {}).update(results)
+    out.setdefault("drill_failed", [])
+    out["drill_failed"] += [label for label, res in results.items() if res["ok"] is False]
+
+
+def drill_all(settings, home, owner=None, vms=None):
+    """`qborg drill [VM|VM@server ...]`: a restore drill of every copy
+    named (every VM's on every server by default), now.
+    {"drills": {copy_label: result}, "drill_failed": [copy_label]}."""
+    out = {"drills": {}, "drill_failed": []}
+    for name, chosen in targets(settings, vms).items():
+        _merge_drills(out, drill_copy(copy_settings(settings, name), home, owner, chosen))
     return out
 
 

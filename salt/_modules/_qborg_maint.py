@@ -22,6 +22,7 @@ from _qborg_audit import (
 )
 from _qborg_borg import AdminBorg, tampering_in
 from _qborg_rotation import rotate
+from _qborg_drill import drill_line, last_drill
 
 
 ALARM_EXIT = 3
@@ -320,6 +321,8 @@ def vm_status(borg, vm, now):
     record = load_json(record_path(borg.home, vm, borg.copy))
     if record and record.get("last_pass"):
         entry["last_maintenance"] = iso(record["last_pass"])
+    drill = last_drill(borg.home, vm, borg.copy)
+    entry.update(drill=drill, drill_failed=bool(drill and drill.get("ok") is False))
     state = rotation_state(borg.keystore, vm)
     if state:
         entry["rotation"] = state.get("stage")
@@ -368,6 +371,8 @@ def status_table(data):
             flags.append("ALARM: vanished " + ", ".join(e["alarm_archives"]))
         elif e["alarm"]:
             flags.append("ALARM: " + "; ".join(e.get("alarm_findings") or ["see the maint log"]))
+        if e.get("drill_failed"):
+            flags.append("ALARM: restore drill FAILED")
         if e["error"]:
             flags.append("error: " + e["error"][:80])
         elif e["stale"]:
@@ -380,6 +385,7 @@ def status_table(data):
                      "; ".join(flags) or "ok"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(c.ljust(widths[i]) for i, c in enumerate(r)).rstrip() for r in rows]
+    lines += [drill_line(e["vm"], e["drill"]) for e in data["vms"] if "drill" in e]
     lines.append(f"last maintenance run: {data.get('last_maintenance_run') or 'never'}")
     if data.get("installation"):
         lines.append(f"installation: {data['installation']}")

@@ -19,6 +19,7 @@ import time
 from _qborg_alerts import is_stale, next_told, queued
 from _qborg_base import load_json, one_line, printable, save_json, human_age
 from _qborg_audit import alarm_path, maint_log, record_path
+from _qborg_drill import last_drill
 from _qborg_servers import copy_key, copy_label
 from _qborg_copies import copies
 
@@ -244,9 +245,13 @@ def copy_states(settings, home, labels, now):
             alarm = load_json(alarm_path(home, vm, copy))
             mine = view["vms"][vm]
             last = last_archive_time(home, vm, copy, now)
+            drill = last_drill(home, vm, copy)
             if alarm:
                 findings = "; ".join(one_line(f) for f in alarm.get("findings") or [])
-                found[label] = ("alarm", findings or "see qborg status")
+                found[label] = ("alarm", (findings or "the audit raised an alarm")
+                                + "; prune and compact skipped: see qborg status")
+            elif drill and drill.get("ok") is False:
+                found[label] = ("alarm", one_line(f"restore drill FAILED: {drill.get('error')}"))
             elif is_stale(last, now, mine["interval_seconds"], mine["stale_after"]):
                 rule = f"more than {mine['stale_after']} x {mine['interval']}"
                 found[label] = ("stale", "no archive" if last is None else
@@ -259,7 +264,7 @@ def copy_states(settings, home, labels, now):
 def notice_text(kind, label, why):
     if kind == "alarm":
         return (f"qborg ALARM: {label}",
-                printable(f"{why}; prune and compact skipped: see qborg status")[:BODY_MAX])
+                printable(why)[:BODY_MAX])
     if kind == "stale":
         return f"No recent backup of {label}", printable(why)[:BODY_MAX]
     return f"{label} is back to normal", "Its repository passed the audit and is up to date."

@@ -325,7 +325,7 @@ def settings_file_text(raw):
 
 
 MAINT_DEFAULTS = {"interval": "1d", "check_interval": "1w", "verify_data": False,
-                  "clock_tolerance": "15m", "notify": "all"}
+                  "clock_tolerance": "15m", "notify": "all", "drill": False}
 
 
 # settings and paths
@@ -357,7 +357,24 @@ def maintenance_settings(raw):
         "clock_tolerance_seconds": parse_interval(
             maint["clock_tolerance"], "qborg:maintenance:clock_tolerance"),
         "notify": check_maintenance_notify(maint["notify"]),
+        "drill": maint["drill"],
+        "drill_interval_seconds": drill_interval(maint["drill"]),
     }
+
+
+def drill_interval(value, field="qborg:maintenance:drill"):
+    """qborg:maintenance:drill: false (no scheduled drill: None), true (at
+    every maintenance pass: 0) or an interval such as 1w (a pass drills
+    when the last drill is that old)."""
+    if value is False or value is None:
+        return None
+    if value is True:
+        return 0
+    if isinstance(value, str) and INTERVAL_RE.match(value):
+        return parse_interval(value, field)
+    raise QborgConfigError(f"{field}: {value!r} is not false, true or an interval like 1d or "
+                           "1w (how often maintenance reads a file back); fix it in the qborg "
+                           "pillar")
 
 
 WITHIN_RE = re.compile(r"^([0-9]+)([Hdwmy])\Z")

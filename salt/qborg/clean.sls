@@ -52,7 +52,7 @@
 {%- set home_paths = [] %}
 {%- if "client" in parts %}
 {%-   do crons.extend([["qborg-backup", none], ["qborg-backup-boot", "@reboot"]]) %}
-{%-   do root_paths.extend(["bin/qborg-backup", "bin/borgbak"]) %}
+{%-   do root_paths.extend(["bin/qborg-backup", "bin/qborg-drill", "bin/borgbak"]) %}
 {#-   the bundle (key, passphrase, pinned host key): copies of the admin
       qube's keystore, which keeps them #}
 {%-   do home_paths.extend([".config/borgmatic.d/qborg.yaml", ".config/qborg"]) %}

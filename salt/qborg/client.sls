@@ -139,6 +139,17 @@ qborg-client-notify-program:
     - require:
       - qborg: qborg-client-pillar-valid
 
+qborg-client-drill-program:
+  file.managed:
+    - name: {{ prefix }}/bin/qborg-drill
+    - source: salt://qborg/files/client/qborg-drill
+    - user: root
+    - group: root
+    - mode: '0755'
+    - makedirs: True
+    - require:
+      - qborg: qborg-client-pillar-valid
+
 {#- cron fires every 5 minutes; qborg-backup backs up only when the last
     good backup is older than the interval, after a random wait, under a
     lock. The @reboot entry catches up soon after the qube starts. #}

@@ -39,7 +39,8 @@ def test_a_vm_loses_its_schedule_programs_config_alias_and_bundle(loaders):
     crons = {sid: body for sid, body in high.items() if "cron" in body}
     assert {arg(b, "identifier") for b in crons.values()} == {"qborg-backup", "qborg-backup-boot"}
     assert {arg(b, "user") for b in crons.values()} == {"root"}
-    assert names(high, "file") == {"/usr/local/bin/qborg-backup", "/usr/local/bin/borgbak"}
+    assert names(high, "file") == {"/usr/local/bin/qborg-backup", "/usr/local/bin/qborg-drill",
+                                   "/usr/local/bin/borgbak"}
     commands = names(high, "cmd")
     assert {"rm -rf -- /root/.config/qborg", "rm -rf -- /root/.config/borgmatic.d/qborg.yaml",
             "rm -rf -- /root/.local/state/qborg"} < commands

@@ -9,6 +9,7 @@ import importlib.util
 import json
 import os
 import pathlib
+import time
 
 import pytest
 
@@ -345,3 +346,22 @@ def test_admin_notices_once_per_change_and_wait_without_a_session(tmp_path, monk
     states["vm-personal"] = ("stale", "no archive")
     notify.admin_notices(settings, {"notify": "off"}, home, None, {"vm-personal"}, send=send)
     assert len(shown) == 2
+
+
+def test_a_failed_restore_drill_is_an_alarm_of_the_admin_qube(tmp_path):
+    """copy_states reads the drill's own record: a failed drill puts the
+    copy in ALARM (one notice), a good one after it is back to normal."""
+    from _qborg_base import save_json
+    from _qborg_drill import drill_path
+    settings = validate_settings(raw())
+    home = str(tmp_path)
+    now = time.time()
+    record = {"ok": False, "time": now, "iso": "x", "error": "Data integrity error\nin archive a"}
+    path = drill_path(home, "vm-personal")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_json(path, record, None)
+    state, why = notify.copy_states(settings, home, {"vm-personal"}, now)["vm-personal"]
+    assert state == "alarm" and why.startswith("restore drill FAILED: Data integrity error")
+    assert "\n" not in why
+    save_json(path, dict(record, ok=True), None)
+    assert notify.copy_states(settings, home, {"vm-personal"}, now)["vm-personal"][0] != "alarm"

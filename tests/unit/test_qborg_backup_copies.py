@@ -131,10 +131,12 @@ def test_a_copy_whose_server_is_down_does_not_stop_the_others(env, copies, ssh, 
     assert out[0] == "copy main: ok"
     assert out[1].startswith("  last successful backup: ") and out[1].endswith("s ago)")
     assert out[2] == "  last error: none"
-    assert out[3] == "copy offsite: STALE"
-    assert out[4] == "  last successful backup: never"
-    assert out[5].startswith("  last error: ") and "the backup server could not be reached" \
-        in out[5]
+    assert out[3] == "  last restore drill: never: run borgbak drill"
+    assert out[4] == "copy offsite: STALE"
+    assert out[5] == "  last successful backup: never"
+    assert out[6].startswith("  last error: ") and "the backup server could not be reached" \
+        in out[6]
+    assert out[7] == "  last restore drill: never: run borgbak drill"
 
     copies.down()  # the server is back
     assert env.prog.main(["--scheduled", "--interval", "1h"]) == 0
