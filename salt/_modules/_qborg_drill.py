@@ -68,6 +68,13 @@ def latest_archive(listing, now):
     return max(dated, key=lambda entry: entry[:2])[2] if dated else None
 
 
+def canonical(path):
+    """A path borg's `pp:` pattern names as it is: relative, no empty, `.`
+    or `..` part (borg normalises the pattern, so `x/../y` would read y)."""
+    parts = path.split("/")
+    return bool(path) and all(part not in ("", ".", "..") for part in parts)
+
+
 def pick_file(lines, cap=DRILL_MAX_BYTES, rng=None):
     """One regular file with data from `borg list --json-lines` lines,
     chosen at random among those up to cap bytes (reservoir sampling: the
@@ -84,7 +91,8 @@ def pick_file(lines, cap=DRILL_MAX_BYTES, rng=None):
         if not isinstance(item, dict) or item.get("type") != "-" or item.get("source"):
             continue
         path, size = item.get("path"), item.get("size")
-        if not isinstance(path, str) or not path or type(size) is not int or size <= 0:
+        if not isinstance(path, str) or not canonical(path) or type(size) is not int \
+                or size <= 0:
             continue
         if size <= cap:
             small += 1

@@ -43,6 +43,12 @@ LISTING = [
     "not json",
     json.dumps(["a", "list"]),
     item("home/user/odd", "12"),
+    # names borg's pp: pattern would read otherwise (normalised): never picked
+    item("home/user/../x", 5),
+    item("/etc/abs", 5),
+    item("home//user/y", 5),
+    item("home/user/./z", 5),
+    item("home/user/dir/", 5),
 ]
 
 
