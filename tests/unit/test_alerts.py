@@ -365,3 +365,13 @@ def test_a_failed_restore_drill_is_an_alarm_of_the_admin_qube(tmp_path):
     assert "\n" not in why
     save_json(path, dict(record, ok=True), None)
     assert notify.copy_states(settings, home, {"vm-personal"}, now)["vm-personal"][0] != "alarm"
+
+
+def test_a_name_a_vm_chose_brings_no_markup_into_the_admin_qubes_notice():
+    summary, body = notice_text_of('archive <a href="http://x">a&b</a>\x1b[31m vanished')
+    assert "<" not in body and ">" not in body and "&" not in body and "\x1b" not in body
+    assert "vanished" in body and summary == "qborg ALARM: vm-personal"
+
+
+def notice_text_of(why):
+    return notify.notice_text("alarm", "vm-personal", why)
