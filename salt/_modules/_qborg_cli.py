@@ -16,7 +16,8 @@ from _qborg_copies import (
 )
 from _qborg_drill import drill_summary
 from _qborg_export import export_keepass, export_paper, import_keepass, read_password
-from _qborg_qubes import definitions_path, read_definitions, recreate_script
+from _qborg_qubes import definitions_path, read_definitions
+from _qborg_recreate import recreate_script
 from _qborg_notify import admin_notices
 from _qborg_restore import restore, summary_line
 

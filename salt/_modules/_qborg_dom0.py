@@ -7,12 +7,12 @@ to recreate it), to the admin qube.
 import os
 import subprocess
 
-from _qborg_base import QborgError, atomic_write, ensure_dir, read_text
+from _qborg_base import QborgConfigError, QborgError, atomic_write, ensure_dir, read_text
 from _qborg_settings import check_qube_name, settings_file_text, valid_qube_name
 from _qborg_relay import qube_is_offline, relayed_vms as relayed
 from _qborg_qubes import DEFINITIONS_KEY, definition_from_tools, own_feature
 from _qborg_admin import SETTINGS_REFUSED, SETTINGS_UNCHANGED, SETTINGS_UPDATED, pushed_settings
-from _qborg_local import ensured, load, tool
+from _qborg_local import ensured, failed, load, tool
 
 IN_DOM0 = "the dom0 part runs in dom0"
 
@@ -115,9 +115,11 @@ def _qvm_out(vm, *args):
     return proc.stdout
 
 
-def qube_definition(vm):
+def qube_definition(vm, warnings=None):
     """What it takes to recreate VM, from dom0's own tools (qvm-prefs,
-    qvm-features, qvm-tags, qvm-firewall): never from the VM."""
+    qvm-features, qvm-tags, qvm-firewall): never from the VM. WARNINGS, a
+    list: a feature, tag or property qborg cannot record is left out, named
+    there (definition_from_tools)."""
     check_qube_name(vm, "qube")
     prefs = _qvm_out(vm, "qvm-prefs", vm)
     names = [line.split()[0] for line in _qvm_out(vm, "qvm-features", vm).splitlines()
@@ -126,7 +128,22 @@ def qube_definition(vm):
     features = {name: _qvm_out(vm, "qvm-features", vm, name).rstrip("\n") for name in names}
     tags = _qvm_out(vm, "qvm-tags", vm, "list").splitlines()
     rules = _qvm_out(vm, "qvm-firewall", "--raw", vm, "list").splitlines()
-    return definition_from_tools(vm, prefs, features, tags, rules)
+    return definition_from_tools(vm, prefs, features, tags, rules, warnings)
+
+
+def qube_definitions(vms, warnings):
+    """{VM: definition} of every VM qborg can record; one that fails as a
+    whole (its class, label, template, a qube-valued property, its firewall)
+    is left out, and named in WARNINGS with every field left out: one odd
+    value never stops the push of the others."""
+    definitions = {}
+    for vm in sorted(vms):
+        try:
+            definitions[vm] = qube_definition(vm, warnings)
+        except QborgConfigError as exc:
+            warnings.append(f"WARNING: {vm}'s definition is left out ({exc}): `qborg recreate "
+                            f"{vm}` cannot rebuild it; fix that setting in dom0 and apply again")
+    return definitions
 
 
 def admin_settings_pushed(config, test=False):
@@ -138,15 +155,18 @@ def admin_settings_pushed(config, test=False):
     warning (retried on every run); one that refuses them, an error."""
     raw, settings = load(config)
     admin = settings["admin_vm"]
-    definitions = {vm: qube_definition(vm) for vm in sorted(settings["vms"])}
+    warnings = []
+    definitions = qube_definitions(settings["vms"], warnings)
     payload = settings_file_text(dict(pushed_settings(raw), **{DEFINITIONS_KEY: definitions}))
     record = os.path.join(settings["paths"]["prefix"], "etc", "qborg", f"pushed-to-{admin}.json")
     count = len(settings["vms"])
     if read_text(record) == payload:
-        return ensured(comment=f"{admin} has the current settings ({count} VMs)")
+        return ensured(comment=_noted(f"{admin} has the current settings ({count} VMs)",
+                                      warnings), warnings=warnings)
     if test:
         return ensured({"settings": "would push"},
-                       f"would push the settings ({count} VMs) to {admin}")
+                       _noted(f"would push the settings ({count} VMs) to {admin}", warnings),
+                       warnings=warnings)
     qvm_run = tool("qvm-run", IN_DOM0)
     try:
         rc = subprocess.run(
@@ -160,15 +180,21 @@ def admin_settings_pushed(config, test=False):
         atomic_write(record, payload, 0o644)
         if rc == SETTINGS_UPDATED:
             return ensured({"settings": "pushed"},
-                           f"pushed the settings ({count} VMs) to {admin}")
-        return ensured(comment=f"{admin} already had the current settings ({count} VMs)")
+                           _noted(f"pushed the settings ({count} VMs) to {admin}", warnings),
+                           warnings=warnings)
+        return ensured(comment=_noted(f"{admin} already had the current settings ({count} VMs)",
+                                      warnings), warnings=warnings)
     if rc == SETTINGS_REFUSED:
-        raise QborgError(
+        raise failed(QborgError(
             f"{admin} refused the settings pushed by qborg.UpdateSettings: apply qborg to "
             f"{admin} (qubesctl --skip-dom0 --targets={admin} state.apply qborg) and see "
-            f"~/.local/state/qborg/audit.log there")
+            f"~/.local/state/qborg/audit.log there"), warnings)
     warning = (f"could not push the settings to {admin} (qborg.UpdateSettings, exit {rc}): "
                f"if {admin} is not set up yet, its own apply installs them (qubesctl "
                f"--skip-dom0 --targets={admin} state.apply qborg); otherwise start {admin} "
                f"and apply again. Retried on every run")
-    return ensured(comment=warning, warnings=[warning])
+    return ensured(comment=_noted(warning, warnings), warnings=[warning] + warnings)
+
+
+def _noted(comment, warnings):
+    return "\n".join([comment] + warnings)

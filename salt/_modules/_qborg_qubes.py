@@ -1,8 +1,8 @@
 """Qube definitions: what it takes to recreate a configured VM (class,
 template, label, the properties set explicitly, features, tags, firewall
 rules), recorded in dom0 from dom0's own tools, checked strictly wherever
-it is read (the admin qube, an import, `qborg recreate`), and turned into
-the qvm-* commands that rebuild the qube, every value shell-quoted.
+it is read (the admin qube, an import, `qborg recreate`: _qborg_recreate
+turns it into the qvm-* commands that rebuild the qube).
 
 A definition travels from dom0 through the admin qube (a lesser domain)
 back to dom0 as commands a user runs there, so every field is held to
@@ -14,7 +14,6 @@ import ipaddress
 import json
 import os
 import re
-import shlex
 
 from _qborg_base import QborgConfigError, atomic_write, read_text
 from _qborg_settings import valid_qube_name
@@ -35,16 +34,21 @@ PROPERTY_VALUES = {
     "memory": _INT, "vcpus": _INT, "qrexec_timeout": _INT, "shutdown_timeout": _INT,
     "maxmem": r"0|" + _INT,
     "virt_mode": r"hvm|pv|pvh",
-    "kernel": r"[A-Za-z0-9._+-]{0,128}",
-    "kernelopts": r"[\x20-\x7E]{0,512}",
-    "default_user": r"[A-Za-z0-9_+,.-]{1,32}",
+    # a name never starts with "-" (no option for a qvm-* tool); kernelopts
+    # may, it follows "--" (but is never "--" alone, which argparse drops)
+    "kernel": r"(?:[A-Za-z0-9._+][A-Za-z0-9._+-]{0,127})?",
+    "kernelopts": r"(?!--\Z)[\x20-\x7E]{0,512}",
+    "default_user": r"[A-Za-z0-9_+,.][A-Za-z0-9_+,.-]{0,31}",
 }
 VM_PROPERTIES = ("audiovm", "default_dispvm", "guivm", "management_dispvm", "netvm")
 RECORDED = tuple(sorted(set(PROPERTY_VALUES) | set(VM_PROPERTIES)))
 
-FEATURE_NAME = re.compile(r"[a-zA-Z0-9_.-]{1,128}")
-FEATURE_VALUE = re.compile(r"[\x20-\x7E]{0,4096}")
-TAG = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# names never start with "-" (nor a service's, after "service."): one could
+# pass for an option of qvm-features, qvm-service or qvm-tags; a value may,
+# it follows "--", but is never "--" alone (argparse drops it: a get, not a set)
+FEATURE_NAME = re.compile(r"(?!service\.-)[a-zA-Z0-9_.][a-zA-Z0-9_.-]{0,127}")
+FEATURE_VALUE = re.compile(r"(?!--\Z)[\x20-\x7E]{0,4096}")
+TAG = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,63}")
 # what Qubes sets itself: tags from qvm-create and the gui/audio/relay
 # extensions (qubes/api/admin.py, qubes/ext/{gui,audio,relay}.py), features
 # the qube reports about itself or Qubes derives (qubes/ext/core_features.py,
@@ -69,8 +73,16 @@ def definitions_path(settings_path):
     return os.path.join(os.path.dirname(settings_path), DEFINITIONS_FILE)
 
 
+class FieldError(QborgConfigError):
+    """A field of a definition that fails its check (FIELD, WHY)."""
+
+    def __init__(self, field, why, fix):
+        super().__init__(f"{field}: {why}; refused: {fix}")
+        self.field, self.why = field, why
+
+
 def _refuse(field, why, fix="record it again in dom0 (apply qborg to dom0)"):
-    raise QborgConfigError(f"{field}: {why}; refused: {fix}")
+    raise FieldError(field, why, fix)
 
 
 def _full(pattern, value):
@@ -146,6 +158,39 @@ def _dsthost(value, field):
     return value
 
 
+def check_property(base, name, value):
+    """One property of the definition BASE (qube_definitions:VM), checked."""
+    if name in VM_PROPERTIES:
+        return _qube_ref(value, f"{base}:properties:{name}",
+                         allow_dom0=name in ("guivm", "audiovm"))
+    if name not in PROPERTY_VALUES:
+        _refuse(f"{base}:properties:{name}",
+                f"not a property qborg recreates ({', '.join(RECORDED)})")
+    if not _full(PROPERTY_VALUES[name], value):
+        _refuse(f"{base}:properties:{name}", "not a value qubesd takes for it (nor one that "
+                "starts with -)")
+    return value
+
+
+def check_feature(base, name, value):
+    if not isinstance(name, str) or not FEATURE_NAME.fullmatch(name):
+        shown = isinstance(name, str) and re.fullmatch(r"[\x21-\x7E]{1,128}", name)
+        _refuse(f"{base}:features:{name}" if shown else f"{base}:features",
+                "a feature name of a-z A-Z 0-9 _ . - that does not start with - (nor its "
+                "service name)")
+    if not isinstance(value, str) or not FEATURE_VALUE.fullmatch(value):
+        _refuse(f"{base}:features:{name}", "a value of printable ASCII on one line, "
+                "at most 4096 characters, not -- alone")
+    return value
+
+
+def check_tag(base, tag):
+    if not isinstance(tag, str) or not TAG.fullmatch(tag) or tag.startswith(OWN_TAG_PREFIXES):
+        _refuse(f"{base}:tags", "a tag of A-Z a-z 0-9 _ - that does not start with - and "
+                "Qubes does not set itself")
+    return tag
+
+
 def check_definition(vm, untrusted):
     """A qube's definition, checked field by field (errors name
     qube_definitions:VM:FIELD); the checked copy."""
@@ -175,36 +220,16 @@ def check_definition(vm, untrusted):
     props = untrusted.get("properties", {})
     if not isinstance(props, dict):
         _refuse(f"{base}:properties", "not a mapping")
-    out["properties"] = {}
-    for name in sorted(props):
-        value = props[name]
-        if name in VM_PROPERTIES:
-            out["properties"][name] = _qube_ref(value, f"{base}:properties:{name}",
-                                                allow_dom0=name in ("guivm", "audiovm"))
-        elif name in PROPERTY_VALUES:
-            if not _full(PROPERTY_VALUES[name], value):
-                _refuse(f"{base}:properties:{name}", "not a value qubesd takes for it")
-            out["properties"][name] = value
-        else:
-            _refuse(f"{base}:properties:{name}",
-                    f"not a property qborg recreates ({', '.join(RECORDED)})")
+    out["properties"] = {name: check_property(base, name, props[name]) for name in sorted(props)}
     features = untrusted.get("features", {})
     if not isinstance(features, dict) or len(features) > 512:
         _refuse(f"{base}:features", "not a mapping (of at most 512)")
-    out["features"] = {}
-    for name in sorted(features):
-        if not isinstance(name, str) or not FEATURE_NAME.fullmatch(name):
-            _refuse(f"{base}:features", "a feature name of a-z A-Z 0-9 _ . -")
-        if not isinstance(features[name], str) or not FEATURE_VALUE.fullmatch(features[name]):
-            _refuse(f"{base}:features:{name}", "a value of printable ASCII on one line")
-        out["features"][name] = features[name]
+    out["features"] = {name: check_feature(base, name, features[name])
+                       for name in sorted(features)}
     tags = untrusted.get("tags", [])
     if not isinstance(tags, list) or len(tags) > 256:
         _refuse(f"{base}:tags", "not a list (of at most 256)")
-    for tag in tags:
-        if not isinstance(tag, str) or not TAG.fullmatch(tag) or tag.startswith(OWN_TAG_PREFIXES):
-            _refuse(f"{base}:tags", "a tag of A-Z a-z 0-9 _ - that Qubes does not set itself")
-    out["tags"] = sorted(set(tags))
+    out["tags"] = sorted({check_tag(base, tag) for tag in tags})
     rules = untrusted.get("firewall")
     if rules is not None:
         if not isinstance(rules, list) or len(rules) > MAX_RULES:
@@ -298,10 +323,37 @@ def own_feature(name):
     return name in OWN_FEATURES or name.startswith(OWN_FEATURE_PREFIXES)
 
 
-def definition_from_tools(vm, prefs_listing, features, tags, raw_rules):
+def _leave_out_bad_fields(vm, definition, warnings):
+    """Drop the features, tags and (not VM-valued) properties of DEFINITION
+    that fail their check, a warning for each in WARNINGS; the fields a
+    qube cannot be rebuilt without (class, label, template, netvm, ...,
+    the firewall: a rule left out would open it) stay, to be checked whole."""
+    base = f"{DEFINITIONS_KEY}:{vm}"
+    checks = (("property", definition["properties"],
+               lambda n, v: check_property(base, n, v) if n in PROPERTY_VALUES else v),
+              ("feature", definition["features"], lambda n, v: check_feature(base, n, v)),
+              ("tag", definition["tags"], lambda n, v: check_tag(base, n)))
+    for what, items, check in checks:
+        for name in list(items):
+            try:
+                check(name, items[name] if isinstance(items, dict) else None)
+            except FieldError as exc:
+                if isinstance(items, dict):
+                    del items[name]
+                else:
+                    items.remove(name)
+                warnings.append(
+                    f"WARNING: {vm}'s {what} {name} is left out of its definition "
+                    f"({exc.field}: {exc.why}): `qborg recreate {vm}` will not set it; "
+                    f"set it by hand after a recreate, or give it a value qborg records")
+
+
+def definition_from_tools(vm, prefs_listing, features, tags, raw_rules, warnings=None):
     """The definition of VM from dom0's tools' outputs: the ``qvm-prefs VM``
     listing, {feature: value}, the ``qvm-tags VM list`` lines and the
-    ``qvm-firewall --raw VM list`` lines; checked before it leaves dom0."""
+    ``qvm-firewall --raw VM list`` lines; checked before it leaves dom0.
+    WARNINGS, a list: a feature, tag or property that fails its check is
+    left out and a warning naming it added, instead of refusing them all."""
     prefs = explicit_properties(prefs_listing)
     klass = prefs.get("klass") or next(
         (m.group(3) for m in map(PREFS_LINE.fullmatch, prefs_listing.splitlines())
@@ -319,82 +371,6 @@ def definition_from_tools(vm, prefs_listing, features, tags, raw_rules):
     rules = [rule for rule in rules if rule is not None]
     # no firewall.xml: Qubes' default, one rule that accepts everything
     definition["firewall"] = None if rules == [{"action": "accept"}] else rules
+    if warnings is not None:
+        _leave_out_bad_fields(vm, definition, warnings)
     return check_definition(vm, definition)
-
-
-# ------------------------------------------------------- the recreate script
-
-
-def _rule_arguments(rule):
-    return [f"{key}={rule[key]}" for key in RULE_FIELDS if key in rule]
-
-
-def recreate_commands(vm, definition):
-    """The qvm-* commands that rebuild VM as its definition says, as argv lists."""
-    definition = check_definition(vm, definition)
-    if definition["class"] != "AppVM":
-        raise QborgConfigError(
-            f"{DEFINITIONS_KEY}:{vm}:class: {definition['class']}; qborg recreate rebuilds "
-            f"AppVMs only: create {vm} by hand (its definition: qborg recreate --json {vm})")
-    commands = [["qvm-create", "--class", "AppVM", "--template", definition["template"],
-                 "--label", definition["label"], vm]]
-    props = definition["properties"]
-    first = ("provides_network", "template_for_dispvms")
-    for name in sorted(props, key=lambda n: (n not in first, n)):
-        commands.append(["qvm-prefs", vm, name, props[name] if props[name] != "" else "none"])
-    for name, value in definition["features"].items():
-        if name.startswith("service.") and value in ("1", ""):
-            commands.append(["qvm-service", vm, name[len("service."):],
-                             "on" if value else "off"])
-        else:
-            commands.append(["qvm-features", vm, name, value])
-    if definition["tags"]:
-        commands.append(["qvm-tags", vm, "add", *definition["tags"]])
-    if definition["firewall"] is not None:
-        # a new qube has Qubes' default rule (accept all) first: the recorded
-        # rules go after it, then it goes
-        for rule in definition["firewall"]:
-            commands.append(["qvm-firewall", vm, "add", *_rule_arguments(rule)])
-        commands.append(["qvm-firewall", vm, "del", "--rule-no", "0"])
-    return commands
-
-
-def referenced_qubes(definition):
-    """The other qubes a definition names (template, netvm, ...)."""
-    names = {definition.get("template")} | {
-        definition["properties"].get(name) for name in VM_PROPERTIES}
-    return sorted(n for n in names if n and n != "dom0")
-
-
-def recreate_script(definitions, vms):
-    """A /bin/sh script for dom0 that rebuilds VMS from DEFINITIONS: it
-    refuses to start when one of them exists already or a qube they need
-    does not, stops at the first failing command (set -eu), and runs
-    nothing but qvm-* tools with shell-quoted arguments."""
-    missing = [vm for vm in vms if vm not in definitions]
-    if missing:
-        raise QborgConfigError(
-            f"no definition of {', '.join(missing)}: apply qborg to dom0 while the qube "
-            "exists, so that it records it, or import an export that holds it")
-    plans = {vm: recreate_commands(vm, definitions[vm]) for vm in vms}
-    needed = sorted({q for vm in vms for q in referenced_qubes(definitions[vm])} - set(vms))
-    q = shlex.quote
-    out = ["#!/bin/sh",
-           f"# qborg recreate: rebuilds {', '.join(vms)} in dom0 as dom0 recorded "
-           f"{'them' if len(vms) > 1 else 'it'}.",
-           "# Read it, then run it in dom0: sh FILE. It creates nothing if one of them",
-           "# exists already or a qube they need is missing.",
-           "set -eu"]
-    for vm in vms:
-        out.append(f"if qvm-check --quiet {q(vm)} 2>/dev/null; then echo "
-                   + q(f"{vm} exists already: nothing was created") + " >&2; exit 1; fi")
-    for other in needed:
-        out.append(f"if ! qvm-check --quiet {q(other)} 2>/dev/null; then echo "
-                   + q(f"{other} does not exist: create or restore it first; nothing was "
-                       "created") + " >&2; exit 1; fi")
-    for vm in vms:
-        out += ["", f"# {vm}"]
-        out += [" ".join(q(arg) for arg in argv) for argv in plans[vm]]
-    out += ["", "echo " + q(f"recreated {', '.join(vms)}: now apply qborg to them "
-                            "and restore their homes")]
-    return "\n".join(out) + "\n"

@@ -15,7 +15,8 @@ Then the attacker: a definition tampered in the admin qube's store is
 refused by `qborg recreate`, and a feature value that is a command in
 Qubes' eyes only text (``$(...)``, ``;``, quotes) reaches dom0's tools as
 that text: the script, run with nothing but the qvm-* tools on its PATH,
-runs no other command.
+runs no other command; a value that starts with "-" reaches them as text,
+never as an option, and a name that does is refused.
 
 The second lab's tag: $QBORG_LAB_TAG2, else the session lab's tag and "r"."""
 
@@ -248,6 +249,9 @@ def only_qvm_path(lab, root):
     ("template", "debian-12-xfce; touch /tmp/qborg-pwned"),
     ("properties", {"memory": "600\nqvm-remove -f sys-net"}),
     ("properties", {"kernelopts": "x' ; touch /tmp/qborg-pwned; '"}),  # quoted, but fine
+    ("properties", {"kernelopts": "--help -D"}),  # after "--": text, never an option
+    ("features", {"--unset": "1"}),  # a name that could pass for an option
+    ("tags", ["--help"]),
     ("tags", ["personal`touch /tmp/qborg-pwned`"]),
     ("features", {"x;touch /tmp/qborg-pwned": "1"}),
     ("firewall", [{"action": "accept", "dsthost": "$(touch /tmp/qborg-pwned)"}]),

@@ -204,6 +204,31 @@ def dom0_push(qborg_config, tmp_path, monkeypatch):
     return qborg_config, stub, record
 
 
+def test_one_odd_feature_leaves_out_that_field_not_the_push(states, qborg_config, tmp_path,
+                                                           monkeypatch):
+    """A feature value qborg cannot record (here longer than 4096 characters,
+    as a user's vm-config.* may be) is left out of that VM's definition with
+    a warning naming the VM and the feature; every VM's definition is pushed."""
+    qborg_config["paths"]["prefix"] = str(tmp_path / "dom0-prefix")
+    lab_dom0_tools(tmp_path, {"backup-admin": {}, "vm-personal": {"label": "blue"},
+                              "vm-work": {"features": {"vm-config.big": "x" * 5000,
+                                                       "vm-config.ok": "1"}}})
+    stub = tmp_path / "bin" / "qvm-run"
+    stub.write_text(QVM_RUN_STUB)
+    stub.chmod(0o755)
+    pathlib.Path(str(stub) + ".rc").write_text("0")
+    monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}:{os.environ['PATH']}")
+    ret = states.qborg.admin_settings_pushed(name="qborg-dom0-admin-settings",
+                                             config=qborg_config)
+    assert ret.result is True and ret.changes == {"settings": "pushed"}, ret.comment
+    pushed = json.loads(pathlib.Path(str(stub) + ".stdin").read_text())["qube_definitions"]
+    assert set(pushed) == {"vm-personal", "vm-work"}
+    assert pushed["vm-work"]["features"] == {"vm-config.ok": "1"}
+    [warning] = ret.full_return["warnings"]
+    assert "vm-work's feature vm-config.big" in warning and "xxxx" not in warning
+    assert "qube_definitions:vm-work:features:vm-config.big" in warning
+
+
 @pytest.mark.parametrize("rc, result, changes, recorded", [
     (0, True, {"settings": "pushed"}, True),
     (100, True, {}, True),

@@ -13,6 +13,7 @@ import _qborg_admin as admin
 import _qborg_base as base
 import _qborg_export as export_mod
 import _qborg_qubes as qubes
+import _qborg_recreate as recreate
 
 PREFS = """audiovm               D  dom0
 autostart             D  False
@@ -66,18 +67,18 @@ def test_the_default_firewall_is_recorded_as_none():
 
 
 def test_the_script_runs_only_qvm_tools_with_quoted_arguments(definition):
-    script = qubes.recreate_script({"vm-personal": definition}, ["vm-personal"])
+    script = recreate.recreate_script({"vm-personal": definition}, ["vm-personal"])
     lines = [line for line in script.splitlines() if line and not line.startswith("#")]
     assert lines[0] == "set -eu"
     commands = [shlex.split(line) for line in lines[1:] if not line.startswith(("if ", "echo "))]
     assert all(c[0].startswith("qvm-") for c in commands), commands
     assert commands[0] == ["qvm-create", "--class", "AppVM", "--template", "debian-12-xfce",
                            "--label", "blue", "vm-personal"]
-    assert ["qvm-features", "vm-personal", "odd", "x$(id); 'q'"] in commands
-    assert ["qvm-prefs", "vm-personal", "netvm", "none"] in commands
-    assert ["qvm-prefs", "vm-personal", "kernelopts", "nopat  quiet"] in commands
-    assert ["qvm-service", "vm-personal", "cups", "off"] in commands
-    assert ["qvm-tags", "vm-personal", "add", "personal"] in commands
+    assert ["qvm-features", "vm-personal", "--", "odd", "x$(id); 'q'"] in commands
+    assert ["qvm-prefs", "vm-personal", "--", "netvm", "none"] in commands
+    assert ["qvm-prefs", "vm-personal", "--", "kernelopts", "nopat  quiet"] in commands
+    assert ["qvm-service", "vm-personal", "--", "cups", "off"] in commands
+    assert ["qvm-tags", "vm-personal", "add", "--", "personal"] in commands
     assert commands[-1] == ["qvm-firewall", "vm-personal", "del", "--rule-no", "0"]
     assert ["qvm-firewall", "vm-personal", "add", "action=accept", "dsthost=10.20.0.0/16",
             "proto=udp", "dstports=5000-5010", "comment=office; vpn"] in commands
@@ -119,7 +120,7 @@ def test_a_tampered_definition_is_refused_naming_the_field(definition, field, va
     with pytest.raises(base.QborgConfigError, match=f"qube_definitions:vm-personal:{named}"):
         qubes.check_definitions({"vm-personal": tampered})
     with pytest.raises(base.QborgConfigError):
-        qubes.recreate_script({"vm-personal": tampered}, ["vm-personal"])
+        recreate.recreate_script({"vm-personal": tampered}, ["vm-personal"])
 
 
 def test_a_bad_qube_name_and_a_vm_not_configured_are_refused(definition):
@@ -131,11 +132,11 @@ def test_a_bad_qube_name_and_a_vm_not_configured_are_refused(definition):
 
 def test_recreate_refuses_what_it_has_no_definition_of_and_other_classes(definition):
     with pytest.raises(base.QborgConfigError, match="no definition of vm-work"):
-        qubes.recreate_script({"vm-personal": definition}, ["vm-personal", "vm-work"])
+        recreate.recreate_script({"vm-personal": definition}, ["vm-personal", "vm-work"])
     standalone = dict(definition, **{"class": "StandaloneVM"})
     del standalone["template"]
     with pytest.raises(base.QborgConfigError, match="AppVMs only"):
-        qubes.recreate_script({"vm-personal": standalone}, ["vm-personal"])
+        recreate.recreate_script({"vm-personal": standalone}, ["vm-personal"])
 
 
 # --- the admin qube keeps them (qborg.UpdateSettings) -------------------------------
