@@ -11,7 +11,10 @@ copy would refuse (absolute, '..', not canonical, unsafe characters, too
 long), a link out of the restored tree, a device, a fifo, a hard link, a
 second item of the same name, an item under something that is not a
 directory: each is left out with a line saying why, never followed; a size
-is held to the bytes that come.
+is held to the bytes that come, and one the copy cannot carry (negative, or
+past 2**63-1) is left out too, the stream ending there (tar puts the
+claimed bytes after it). The archive's name reaches borg escaped (borg
+expands {placeholders} in REPO::ARCHIVE).
 """
 
 import os
