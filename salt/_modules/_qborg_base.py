@@ -338,6 +338,14 @@ def program_path(settings):
     return os.pathsep.join(dict.fromkeys([prefix_bin, "/usr/local/bin", "/usr/bin", "/bin"]))
 
 
+def archive_location(url, archive):
+    """URL::ARCHIVE for borg's command line, ARCHIVE (a name the VM chose)
+    taken as it is: borg 1.2 and 1.4 expand {placeholders} in the whole
+    location (str.format_map: '{hostname:>2000000000}' is a 2 GB string,
+    'a{hostname}' another archive), so each brace of the name is doubled."""
+    return f"{url}::{archive.replace('{', '{{').replace('}', '}}')}"
+
+
 def run_as(cmd, owner, home, env_extra=None, **kwargs):
     """Run cmd as the unix user (uid, gid), with a minimal environment."""
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "LANG": "C.UTF-8"}

@@ -17,7 +17,9 @@ import subprocess
 import threading
 import time
 
-from _qborg_base import QborgError, iso, load_json, one_line, printable, save_json
+from _qborg_base import (
+    QborgError, archive_location, iso, load_json, one_line, printable, save_json,
+)
 from _qborg_settings import check_qube_name
 from _qborg_audit import CHECKPOINT_RE, claimed_time, maint_log, maint_paths
 
@@ -148,7 +150,7 @@ class _Stream:
 
 def _borg_argv(borg, vm, command, archive, *args):
     return ["borg", *command, "--lock-wait", "120", "--remote-path",
-            borg.server["remote_path"], f"{borg.url(vm)}::{archive}", *args]
+            borg.server["remote_path"], archive_location(borg.url(vm), archive), *args]
 
 
 def _pick_from(borg, vm, archive, cap, rng):

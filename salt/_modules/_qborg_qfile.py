@@ -26,6 +26,12 @@ RESULT_HEADER = struct.Struct("=IIQ")
 RESULT_EXT = struct.Struct("=I")
 MAX_PATH_LENGTH = 16384   # a name with its NUL, a link's target plus one
 NAME_MAX = 255            # one part of a path, as the receiver's file system takes it
+# the kernel's PATH_MAX (4096) with the NUL: the longest link target
+# symlink(2) takes, and the longest name the receiver can finish, as it
+# links a file in (linkat) and stats a directory sent again by its whole
+# name (unpack.c); a longer one fails with ENAMETOOLONG and ends the copy
+LONGEST_PATH = 4095
+FILE_SIZE_MAX = (1 << 63) - 1   # LLONG_MAX: a larger filelen is EDQUOT (unpack.c)
 LEGAL_EOF = 31415926      # the receiver's "the data ended early"
 NO_FLAGS = 0
 ALLOW_UNSAFE_CHARACTERS = 1 << 0      # QUBES_PURE_ALLOW_UNSAFE_CHARACTERS
@@ -179,8 +185,8 @@ def name_refusal(name):
     """Why qubes.Filecopy would refuse NAME (bytes) as an item's name, or None."""
     if b"\0" in name:
         return "a NUL byte in the name"
-    if len(name) + 1 > MAX_PATH_LENGTH - 1:
-        return f"a name of {len(name)} bytes (Qubes' file copy takes {MAX_PATH_LENGTH - 2})"
+    if len(name) > LONGEST_PATH:
+        return f"a name of {len(name)} bytes (Qubes' file copy takes {LONGEST_PATH})"
     if any(len(part) > NAME_MAX for part in name.split(b"/")):
         return f"a name part longer than {NAME_MAX} bytes"
     if validate_file_name(name) == 0:
@@ -201,8 +207,10 @@ def link_refusal(name, target):
     refused = name_refusal(name)
     if refused:
         return refused
-    if b"\0" in target or len(target) > MAX_PATH_LENGTH - 1:
-        return "a link target Qubes' file copy cannot carry"
+    if b"\0" in target:
+        return "a link target Qubes' file copy cannot carry (a NUL byte)"
+    if len(target) > LONGEST_PATH:
+        return f"a link target of {len(target)} bytes (a link takes {LONGEST_PATH})"
     code = validate_symbolic_link(name, target)
     if code == 0:
         return None

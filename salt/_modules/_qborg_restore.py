@@ -11,21 +11,29 @@ copy would refuse (absolute, '..', not canonical, unsafe characters, too
 long), a link out of the restored tree, a device, a fifo, a hard link, a
 second item of the same name, an item under something that is not a
 directory: each is left out with a line saying why, never followed; a size
-is held to the bytes that come.
+is held to the bytes that come, and one the copy cannot carry (negative, or
+past 2**63-1) is left out too, the stream ending there (tar puts the
+claimed bytes after it). The archive's name reaches borg escaped (borg
+expands {placeholders} in REPO::ARCHIVE).
 """
 
 import os
 import re
 import select
 import stat
+import struct
 import subprocess
 import tarfile
 import threading
 
 from _qborg_base import (
-    QborgConfigError, QborgError, QborgServerError, human_size, printable, program_path,
+    QborgConfigError, QborgError, QborgServerError, archive_location, human_size, printable,
+    program_path,
 )
-from _qborg_qfile import QfileWriter, describe_error, link_refusal, name_refusal, parse_result
+from _qborg_qfile import (
+    FILE_SIZE_MAX, QfileWriter, describe_error, link_refusal, name_refusal, parse_result,
+)
+from _qborg_audit import CHECKPOINT_RE
 from _qborg_servers import copy_label
 from _qborg_borg import AdminBorg
 from _qborg_copies import one_copy
@@ -68,13 +76,19 @@ def archive_paths(paths):
 
 def pick_archive(listing, vm, wanted=None):
     """The archive to restore: WANTED (exactly as borg lists it), else the
-    last borg lists (the latest by the time the VM gave it)."""
+    last borg lists (the latest by the time the VM gave it) that is not a
+    checkpoint (what borg keeps of a backup that was cut off: a part)."""
     names = [a.get("name") for a in listing.get("archives", []) if isinstance(a, dict)]
     names = [n for n in names if isinstance(n, str)]
     if not names:
         raise QborgError(f"{vm} has no archive yet: nothing to restore")
     if wanted is None:
-        return names[-1]
+        whole = [n for n in names if not CHECKPOINT_RE.search(n)]
+        if not whole:
+            raise QborgError(
+                f"{vm} has only checkpoint archives (parts of backups that were cut off): "
+                f"name one with --archive, e.g. --archive '{printable(names[-1])}'")
+        return whole[-1]
     if wanted not in names:
         shown = ", ".join(printable(n) for n in names[-20:])
         raise QborgConfigError(f"--archive: {vm} has no archive named '{printable(wanted)}'; "
@@ -166,25 +180,32 @@ class _Stream:
     def member(self, tar, member):
         name = member.name.encode("utf-8", "surrogateescape")
         self.last = name
+        shown = name.decode("utf-8", "surrogateescape")
+        try:
+            self._member(tar, member, name, shown)
+        except struct.error as exc:
+            raise _Broken(shown, f"its header does not fit Qubes' file copy ({exc})") from None
+
+    def _member(self, tar, member, name, shown):
         kind = ("dir" if member.isdir() else "file" if member.isreg() else
                 "link" if member.issym() else None)
         if kind is None:
             what = ("a hard link (to " + printable(member.linkname) + ")" if member.islnk() else
                     "a device" if member.ischr() or member.isblk() else
                     "a fifo" if member.isfifo() else "not a file, directory or link")
-            self.skip(name.decode("utf-8", "surrogateescape"), what + ": not restored")
+            self._leave_out(tar, member, name, shown, what + ": not restored")
             return
         target = member.linkname.encode("utf-8", "surrogateescape") if kind == "link" else None
         why = link_refusal(name, target) if kind == "link" else name_refusal(name)
-        shown = name.decode("utf-8", "surrogateescape")
+        if not why and kind == "file" and not 0 <= member.size <= FILE_SIZE_MAX:
+            why = (f"a size of {member.size} bytes (Qubes' file copy takes 0 to "
+                   f"{FILE_SIZE_MAX})")
+        if not why and name in self.kinds and not (kind == "dir" and self.kinds[name] == "dir"):
+            why = "a second item of that name in the archive"
+        if not why and not self._parents_ok(name):
+            why = "it sits under an item that is not a directory"
         if why:
-            self.skip(shown, why)
-            return
-        if name in self.kinds and not (kind == "dir" and self.kinds[name] == "dir"):
-            self.skip(shown, "a second item of that name in the archive")
-            return
-        if not self._parents_ok(name):
-            self.skip(shown, "it sits under an item that is not a directory")
+            self._leave_out(tar, member, name, shown, why)
             return
         if kind == "dir":
             if name not in self.kinds:
@@ -199,11 +220,22 @@ class _Stream:
         else:
             self._file(tar, member, name)
 
-    def _file(self, tar, member, name):
-        size = member.size
-        self.writer.file_header(name, member.mode, size, member.mtime)
-        self.kinds[name] = "file"
+    def _leave_out(self, tar, member, name, shown, why):
+        """Skip MEMBER with a line saying why, and read past its data here:
+        tarfile would skip a huge claimed size by reading nothing in a loop
+        for ever; read, it ends where borg's stream ends."""
+        self.skip(shown, why)
+        if not (member.isreg() or member.type not in tarfile.SUPPORTED_TYPES):
+            return
+        if member.size < 0:
+            raise _Broken(shown, f"a size of {member.size} bytes: what follows cannot be read")
         source = tar.extractfile(member)
+        for _data in self._chunks(source, member.size, name):
+            pass
+
+    @staticmethod
+    def _chunks(source, size, name):
+        """SIZE bytes of SOURCE, chunk by chunk; _Short when they end early."""
         sent = 0
         while sent < size:
             try:
@@ -212,6 +244,15 @@ class _Stream:
                 data = b""
             if not data:
                 raise _Short(name, sent, size)
+            sent += len(data)
+            yield data
+
+    def _file(self, tar, member, name):
+        size = member.size
+        self.writer.file_header(name, member.mode, size, member.mtime)
+        self.kinds[name] = "file"
+        sent = 0
+        for data in self._chunks(tar.extractfile(member), size, name):
             self.writer.send(data)
             sent += len(data)
         self.counts["files"] += 1
@@ -225,10 +266,23 @@ class _Stream:
         self.writer.end()
 
 
+class _Broken(Exception):
+    """The tar stream cannot be read on past an item."""
+
+    def __init__(self, shown, why):
+        super().__init__(f"{printable(shown)}: {why}")
+
+
 class _Short(Exception):
     def __init__(self, name, sent, size):
         super().__init__(name)
         self.name, self.sent, self.size = name, sent, size
+
+
+def export_argv(remote_path, url, archive, paths):
+    """`borg export-tar` of ARCHIVE (the VM's name, exactly) to stdout."""
+    return ["borg", "export-tar", "--lock-wait", "120", "--remote-path", remote_path, "--",
+            archive_location(url, archive), "-", *paths]
 
 
 def restore(settings, home, target, to_qube, archive=None, paths=(), report=print):
@@ -244,8 +298,7 @@ def restore(settings, home, target, to_qube, archive=None, paths=(), report=prin
     chosen = pick_archive(borg.listing(vm), copy_label(view, vm), archive)
     env = {"HOME": home, "LANG": "C.UTF-8", "PATH": program_path(view)}
     borg_env = dict(env, **borg.env(vm))
-    argv = ["borg", "export-tar", "--lock-wait", "120", "--remote-path",
-            view["server"]["remote_path"], "--", f"{borg.url(vm)}::{chosen}", "-", *wanted]
+    argv = export_argv(view["server"]["remote_path"], borg.url(vm), chosen, wanted)
     where = f"{to_qube}'s ~/QubesIncoming/{admin_vm}"
     try:
         receiver = _Receiver(to_qube, env, home)
@@ -291,6 +344,8 @@ def _pump(source, receiver, stream):
                 pass
     except _Short as short:
         return ("short", short)
+    except _Broken as broken:
+        return ("tar", str(broken))
     except (tarfile.TarError, EOFError) as exc:
         if source.poll() is None:
             source.kill()  # what it still writes is not read

@@ -224,7 +224,16 @@ def hostile_tar():
         add("evil/dup", data=b"second " + EVIL)
         add("evil/file", data=b"a file " + EVIL)
         add("evil/file/under", data=b"under " + EVIL)
+        add(LONG_NAME)                                      # the receiver's linkat refuses it
+        add("evil/far", tarfile.SYMTYPE, "t/" * 2048)       # symlink(2) refuses it
     return out.getvalue()
+
+
+# 4276 bytes, parts of 250: Qubes' file copy reads it, its kernel refuses it
+LONG_NAME = "evil/" + "/".join(["x" * 250] * 17) + "/long"
+# borg expands {placeholders} in REPO::ARCHIVE: the VM names its archive
+# with braces (its own borg is given them doubled)
+HOSTILE_ARCHIVE = "evil-{hostname}-latest"
 
 
 def test_a_hostile_archive_made_with_the_vms_own_key_is_kept_in_its_place(lab, world):
@@ -232,15 +241,29 @@ def test_a_hostile_archive_made_with_the_vms_own_key_is_kept_in_its_place(lab, w
     tar_path = os.path.join(lab.home(VM), "evil.tar")
     write_as(lab, VM, tar_path, hostile_tar())
     # the VM's own key, real borg, through the server's forced command
-    made = lab.run(VM, ["borgbak", "import-tar", "::evil-latest", tar_path], check=False)
+    doubled = HOSTILE_ARCHIVE.replace("{", "{{").replace("}", "}}")
+    made = lab.run(VM, ["borgbak", "import-tar", "::" + doubled, tar_path], check=False)
     assert made.returncode == 0, made.stderr
-    names = lab.run(VM, ["borgbak", "list", "evil-latest", "--format", "{path}{NUL}"]).stdout
+    names = lab.run(VM, ["borgbak", "list", doubled, "--format", "{path}{NUL}"]).stdout
     stored = set(names.split("\0")) - {""}
+    assert LONG_NAME in stored
+    # then what borg keeps of a backup that was cut off: never the default
+    part = io.BytesIO()
+    with tarfile.open(fileobj=part, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        info = tarfile.TarInfo("cut/part")
+        info.size = 4
+        tar.addfile(info, io.BytesIO(b"part"))
+    write_as(lab, VM, tar_path, part.getvalue())
+    made = lab.run(VM, ["borgbak", "import-tar", "::evil.checkpoint", tar_path], check=False)
+    assert made.returncode == 0, made.stderr
     boot = lab.boot_id(VM)
     log_before = len(broker_log(lab))
-    proc = qborg(lab, "restore", VM, "--to", NEW)   # the latest: the hostile one
+    proc = qborg(lab, "restore", VM, "--to", NEW)   # the latest but the checkpoint: the hostile one
     assert proc.returncode == 4, proc.stdout + proc.stderr
     err = proc.stderr
+    assert f"of {VM}::{HOSTILE_ARCHIVE} into {NEW}" in proc.stdout + err
+    assert f"skipped {LONG_NAME}: a name of 4276 bytes (Qubes' file copy takes 4095)" in err
+    assert "skipped evil/far: a link target of 4096 bytes (a link takes 4095)" in err
     assert "skipped evil/ctl\\x0aname: a character Qubes' file copy refuses" in err
     assert "skipped evil/\\x1b[31mred: a character" in err
     assert "skipped evil/passwd: a link to an absolute path" in err

@@ -247,6 +247,75 @@ def test_another_users_uid_is_refused_unless_root():
     assert proc.returncode == 1 and b"Refusing to change to UID" in proc.stderr
 
 
+# ------------------------------------------------------- the kernel's PATH_MAX
+
+
+def long_name(length):
+    """A name of LENGTH bytes (LENGTH > 255), parts of 254 bytes but its last:
+    (the directories on its way, the name)."""
+    parts, size = [], 0
+    while size + 255 < length:
+        parts.append(b"x" * 254)
+        size += 255
+    name = b"/".join(parts + [b"y" * (length - size)])
+    return [b"/".join(parts[:i]) for i in range(1, len(parts) + 1)], name
+
+
+def stat_under(incoming, name):
+    """os.stat of NAME under INCOMING, walked part by part (its absolute path
+    may be longer than the kernel takes)."""
+    fd = os.open(incoming, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in name.split(b"/")[:-1]:
+            new = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = new
+        return os.stat(name.split(b"/")[-1], dir_fd=fd, follow_symlinks=False)
+    finally:
+        os.close(fd)
+
+
+def test_a_file_name_of_4096_bytes_or_more_ends_the_copy(incoming):
+    """unpack.c links the finished file in by its whole name
+    (linkat(..., AT_FDCWD, untrusted_name)): the kernel takes 4095 bytes."""
+    for length, expected in ((4095, 0), (4096, errno.ENAMETOOLONG)):
+        dirs, name = long_name(length)
+        stream, _crc = stream_of(lambda w: ([w.directory(d, 0o700, 0) for d in dirs],
+                                            regular(w, name, b"long"), w.end()))
+        _code, result, err = unpack(stream, incoming)
+        assert result[0] == expected and result[2] == name, (length, result, err)
+        assert (name_refusal(name) is None) == (expected == 0)
+    assert stat_under(incoming, long_name(4095)[1]).st_size == 4
+    with pytest.raises(FileNotFoundError):
+        stat_under(incoming, long_name(4096)[1])
+    assert "4096 bytes" in name_refusal(long_name(4096)[1])
+
+
+def test_a_directory_sent_again_by_a_name_of_4096_bytes_ends_the_copy(incoming):
+    """unpack.c stats a directory sent the second time by its whole name."""
+    dirs, name = long_name(4096)
+    stream, _crc = stream_of(lambda w: ([w.directory(d, 0o700, 0) for d in dirs],
+                                        w.directory(name, 0o700, 0),
+                                        w.directory(name, 0o755, 0), w.end()))
+    _code, result, _err = unpack(stream, incoming)
+    assert result[0] == errno.ENAMETOOLONG and result[2] == name
+
+
+def test_a_link_target_of_4096_bytes_or_more_ends_the_copy(incoming):
+    """symlink(2) takes a target of 4095 bytes at most: a longer one is
+    ENAMETOOLONG, which ends the copy; the sender leaves such links out."""
+    for length, expected in ((4095, 0), (4096, errno.ENAMETOOLONG), (16383, errno.ENAMETOOLONG)):
+        target = (b"t/" * length)[:length - 1] + b"z"
+        name = b"a/l%d" % length
+        stream, _crc = stream_of(lambda w: (w.directory(b"a", 0o700, 0),
+                                            w.symlink(name, target, 0), w.end()))
+        _code, result, _err = unpack(stream, incoming)
+        assert result[0] == expected, (length, result)
+        assert (link_refusal(name, target) is None) == (expected == 0)
+    assert len(os.readlink(incoming / "a" / "l4095")) == 4095
+    assert "4096 bytes" in link_refusal(b"a/l", b"t" * 4096)
+
+
 # ----------------------------------------------------------------- the name rules
 
 
