@@ -62,7 +62,7 @@ demo: deps venv
 # users, sshds and brokers of their own), each group about half the time.
 E2E_GROUP_A := tests/e2e/test_attacks.py tests/e2e/test_faults.py tests/e2e/test_qborg.py \
 	tests/e2e/test_highstate.py tests/e2e/test_relay.py tests/e2e/test_copies.py \
-	tests/e2e/test_restore_to_qube.py
+	tests/e2e/test_alerts.py tests/e2e/test_restore_to_qube.py
 E2E_GROUP_B := $(filter-out $(E2E_GROUP_A),$(sort $(wildcard tests/e2e/test_*.py)))
 
 # $(call in_two_labs,TAG A,COMMAND A,TAG B,COMMAND B): both commands at once, each
