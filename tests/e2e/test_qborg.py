@@ -81,10 +81,13 @@ def world(lab):
         originals[qube] = seed(lab, qube, "letter.txt", f"dear {qube}\n".encode() * 100)
         seed(lab, qube, "other.txt", b"not asked for\n")
     first = {}
-    for qube in ORDER:
+    # as the Quick start runs them: qubesctl --targets=backup-admin, then
+    # --targets=vm-personal,vm-work, each with dom0 first (dom0's second run
+    # pushes the qubes' definitions to the admin qube, now set up)
+    for qube in ("dom0", "backup-admin", "dom0") + CLIENTS:
         rc, result = apply(lab, qube)
         assert rc == 0 and not failed(result), (qube, failed(result) or result)
-        first[qube] = result
+        first.setdefault(qube, result)
     archives = {qube: backup(lab, qube) for qube in CLIENTS}
     return {"first": first, "archives": archives, "originals": originals}
 
